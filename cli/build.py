@@ -1,0 +1,33 @@
+"""`nemo3-build`: checkpoint -> quantized, sharded, compiled deployment with a Triton repository."""
+
+from __future__ import annotations
+
+import click
+
+from .common import one_line_errors
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Hugging Face Nemotron 3 checkpoint folder (default: the built-in tiny model).")
+@click.option("--output", "-o", type=click.Path(file_okay=False), default="deploy", show_default=True,
+              help="Build folder (build.json, checkpoint/, ranks/, engines/, triton_repo/, report/).")
+@click.option("--precision", type=click.Choice(["bf16", "fp8", "nvfp4"]), default="nvfp4", show_default=True)
+@click.option("--recipe", default=None,
+              help="Named recipe (nvfp4, nvfp4-conservative, fp8, bf16, nvfp4-all) or a YAML/JSON recipe file.")
+@click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks.")
+@click.option("--moe-parallel", type=click.Choice(["ep", "tp"]), default="ep", show_default=True,
+              help="Split routed experts across ranks (ep) or each expert's intermediate dimension (tp).")
+@click.option("--target", type=click.Choice(["torch", "tensorrt", "trtllm"]), default="torch", show_default=True,
+              help="Executor the Triton repository serves.")
+@click.option("--calib-data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Calibration text or JSONL (default: the built-in held-out corpus).")
+@click.option("--calib-samples", type=int, default=64, show_default=True)
+@click.option("--calib-seq-len", type=int, default=256, show_default=True)
+@click.option("--force", is_flag=True, help="Redo every stage even if build.json says it is up to date.")
+@one_line_errors
+def main(**kwargs):
+    """Build a Nemotron 3 deployment."""
+    from ..pipeline import BuildOptions, build
+
+    build(BuildOptions(**kwargs), log=click.echo)

@@ -1,0 +1,1 @@
+"""The network built from a ModelSpec, the runtime, and the executors."""

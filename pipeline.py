@@ -1,0 +1,171 @@
+"""The build: a sequence of stages, each writing one folder of OUT/ atomically.
+
+Every stage writes into `OUT/.tmp-<stage>` and is renamed into place only when complete, so an
+interrupted build never leaves a half-written stage that a later run trusts. `OUT/build.json`
+records, per stage, the hash of everything the stage depends on (input fingerprint + options); a
+stage whose hash matches and whose folder exists is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+
+PRECISIONS = ("bf16", "fp8", "nvfp4")
+TARGETS = ("torch", "tensorrt", "trtllm")
+
+
+class BuildError(RuntimeError):
+    """A build that cannot go on; the message says which input or option is at fault."""
+
+
+@dataclass
+class BuildOptions:
+    output: Path
+    checkpoint: Path | None = None  # None: the built-in model
+    precision: str = "nvfp4"
+    recipe: str | None = None  # None: the precision's default recipe
+    tp: int = 1
+    moe_parallel: str = "ep"
+    target: str = "torch"
+    calib_data: Path | None = None
+    calib_samples: int = 64
+    calib_seq_len: int = 256
+    force: bool = False
+
+    def __post_init__(self):
+        self.output = Path(self.output)
+        if self.checkpoint is not None:
+            self.checkpoint = Path(self.checkpoint)
+        if self.precision not in PRECISIONS:
+            raise BuildError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if self.target not in TARGETS:
+            raise BuildError(f"--target {self.target!r}: expected one of {', '.join(TARGETS)}")
+        if self.moe_parallel not in ("ep", "tp"):
+            raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected ep or tp")
+        if self.tp < 1:
+            raise BuildError(f"--tp {self.tp}: must be >= 1")
+
+
+@dataclass
+class Stage:
+    """One step of the build. `run(ctx, tmp)` fills the folder `tmp`, which becomes OUT/<folder>."""
+
+    name: str
+    folder: str | None  # None: a stage that only checks and records (no folder of its own)
+    depends_on: Callable[["BuildContext"], dict]  # everything whose change must redo the stage
+    run: Callable[["BuildContext", Path | None], dict | None]  # returns a summary recorded in build.json
+
+
+@dataclass
+class BuildContext:
+    options: BuildOptions
+    record: dict = field(default_factory=dict)  # build.json content
+    cache: dict = field(default_factory=dict)  # objects shared between stages of one run
+
+    @property
+    def out(self) -> Path:
+        return self.options.output
+
+    @property
+    def checkpoint_path(self) -> Path:
+        from .export.builtin import builtin_model_path
+
+        return self.options.checkpoint or builtin_model_path()
+
+    def stage_dir(self, folder: str) -> Path:
+        return self.out / folder
+
+
+def stable_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_record(out: Path) -> dict:
+    path = out / "build.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # a corrupt record is treated as no record: every stage is redone
+
+
+def _write_record(out: Path, record: dict) -> None:
+    tmp = out / "build.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, out / "build.json")
+
+
+def run_stages(ctx: BuildContext, stages: list[Stage], log: Callable[[str], None] = print) -> dict:
+    out = ctx.out
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _read_record(out)
+    ctx.record = {
+        "nemo3_version": __version__,
+        "options": {k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in dataclasses.asdict(ctx.options).items() if k != "force"},
+        "versions": _versions(),
+        "stages": {},
+    }
+    for stage in stages:
+        key = stable_hash(stage.depends_on(ctx))
+        old = previous.get("stages", {}).get(stage.name, {})
+        final = out / stage.folder if stage.folder else None
+        if not ctx.options.force and old.get("hash") == key and (final is None or final.exists()):
+            log(f"[{stage.name}] up to date, skipped")
+            ctx.record["stages"][stage.name] = old
+            continue
+        tmp = None
+        if final is not None:
+            tmp = out / f".tmp-{stage.folder.replace('/', '_')}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        log(f"[{stage.name}] running")
+        start = time.perf_counter()
+        summary = stage.run(ctx, tmp) or {}
+        if final is not None:
+            if final.exists():
+                shutil.rmtree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, final)
+        seconds = round(time.perf_counter() - start, 3)
+        ctx.record["stages"][stage.name] = {"hash": key, "seconds": seconds, **summary}
+        _write_record(out, ctx.record)  # after each stage: an interrupted build keeps what completed
+        log(f"[{stage.name}] done in {seconds:.1f}s")
+    _write_record(out, ctx.record)
+    return ctx.record
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "nvidia-modelopt", "triton", "tritonclient", "safetensors"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return versions
+
+
+def build_stages(options: BuildOptions) -> list[Stage]:
+    """The stages that exist today, in order."""
+    from .export.stage import read_stage
+
+    return [read_stage()]
+
+
+def build(options: BuildOptions, log: Callable[[str], None] = print) -> dict:
+    ctx = BuildContext(options)
+    return run_stages(ctx, build_stages(options), log=log)

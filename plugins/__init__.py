@@ -1,0 +1,1 @@
+"""Kernels, one module per op: torch reference + Triton kernel + torch.library op (+ TensorRT plugin)."""

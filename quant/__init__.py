@@ -1,0 +1,1 @@
+"""Precision: NVFP4/FP8 numerics, recipes, ModelOpt calibration and export, accuracy comparison."""

@@ -1,0 +1,95 @@
+"""Shared test fixtures: small Nemotron 3 configs and checkpoints written by transformers itself."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Triton's interpreter lets the GPU kernels run on CPU; it must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+BASE_CONFIG = dict(
+    model_type="nemotron_h",
+    vocab_size=96,
+    hidden_size=32,
+    layers_block_type=["linear_attention", "moe", "full_attention", "linear_attention", "moe"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=48,
+    mamba_num_heads=4,
+    mamba_head_dim=8,
+    ssm_state_size=8,
+    n_groups=2,
+    conv_kernel=4,
+    chunk_size=8,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    moe_shared_expert_intermediate_size=24,
+    moe_latent_size=None,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    layer_norm_epsilon=1e-5,
+    num_nextn_predict_layers=0,
+)
+
+# Configs the network must match transformers on (issue: foundation, "Must show").
+CONFIGS = {
+    "latent_grouped": dict(moe_latent_size=16, n_group=4, topk_group=2, num_experts_per_tok=3),
+    "plain_moe": dict(),
+    "with_mlp": dict(layers_block_type=["linear_attention", "mlp", "full_attention", "moe", "mlp"]),
+    "many_attention": dict(layers_block_type=["full_attention", "linear_attention", "full_attention", "moe",
+                                              "full_attention"], num_key_value_heads=1),
+    "mtp": dict(moe_latent_size=16, n_group=2, topk_group=1, num_nextn_predict_layers=1,
+                mtp_layers_block_type=["full_attention", "moe"]),
+}
+
+
+def make_config(name: str = "plain_moe", **overrides) -> dict:
+    cfg = dict(BASE_CONFIG)
+    cfg.update(CONFIGS[name])
+    cfg.update(overrides)
+    return cfg
+
+
+def hf_model(config: dict, seed: int = 0):
+    """transformers' NemotronHForCausalLM with random (but non-trivial) weights, fp32, eval mode."""
+    from transformers import NemotronHConfig, NemotronHForCausalLM
+
+    torch.manual_seed(seed)
+    model = NemotronHForCausalLM(NemotronHConfig(**config)).eval()
+    with torch.no_grad():  # make biases, norms and A/D/dt non-trivial so a wrong formula shows
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("e_score_correction_bias") or name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith("A_log") or name.endswith(".D") or name.endswith("dt_bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif p.dim() >= 2:
+                p.normal_(0, 0.1)
+    return model
+
+
+def save_hf_checkpoint(model, folder: Path) -> Path:
+    """What `save_pretrained` writes: hub tensor names with per-expert tensors, transformers-5 config keys."""
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """(transformers model, checkpoint folder) for the plain MoE config."""
+    model = hf_model(make_config())
+    return model, save_hf_checkpoint(model, tmp_path / "ckpt")
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2))

@@ -22,6 +22,7 @@ MAMBA, ATTENTION, MOE, MLP = "M", "*", "E", "-"
 LETTER_OF_NAME = {"linear_attention": MAMBA, "full_attention": ATTENTION, "moe": MOE, "mlp": MLP,
                   # legacy transformers names
                   "mamba": MAMBA, "attention": ATTENTION}
+NO_LIMIT = 1e30  # how configs spell an unbounded time_step_limit
 NAME_OF_LETTER = {MAMBA: "linear_attention", ATTENTION: "full_attention", MOE: "moe", MLP: "mlp"}
 
 # config key -> older/hub aliases that mean the same thing
@@ -127,16 +128,18 @@ class ModelSpec:
     def ssm_state_bytes(self) -> int:
         """fp32 SSM state [H, P, N] for every Mamba layer of one sequence."""
         per_layer = self.mamba_num_heads * self.mamba_head_dim * self.ssm_state_size * 4
-        return per_layer * len(self.layers_of(MAMBA))
+        return per_layer * self._count_with_mtp(MAMBA)
+
+    def _count_with_mtp(self, letter: str) -> int:
+        return self.layer_types.count(letter) + self.num_nextn_predict_layers * self.mtp_layer_types.count(letter)
 
     def conv_state_bytes(self, dtype_bytes: int = 2) -> int:
         """Rolling conv window [conv_dim, kernel - 1] for every Mamba layer of one sequence."""
-        return self.conv_dim * (self.conv_kernel - 1) * dtype_bytes * len(self.layers_of(MAMBA))
+        return self.conv_dim * (self.conv_kernel - 1) * dtype_bytes * self._count_with_mtp(MAMBA)
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """K and V of every attention layer (MTP layers included) for one token."""
-        n_attn = len(self.layers_of(ATTENTION)) + self.num_nextn_predict_layers * self.mtp_layer_types.count(ATTENTION)
-        return 2 * self.num_key_value_heads * self.head_dim * dtype_bytes * n_attn
+        return 2 * self.num_key_value_heads * self.head_dim * dtype_bytes * self._count_with_mtp(ATTENTION)
 
     # ---- construction --------------------------------------------------------------------------
     @classmethod
@@ -151,14 +154,21 @@ class ModelSpec:
             raise ConfigError(f"{source}: model_type={model_type!r} is not a Nemotron 3 (nemotron_h) model")
 
         layer_types = _parse_layers(cfg, "hybrid_override_pattern", "layers_block_type", source, required=True)
-        n_mtp = int(cfg.get("num_nextn_predict_layers") or 0)
+        n_mtp = cfg.get("num_nextn_predict_layers") or 0
+        if isinstance(n_mtp, bool) or not isinstance(n_mtp, int) or n_mtp < 0:
+            raise ConfigError(f"{source}: num_nextn_predict_layers={n_mtp!r} must be a non-negative integer")
         mtp_types = _parse_layers(cfg, "mtp_hybrid_override_pattern", "mtp_layers_block_type", source,
                                   required=False) if n_mtp else ()
         if n_mtp and not mtp_types:
             raise ConfigError(f"{source}: num_nextn_predict_layers={n_mtp} needs mtp_hybrid_override_pattern "
                               "(or mtp_layers_block_type)")
+        n_layers = cfg.get("num_hidden_layers")
+        if n_layers is not None and n_layers != len(layer_types):
+            raise ConfigError(f"{source}: num_hidden_layers={n_layers!r} does not match the {len(layer_types)} layers "
+                              "of the layer pattern")
         limit = cfg.get("time_step_limit", (0.0, math.inf))
-        limit = tuple(math.inf if isinstance(v, dict) else float(v) for v in limit)  # {"__float__": "Infinity"}
+        # transformers writes {"__float__": "Infinity"}; hub configs (and to_config) write 1e30 for "no limit"
+        limit = tuple(math.inf if isinstance(v, dict) or float(v) >= NO_LIMIT else float(v) for v in limit)
 
         names = {f.name for f in dataclasses.fields(cls)} - {"layer_types", "mtp_layer_types", "raw",
                                                              "time_step_limit"}
@@ -200,10 +210,12 @@ class ModelSpec:
         if MOE in self.all_layer_types:
             positive += ["n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group",
                          "topk_group", "routed_scaling_factor"]
+        real_valued = {"layer_norm_epsilon", "routed_scaling_factor"}
         for key in positive:
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                fail(key, value, "must be a positive number")
+            kinds = (int, float) if key in real_valued else (int,)
+            if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+                fail(key, value, "must be a positive " + ("number" if key in real_valued else "integer"))
         if self.moe_latent_size is not None and self.moe_latent_size <= 0:
             fail("moe_latent_size", self.moe_latent_size, "must be a positive number or null")
         if self.moe_shared_expert_intermediate_size < 0:
@@ -247,7 +259,7 @@ class ModelSpec:
         if self.num_nextn_predict_layers:
             cfg["mtp_hybrid_override_pattern"] = self.mtp_pattern
         cfg["time_step_limit"] = [self.time_step_limit[0], self.time_step_limit[1]
-                                  if math.isfinite(self.time_step_limit[1]) else 1e30]
+                                  if math.isfinite(self.time_step_limit[1]) else NO_LIMIT]
         return cfg
 
 

@@ -1,0 +1,52 @@
+"""Choosing between a kernel's Triton implementation and its plain-torch reference.
+
+`impl` (an op argument, else the environment variable NEMO3_KERNEL_IMPL, else "auto"):
+
+* "auto": the Triton kernel for CUDA tensors when triton imports, the reference otherwise;
+* "triton": always the Triton kernel; on CPU this needs Triton's interpreter (TRITON_INTERPRET=1,
+  which tests set before the first kernel is compiled);
+* "reference": always the plain-torch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+IMPL_ENV = "NEMO3_KERNEL_IMPL"
+IMPLS = ("auto", "triton", "reference")
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(impl: str | None, device: torch.device, where: str) -> bool:
+    """True when the Triton kernel should run for tensors on `device`; `where` names the op for errors."""
+    impl = impl or os.environ.get(IMPL_ENV) or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"{where}: impl={impl!r} must be one of {', '.join(IMPLS)} (or set {IMPL_ENV})")
+    if impl == "reference":
+        return False
+    if impl == "auto":
+        return device.type == "cuda" and triton_available()
+    if not triton_available():
+        raise RuntimeError(f"{where}: impl='triton' needs the triton package (pip install nemo3[kernels])")
+    if device.type != "cuda" and not interpreter_enabled():
+        raise RuntimeError(f"{where}: impl='triton' on {device.type} tensors needs TRITON_INTERPRET=1")
+    return True
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

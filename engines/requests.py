@@ -1,0 +1,66 @@
+"""What a request asks for and what the runtime streams back.
+
+A `Request` is a prompt (token ids) plus `GenerationParams`; the runtime answers with `Delta`s:
+the new tokens and text of one scheduler step, the last one with `finished` set and the reason.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+from .sampling import SamplingParams
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"  # max_tokens reached
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    CANCELLED = "cancelled"
+    REFUSED = "refused"  # can never fit the engine (too long for its state pool)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first occurrence
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS
+    ignore_eos: bool = False
+    think_budget: int | None = None  # max tokens between <think> and </think>; then </think> is forced
+    num_speculative_tokens: int | None = None  # MTP draft length k; None: the engine's default, 0: off
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens}: must be >= 1")
+        if self.think_budget is not None and self.think_budget < 0:
+            raise ValueError(f"think_budget={self.think_budget}: must be >= 0")
+        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens}: must be >= 0")
+        self.sampling  # validates temperature / top_k / top_p
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
+
+
+@dataclass
+class Delta:
+    """One step's output of one request."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stats: dict = field(default_factory=dict)  # on the last delta: token counts, acceptance, timings
+
+
+_ids = itertools.count()
+
+
+def new_request_id() -> str:
+    return f"req-{next(_ids)}"

@@ -1,0 +1,66 @@
+"""The runtime's record of one request in flight: its tokens, its state slot, its MTP drafts, its output."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .requests import FinishReason, GenerationParams
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: GenerationParams
+    mtp_k: int  # draft length for this request (0: no speculation)
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    slot: int = -1
+    computed: int = 0  # tokens whose state is in the slot (the backbone's past length)
+    # MTP: position t of the MTP sequence reads (x_{t+1}, c_t); positions < mtp_computed are in its state
+    mtp_computed: int = 0
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # c_t for t in [mtp_computed, computed)
+    drafts: list[int] = field(default_factory=list)
+    draft_probs: list[torch.Tensor] | None = None
+    # reasoning budget
+    in_think: bool = False
+    think_tokens: int = 0
+    # output
+    emitted_text: str = ""
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    stop_text_end: int | None = None  # where a stop string cut the text
+    # statistics
+    arrival: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)
+    verify_steps: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # count of accepted drafts at position i
+
+    def __post_init__(self):
+        if not self.tokens:
+            self.tokens = list(self.prompt)
+        self.accepted_per_position = [0] * self.mtp_k
+
+    @property
+    def output(self) -> list[int]:
+        return self.tokens[len(self.prompt):]
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
+
+    def stats(self) -> dict:
+        out = {"input_tokens": len(self.prompt), "output_tokens": len(self.output)}
+        if self.token_times:
+            out["time_to_first_token_s"] = self.token_times[0] - self.arrival
+            gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
+            out["inter_token_latencies_s"] = gaps
+        if self.verify_steps:
+            accepted = sum(self.accepted_per_position)
+            out["verify_steps"] = self.verify_steps
+            out["acceptance_length"] = 1 + accepted / self.verify_steps  # tokens per verify forward
+            out["acceptance_rate_per_position"] = [a / self.verify_steps for a in self.accepted_per_position]
+        return out

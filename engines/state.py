@@ -1,0 +1,105 @@
+"""Per-sequence inference state: slot-indexed pools shared by prefill and decode.
+
+A slot holds one sequence's state. For every Mamba-2 layer: the conv window (the last K-1 inputs
+of the depthwise conv, oldest first) and the SSM state (float32 by default). For every attention
+layer: K and V for up to `max_length` positions. MTP layers have their own entries. Pools are
+keyed by the layer's module path (`backbone.layers.3`, `mtp.layers.0`).
+
+A forward with `past_lengths[b] == 0` starts a fresh sequence in `slots[b]` (its old state is
+ignored and overwritten); `slots[b] < 0` marks a padding row whose state is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..export.names import mtp_layer_count
+from ..export.spec import ATTENTION, MAMBA, ModelSpec
+
+
+@dataclass
+class MambaState:
+    conv: torch.Tensor  # [S, conv_dim, K-1], activation dtype
+    ssm: torch.Tensor  # [S, H, P, N], float32 unless the spec says otherwise
+    # while recording (speculative verify): per decode call, (slots [B], conv after each token
+    # [B, T, conv_dim, K-1], ssm after each token [B, T, H, P, N])
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = field(default=None)
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [S, max_length, kv_heads, head_dim]
+    v: torch.Tensor  # [S, max_length, kv_heads, head_dim]
+
+
+class InferenceState:
+    """State pools for `max_sequences` concurrent sequences of up to `max_length` tokens."""
+
+    def __init__(self, spec: ModelSpec, max_sequences: int, max_length: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", mtp: bool = True):
+        if max_sequences <= 0 or max_length <= 0:
+            raise ValueError(f"InferenceState: max_sequences={max_sequences} and max_length={max_length} "
+                             "must be positive")
+        self.spec, self.max_sequences, self.max_length = spec, max_sequences, max_length
+        ssm_dtype = getattr(torch, spec.mamba_ssm_cache_dtype)
+        self.layers: dict[str, MambaState | KVCache] = {}
+        for key, letter in layer_keys(spec, mtp):
+            if letter == MAMBA:
+                self.layers[key] = MambaState(
+                    conv=torch.zeros(max_sequences, spec.conv_dim, spec.conv_kernel - 1, dtype=dtype, device=device),
+                    ssm=torch.zeros(max_sequences, spec.mamba_num_heads, spec.mamba_head_dim, spec.ssm_state_size,
+                                    dtype=ssm_dtype, device=device))
+            elif letter == ATTENTION:
+                shape = (max_sequences, max_length, spec.num_key_value_heads, spec.head_dim)
+                self.layers[key] = KVCache(k=torch.zeros(shape, dtype=dtype, device=device),
+                                           v=torch.zeros(shape, dtype=dtype, device=device))
+
+    def __getitem__(self, key: str) -> MambaState | KVCache:
+        if key not in self.layers:
+            raise KeyError(f"InferenceState has no pool for layer {key!r} (built with mtp=False?)")
+        return self.layers[key]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for entry in self.layers.values() for t in vars(entry).values()
+                   if isinstance(t, torch.Tensor))
+
+    def mamba_layers(self) -> list[MambaState]:
+        return [entry for entry in self.layers.values() if isinstance(entry, MambaState)]
+
+    @contextlib.contextmanager
+    def recording_steps(self, enabled: bool = True):
+        """Within: decode calls keep every Mamba layer's state after each of their tokens, so that
+        `commit_steps` can roll a slot back to the state after its last accepted draft token."""
+        if enabled:
+            for entry in self.mamba_layers():
+                entry.steps = []
+        try:
+            yield
+        finally:
+            if not enabled:
+                return
+            self._recorded = [(entry, entry.steps) for entry in self.mamba_layers()]
+            for entry in self.mamba_layers():
+                entry.steps = None
+
+    def commit_steps(self, keep: dict[int, int]) -> None:
+        """Set slot s's Mamba states to those after token keep[s] of the last recorded forward."""
+        for entry, calls in getattr(self, "_recorded", []):
+            for slots, conv, ssm in calls:
+                for row, slot in enumerate(slots.tolist()):
+                    if slot in keep:
+                        entry.conv[slot] = conv[row, keep[slot]]
+                        entry.ssm[slot] = ssm[row, keep[slot]]
+        self._recorded = []
+
+
+def layer_keys(spec: ModelSpec, mtp: bool = True) -> list[tuple[str, str]]:
+    """(module path, layer letter) of every layer, backbone first, then MTP layers if `mtp`."""
+    keys = [(f"backbone.layers.{i}", letter) for i, letter in enumerate(spec.layer_types)]
+    if mtp:
+        steps = len(spec.mtp_layer_types)
+        keys += [(f"mtp.layers.{j}", spec.mtp_layer_types[j % steps]) for j in range(mtp_layer_count(spec))]
+    return keys

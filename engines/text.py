@@ -1,0 +1,92 @@
+"""Text in and out of the runtime: the checkpoint's tokenizer, special tokens, and streaming
+detokenization that never emits half a character or the beginning of a stop string."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..export.spec import ModelSpec
+
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+class TextCodec:
+    """Encode/decode with the checkpoint's `tokenizer.json` (HF tokenizers); token ids only without one."""
+
+    def __init__(self, tokenizer, spec: ModelSpec, add_bos: bool = False):
+        self.tokenizer, self.spec, self.add_bos = tokenizer, spec, add_bos
+        eos = spec.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.think_start = self._special(THINK_START)
+        self.think_end = self._special(THINK_END)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | Path, spec: ModelSpec) -> "TextCodec":
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").exists():
+            return cls(None, spec)
+        from tokenizers import Tokenizer
+
+        config = folder / "tokenizer_config.json"
+        add_bos = bool(json.loads(config.read_text()).get("add_bos_token", False)) if config.exists() else False
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), spec, add_bos)
+
+    def _special(self, token: str) -> int | None:
+        return None if self.tokenizer is None else self.tokenizer.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass token ids instead of text")
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self.spec.bos_token_id
+        return ([bos] if self.add_bos and bos is not None else []) + ids
+
+    def decode(self, ids: list[int]) -> str:
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    def thinking_after(self, ids: list[int]) -> bool:
+        """Whether a sequence ending with `ids` is inside a <think> section."""
+        if self.think_start is None:
+            return False
+        last_start = max((i for i, t in enumerate(ids) if t == self.think_start), default=-1)
+        last_end = max((i for i, t in enumerate(ids) if t == self.think_end), default=-1)
+        return last_start > last_end
+
+
+class Detokenizer:
+    """Incremental text of one request's output tokens.
+
+    `push` returns the text that is final: it holds back a trailing incomplete UTF-8 character
+    (decoded as U+FFFD) and any tail that could still become a stop string.
+    """
+
+    def __init__(self, codec: TextCodec, stops: tuple[str, ...] = ()):
+        self.codec, self.stops = codec, tuple(s for s in stops if s)
+        self.ids: list[int] = []
+        self.sent = 0  # characters already returned
+
+    def push(self, ids: list[int]) -> tuple[str, bool]:
+        """Add tokens; return (new final text, whether a stop string was reached)."""
+        self.ids.extend(ids)
+        text = self.codec.decode(self.ids)
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0]
+        if hits:
+            return self._take(text, min(hits)), True
+        end = len(text)
+        while end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        for stop in self.stops:  # hold back a suffix that is a prefix of a stop string
+            for n in range(min(len(stop) - 1, end - self.sent), 0, -1):
+                if text[end - n:end] == stop[:n]:
+                    end -= n
+                    break
+        return self._take(text, end), False
+
+    def flush(self) -> str:
+        return self._take(self.codec.decode(self.ids), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else max(end, self.sent)
+        out, self.sent = text[self.sent:end], end
+        return out

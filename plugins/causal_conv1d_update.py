@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_triton
+from .dispatch import eager_reference, use_triton
 
 WHERE = "plugins/causal_conv1d_update.py"
 ACTIVATIONS = ("silu", None)
@@ -94,5 +94,7 @@ def causal_conv1d_update(x, conv_pool, weight, bias, slots, activation="silu", i
     `impl`: "auto" | "triton" | "reference" (default: $NEMO3_KERNEL_IMPL or "auto", see plugins/dispatch.py).
     """
     _check(x, conv_pool, weight, bias, slots, activation, intermediate_states)
+    if eager_reference(impl, x.device, WHERE):
+        return causal_conv1d_update_reference(x, conv_pool, weight, bias, slots, activation, intermediate_states)
     return _causal_conv1d_update_op(x, conv_pool, weight, bias, slots, activation == "silu", intermediate_states,
                                     impl or "")

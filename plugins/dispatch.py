@@ -48,5 +48,11 @@ def use_triton(impl: str | None, device: torch.device, where: str) -> bool:
     return True
 
 
+def eager_reference(impl: str | None, device: torch.device, where: str) -> bool:
+    """True when a call may run the reference directly, skipping the custom-op machinery (whose
+    per-call Python overhead dominates small CPU batches); traced/compiled calls always go through the op."""
+    return not torch.compiler.is_compiling() and not use_triton(impl, device, where)
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import use_triton
+from .dispatch import eager_reference, use_triton
 
 WHERE = "plugins/latent_moe_route.py"
 MAX_EXPERTS = 4096
@@ -88,5 +88,8 @@ def latent_moe_route(router_logits, correction_bias, top_k, n_group, topk_group,
     `impl`: "auto" | "triton" | "reference" (default: $NEMO3_KERNEL_IMPL or "auto", see plugins/dispatch.py).
     """
     _check(router_logits, correction_bias, top_k, n_group, topk_group)
+    if eager_reference(impl, router_logits.device, WHERE):
+        return latent_moe_route_reference(router_logits, correction_bias, int(top_k), int(n_group), int(topk_group),
+                                          bool(norm_topk_prob), float(routed_scaling_factor))
     return _latent_moe_route_op(router_logits, correction_bias, int(top_k), int(n_group), int(topk_group),
                                 bool(norm_topk_prob), float(routed_scaling_factor), impl or "")

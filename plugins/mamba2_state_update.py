@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import use_triton
+from .dispatch import eager_reference, use_triton
 
 WHERE = "plugins/mamba2_state_update.py"
 
@@ -114,5 +114,8 @@ def mamba2_state_update(state_pool, x, dt, A, B, C, D, dt_bias, slots, z=None, d
     `impl`: "auto" | "triton" | "reference" (default: $NEMO3_KERNEL_IMPL or "auto", see plugins/dispatch.py).
     """
     _check(state_pool, x, dt, A, B, C, D, dt_bias, slots, z, intermediate_states)
+    if eager_reference(impl, x.device, WHERE):
+        return mamba2_state_update_reference(state_pool, x, dt, A, B, C, D, dt_bias, slots, z, dt_softplus,
+                                             dt_limit, intermediate_states)
     return _mamba2_state_update_op(state_pool, x, dt, A, B, C, D, dt_bias, slots, z, bool(dt_softplus),
                                    float(dt_limit[0]), float(dt_limit[1]), intermediate_states, impl or "")

@@ -1,0 +1,57 @@
+"""FP8 (E4M3) per-tensor numerics for weights, activations and the KV cache.
+
+One fp32 scale per tensor, `amax / 448`: ModelOpt's `weight_scale`, `input_scale` (from the calibrated
+activation amax) and `k_scale` / `v_scale` (from the calibrated K/V amax; the unified HF export does
+not clamp them to 1.0). A value decodes as `q.float() * scale`.
+
+Quantization is `x / scale` with torch's promotion rules (a 0-dim fp32 scale keeps a bf16 `x` in
+bf16, so the quotient is rounded to bf16 before the E4M3 cast), saturated to +-448 and cast to E4M3
+with round-to-nearest-even: exactly ModelOpt 0.47's `to_quantized_weight` for weights, and the
+ONNX QuantizeLinear rule for activations. ModelOpt's own fake-quantizer multiplies by `448 / amax`
+instead, which can differ from the division in the last bit of a rare value.
+
+Choices where ModelOpt gives no usable answer: NaN or Inf in a weight is an error naming the tensor;
+an all-zero weight gets scale 0 and zero codes (ModelOpt 0.47 exports NaN codes there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0
+
+
+def scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
+    """Per-tensor fp32 scale `amax / 448` (0-dim)."""
+    return torch.as_tensor(amax).float().reshape(()) / E4M3_MAX
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [...] (float) -> float8_e4m3fn [...], saturating; a zero scale gives zeros."""
+    scale = torch.as_tensor(scale, device=x.device).float().reshape(())
+    if scale == 0:
+        return torch.zeros(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """float8_e4m3fn [...] -> `dtype` [...]: the product in fp32, rounded once to `dtype`.
+
+    (ModelOpt's `FP8QTensor.dequantize` multiplies in `dtype`, rounding the scale to bf16 first.)
+    """
+    return (q.float() * torch.as_tensor(scale, device=q.device).float()).to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize an activation or K/V tensor with its static calibrated scale; x's shape and dtype."""
+    return dequantize(quantize(x, scale), scale, x.dtype)
+
+
+def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [...] -> (float8_e4m3fn [...], fp32 0-dim `weight_scale`)."""
+    if not w.is_floating_point():
+        raise ValueError(f"{name}: dtype {w.dtype} is not a floating-point type")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name}: contains NaN or Inf; cannot quantize to FP8")
+    scale = scale_from_amax(w.abs().amax())
+    return quantize(w, scale), scale

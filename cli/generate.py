@@ -1,0 +1,45 @@
+"""`nemo3 generate [PATH] PROMPT`: stream a completion to the terminal."""
+
+from __future__ import annotations
+
+import click
+
+from .common import one_line_errors
+
+
+@click.command("generate")
+@click.argument("prompt")
+@click.option("--checkpoint", "path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Checkpoint or build folder (default: the built-in model).")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: no limit.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Makes sampling reproducible.")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--mtp", "mtp", type=int, default=0, show_default=True,
+              help="MTP speculative decoding: draft this many tokens per step (0: off).")
+@click.option("--think-budget", type=int, default=None, help="Force </think> after this many thinking tokens.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--stats", is_flag=True, help="Print token counts, latency and MTP acceptance at the end.")
+@one_line_errors
+def command(prompt, path, max_tokens, temperature, top_k, top_p, seed, stop, mtp, think_budget, device, stats):
+    """Generate a continuation of PROMPT, streaming it as it is produced."""
+    from ..engines.benchmark import checkpoint_folder
+    from ..engines.requests import GenerationParams
+    from ..engines.runtime import Engine
+
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                              stop=tuple(stop), think_budget=think_budget, num_speculative_tokens=mtp)
+    engine = Engine.from_checkpoint(checkpoint_folder(path), device=device, max_sequences=1,
+                                    max_length=max_tokens + mtp + 1 + 4 * len(prompt) + 8)
+    click.echo(prompt, nl=False)
+    last = None
+    for delta in engine.stream(prompt, params):
+        click.echo(delta.text, nl=False)
+        last = delta
+    click.echo()
+    if stats and last is not None:
+        for key, value in last.stats.items():
+            if key != "inter_token_latencies_s":
+                click.echo(f"{key}: {value}", err=True)

@@ -1,0 +1,217 @@
+"""Serving benchmark: one workload run on several builds and on transformers' `generate()` in one process.
+
+Every figure is measured in the same run, so ratios (to the BF16 build and to transformers) are
+meaningful on any machine. Prompts are held-out text of the built-in corpus cut to exactly
+`input_len` tokens (random token ids for a checkpoint without tokenizer), so no request needs padding.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .requests import GenerationParams
+
+
+@dataclass(frozen=True)
+class Workload:
+    num_prompts: int = 16
+    input_len: int = 64
+    output_len: int = 64
+    concurrency: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        for key in ("num_prompts", "input_len", "output_len", "concurrency"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')}={getattr(self, key)}: must be >= 1")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checkpoint folder (or a build folder: its checkpoint/) served with MTP draft length `mtp`."""
+
+    path: Path | None  # None: the built-in model
+    mtp: int = 0
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or f"{checkpoint_label(self.path)}{f' mtp{self.mtp}' if self.mtp else ''}"
+
+
+@dataclass
+class Result:
+    name: str
+    output_tokens: int
+    seconds: float
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)
+    acceptance_length: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+    def summary(self) -> dict:
+        def pct(values, q):
+            return None if not values else statistics.quantiles(values, n=100, method="inclusive")[q - 1] \
+                if len(values) > 1 else values[0]
+
+        return {"name": self.name, "output_tokens": self.output_tokens, "seconds": round(self.seconds, 3),
+                "output_tokens_per_s": round(self.tokens_per_s, 2),
+                "ttft_p50_ms": _ms(pct(self.ttft_s, 50)), "itl_p50_ms": _ms(pct(self.itl_s, 50)),
+                "itl_p99_ms": _ms(pct(self.itl_s, 99)),
+                "acceptance_length": None if self.acceptance_length is None else round(self.acceptance_length, 3)}
+
+
+def _ms(seconds):
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
+def checkpoint_folder(path: Path | None) -> Path:
+    from ..export.builtin import resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    return folder / "checkpoint" if (folder / "build.json").exists() else folder
+
+
+def checkpoint_label(path: Path | None) -> str:
+    import json
+
+    folder = checkpoint_folder(path)
+    quant = folder / "hf_quant_config.json"
+    if not quant.exists():
+        return "bf16"
+    algo = json.loads(quant.read_text()).get("quantization", {}).get("quant_algo") or "quantized"
+    return str(algo).lower()
+
+
+def workload_prompts(codec, vocab_size: int, workload: Workload) -> list[list[int]]:
+    """`num_prompts` prompts of exactly `input_len` tokens: consecutive windows of held-out text."""
+    if codec.tokenizer is None:
+        g = torch.Generator().manual_seed(workload.seed)
+        return torch.randint(3, vocab_size, (workload.num_prompts, workload.input_len), generator=g).tolist()
+    from ..export.corpus import texts
+
+    text, wanted = "", workload.num_prompts * workload.input_len * 8  # characters: ~4 per token, twice over
+    for source in texts("heldout"):
+        text += source
+        if len(text) >= wanted:
+            break
+    ids = codec.encode(text)
+    n = workload.input_len
+    windows = [ids[i:i + n] for i in range(0, len(ids) - n, n)]
+    if len(windows) < workload.num_prompts:
+        raise ValueError(f"the held-out corpus yields {len(windows)} prompts of {n} tokens, fewer than "
+                         f"--num-prompts={workload.num_prompts}")
+    return windows[:workload.num_prompts]
+
+
+def run_engine(engine, prompts: list[list[int]], workload: Workload, name: str) -> Result:
+    """Closed loop: `concurrency` requests in flight; a new one starts when one finishes."""
+    params = GenerationParams(max_tokens=workload.output_len, ignore_eos=True)
+    pending = list(prompts)
+    result = Result(name, 0, 0.0)
+    accepted = verify = 0
+    start = time.perf_counter()
+    for _ in range(min(workload.concurrency, len(pending))):
+        engine.add_request(pending.pop(0), params)
+    while engine.has_work():
+        for delta in engine.step():
+            result.output_tokens += len(delta.token_ids)
+            if delta.finished:
+                stats = delta.stats
+                result.ttft_s.append(stats["time_to_first_token_s"])
+                result.itl_s.extend(stats["inter_token_latencies_s"])
+                if "verify_steps" in stats:
+                    verify += stats["verify_steps"]
+                    accepted += stats["acceptance_length"] * stats["verify_steps"]
+                if pending:
+                    engine.add_request(pending.pop(0), params)
+    result.seconds = time.perf_counter() - start
+    result.acceptance_length = accepted / verify if verify else None
+    return result
+
+
+def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload) -> Result:
+    """The peer baseline: transformers' NemotronHForCausalLM.generate, `concurrency` prompts per batch, greedy."""
+    from transformers import NemotronHForCausalLM
+
+    model = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    result = Result("transformers generate()", 0, 0.0)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), workload.concurrency):
+            batch = torch.tensor(prompts[i:i + workload.concurrency])
+            out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
+                                 max_new_tokens=workload.output_len, min_new_tokens=workload.output_len,
+                                 pad_token_id=0)
+            result.output_tokens += (out.shape[1] - batch.shape[1]) * batch.shape[0]
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu", transformers_baseline: bool = True,
+                  max_num_tokens: int = 512, log=print) -> dict:
+    from .executor import TorchExecutor
+    from .loading import load
+    from .runtime import Engine
+    from .text import TextCodec
+
+    results, prompts = [], None
+    for target in targets:
+        folder = checkpoint_folder(target.path)
+        model = load(folder, device=device)
+        codec = TextCodec.from_checkpoint(folder, model.spec)
+        prompts = prompts or workload_prompts(codec, model.spec.vocab_size, workload)
+        max_length = workload.input_len + workload.output_len + target.mtp + 1
+        engine = Engine(TorchExecutor(model, workload.concurrency, max_length), codec,
+                        max_num_tokens=max_num_tokens, num_speculative_tokens=target.mtp)
+        run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
+        results.append(run_engine(engine, prompts, workload, target.name))
+        log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s")
+    if transformers_baseline:
+        results.append(run_transformers(checkpoint_folder(targets[0].path), prompts, workload))
+        log(f"{results[-1].name}: {results[-1].tokens_per_s:.1f} output tokens/s")
+    rows = [r.summary() for r in results]
+    bf16 = next((r for r in results if r.name == "bf16"), results[0])
+    peer = results[-1] if transformers_baseline else None
+    for row, r in zip(rows, results):
+        row["vs_bf16"] = round(r.tokens_per_s / bf16.tokens_per_s, 3)
+        row["vs_transformers"] = None if peer is None else round(r.tokens_per_s / peer.tokens_per_s, 3)
+    return {"workload": asdict(workload), "device": device, "torch_threads": torch.get_num_threads(), "results": rows}
+
+
+def markdown_table(report: dict) -> str:
+    cols = ["name", "output_tokens_per_s", "vs_bf16", "vs_transformers", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms",
+            "acceptance_length"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in report["results"]:
+        lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(rows)))
+    ax.barh([r["name"] for r in rows], [r["output_tokens_per_s"] for r in rows], color="#76b900")
+    for i, r in enumerate(rows):
+        ax.text(r["output_tokens_per_s"], i, f" {r['output_tokens_per_s']:.0f}", va="center")
+    w = report["workload"]
+    ax.set_xlabel("output tokens/s")
+    ax.set_title(f"{w['num_prompts']} prompts, {w['input_len']} in / {w['output_len']} out, "
+                 f"concurrency {w['concurrency']} ({report['device']})")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -183,7 +183,8 @@ class Engine:
         """Tokens produced by this step's logits: one sample, or the outcome of verifying the drafts."""
         params = seq.params.sampling
         if not seq.drafts:
-            return [sample(distribution(logits[-1], params), seq.generator)]
+            return [int(logits[-1].argmax()) if params.greedy else sample(distribution(logits[-1], params),
+                                                                          seq.generator)]
         emitted, accepted = accept(seq.drafts, seq.draft_probs, logits, params, seq.generator)
         seq.verify_steps += 1
         for i in range(accepted):

@@ -27,32 +27,41 @@ def mamba2_state_update_reference(state_pool, x, dt, A, B, C, D, dt_bias, slots,
                                   dt_limit=(0.0, math.inf), intermediate_states=None):
     """Plain-torch specification (see the module docstring); updates `state_pool` in place, returns y [Bt, T, H, P]."""
     Bt, T, H, P = x.shape
-    heads_per_group = H // B.shape[2]
+    G, N = B.shape[2], B.shape[3]
     valid = slots >= 0
+    all_valid = bool(valid.all())
     rows = slots.clamp(min=0).long()
 
     dt = dt.float() + dt_bias.float()                                       # [Bt, T, H]
     if dt_softplus:
         dt = F.softplus(dt)
     dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
-    Bh = B.float().repeat_interleave(heads_per_group, dim=2)               # [Bt, T, H, N]
-    Ch = C.float().repeat_interleave(heads_per_group, dim=2)
-    xf = x.float()
+    # heads in groups: head h = g * (H/G) + j reads B[:, :, g] and C[:, :, g]
+    Bg = B.float()[:, :, :, None, None, :]                                  # [Bt, T, G, 1, 1, N]
+    Cg = C.float()[:, :, :, None, None, :]
+    xg = x.float().reshape(Bt, T, G, H // G, P)                              # [Bt, T, G, H/G, P]
+    dtg = dt.reshape(Bt, T, G, H // G)
+    dA = torch.exp(dt * A.float()).reshape(Bt, T, G, H // G)
 
-    state = state_pool[rows].float()                                        # [Bt, H, P, N]
+    state = state_pool[rows].float().view(Bt, G, H // G, P, N)
     ys = []
     for t in range(T):
-        dA = torch.exp(dt[:, t] * A.float())                                # [Bt, H]
-        dBx = (dt[:, t, :, None] * xf[:, t])[..., None] * Bh[:, t, :, None, :]
-        state = state * dA[..., None, None] + dBx
-        y = (state * Ch[:, t, :, None, :]).sum(-1) + D.float()[:, None] * xf[:, t]
-        if z is not None:
-            y = y * F.silu(z[:, t].float())
-        ys.append(y)
+        state = state * dA[:, t, ..., None, None] + (dtg[:, t, ..., None] * xg[:, t])[..., None] * Bg[:, t]
+        ys.append((state * Cg[:, t]).sum(-1))                              # [Bt, G, H/G, P]
         if intermediate_states is not None:
-            intermediate_states[valid, t] = state[valid].to(intermediate_states.dtype)
-    state_pool[rows[valid]] = state[valid].to(state_pool.dtype)
-    y = torch.stack(ys, dim=1) * valid[:, None, None, None]
+            step = state.view(Bt, H, P, N)
+            intermediate_states[valid if not all_valid else slice(None), t] = \
+                (step if all_valid else step[valid]).to(intermediate_states.dtype)
+    state = state.view(Bt, H, P, N)
+    if all_valid:
+        state_pool[rows] = state.to(state_pool.dtype)
+    else:
+        state_pool[rows[valid]] = state[valid].to(state_pool.dtype)
+    y = torch.stack(ys, dim=1).view(Bt, T, H, P) + D.float()[:, None] * x.float()
+    if z is not None:
+        y = y * F.silu(z.float())
+    if not all_valid:
+        y = y * valid[:, None, None, None]
     return y.to(x.dtype)
 
 

@@ -1,0 +1,112 @@
+"""The runtime as a thread-safe serving engine (triton_repo/serving_api.py's `Engine`).
+
+One background thread owns the `runtime.Engine` and runs its steps; request threads hand requests
+and cancellations to it through a queue and read their deltas from a queue of their own, so many
+requests (Triton's decoupled model serves each on its own thread) batch together continuously.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from .requests import Delta, GenerationParams
+from .runtime import Engine
+
+_CLOSE = object()
+
+
+class ServingEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._outboxes: dict[str, queue.Queue] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="nemo3-engine", daemon=True)
+        self._thread.start()
+
+    def stream(self, prompt: str | list[int], params: GenerationParams, request_id: str) -> Iterator[Delta]:
+        outbox: queue.Queue = queue.Queue()
+        with self._lock:
+            if request_id in self._outboxes:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            self._outboxes[request_id] = outbox
+        self._inbox.put(("add", prompt, params, request_id))
+        while True:
+            item = outbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finished:
+                return
+
+    def cancel(self, request_id: str) -> bool:
+        with self._lock:
+            known = request_id in self._outboxes
+        if known:
+            self._inbox.put(("cancel", request_id))
+        return known
+
+    def close(self) -> None:
+        self._inbox.put(_CLOSE)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            # block only when idle; otherwise take what arrived and run a step
+            items = [self._inbox.get()] if not self.engine.has_work() else []
+            while True:
+                try:
+                    items.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for item in items:
+                if item is _CLOSE:
+                    for rid in list(self._outboxes):
+                        self.engine.cancel(rid)
+                    self._deliver(self.engine.step())
+                    return
+                self._handle(item)
+            if self.engine.has_work():
+                self._deliver(self.engine.step())
+
+    def _handle(self, item) -> None:
+        if item[0] == "add":
+            _, prompt, params, request_id = item
+            try:
+                self.engine.add_request(prompt, params, request_id)
+            except ValueError as e:  # bad parameters: the caller's stream raises
+                self._send(request_id, e)
+        else:
+            self.engine.cancel(item[1])
+
+    def _deliver(self, deltas: list[Delta]) -> None:
+        for delta in deltas:
+            self._send(delta.request_id, delta)
+
+    def _send(self, request_id: str, item) -> None:
+        with self._lock:
+            outbox = self._outboxes.get(request_id)
+            if outbox is not None and (isinstance(item, BaseException) or item.finished):
+                del self._outboxes[request_id]
+        if outbox is not None:
+            outbox.put(item)
+
+
+def load_engine(build_dir: Path, device: str = "cpu", tp: int = 1, max_sequences: int = 16,
+                max_length: int = 2048, num_speculative_tokens: int | None = None) -> ServingEngine:
+    """The engine factory Triton's model.py calls: serve a build folder (its checkpoint/), or a checkpoint."""
+    build_dir = Path(build_dir)
+    if tp != 1:
+        raise ValueError(f"tensor_parallel_size={tp}: the torch executor serves one rank per instance; "
+                         "multi-rank serving goes through the trtllm target (--target trtllm)")
+    folder = build_dir / "checkpoint" if (build_dir / "build.json").exists() else build_dir
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: no config.json (is {build_dir} a nemo3 build folder?)")
+    engine = Engine.from_checkpoint(folder, device=device, max_sequences=max_sequences, max_length=max_length)
+    if num_speculative_tokens is None:  # default: speculate when the model has an MTP head
+        num_speculative_tokens = 2 if engine.executor.has_mtp else 0
+    engine.default_k = num_speculative_tokens
+    return ServingEngine(engine)

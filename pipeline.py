@@ -162,8 +162,9 @@ def _versions() -> dict:
 def build_stages(options: BuildOptions) -> list[Stage]:
     """The stages that exist today, in order."""
     from .export.stage import read_stage
+    from .triton_repo.stage import triton_stage
 
-    return [read_stage()]
+    return [read_stage(), triton_stage()]
 
 
 def build(options: BuildOptions, log: Callable[[str], None] = print) -> dict:

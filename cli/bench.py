@@ -34,7 +34,7 @@ def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_nu
 
     workload = Workload(num_prompts, input_len, output_len, concurrency)
     if server:
-        from ..triton_repo.client import benchmark_server
+        from ..triton_repo.bench_client import benchmark_server
 
         report = benchmark_server(server, model_name, workload)
     else:

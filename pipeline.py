@@ -160,11 +160,13 @@ def _versions() -> dict:
 
 
 def build_stages(options: BuildOptions) -> list[Stage]:
-    """The stages that exist today, in order."""
+    """The stages, in order: read -> quantize -> shard -> triton_repo -> report."""
+    from .export.shard_stage import shard_stage
     from .export.stage import read_stage
+    from .quant.stage import quantize_stage, report_stage
     from .triton_repo.stage import triton_stage
 
-    return [read_stage(), triton_stage()]
+    return [read_stage(), quantize_stage(), shard_stage(), triton_stage(), report_stage()]
 
 
 def build(options: BuildOptions, log: Callable[[str], None] = print) -> dict:

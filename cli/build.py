@@ -21,7 +21,7 @@ from .common import one_line_errors
 @click.option("--target", type=click.Choice(["torch", "tensorrt", "trtllm"]), default="torch", show_default=True,
               help="Executor the Triton repository serves.")
 @click.option("--calib-data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Calibration text or JSONL (default: the built-in held-out corpus).")
+              help="Calibration text or JSONL (default: the train split of the built-in corpus).")
 @click.option("--calib-samples", type=int, default=64, show_default=True)
 @click.option("--calib-seq-len", type=int, default=256, show_default=True)
 @click.option("--force", is_flag=True, help="Redo every stage even if build.json says it is up to date.")

@@ -3,6 +3,10 @@
 Query head h reads key/value head h // (heads / kv_heads); scores are scaled by head_dim^-0.5 and
 the softmax runs in fp32. With a KV cache, row b's new keys land at positions
 past_lengths[b] .. past_lengths[b] + T - 1 of its slot and its queries see everything before.
+
+Tensor parallel: a rank holds a contiguous block of query heads and the KV heads they read (one
+replicated KV head when the ranks outnumber the KV heads), so the same GQA mapping holds locally;
+o_proj is row-parallel.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import torch
 from torch import nn
 
 from ..export.spec import ModelSpec
+from .parallel import SINGLE, Parallel
 from .state import KVCache
 
 
@@ -19,10 +24,12 @@ class Attention(nn.Module):
 
     stateful = True
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, parallel: Parallel = SINGLE):
         super().__init__()
         D, Dh, bias = spec.hidden_size, spec.head_dim, spec.attention_bias
-        self.heads, self.kv_heads, self.head_dim = spec.num_attention_heads, spec.num_key_value_heads, Dh
+        self.heads = parallel.local(spec.num_attention_heads)
+        self.kv_heads = parallel.kv_heads(spec.num_key_value_heads)
+        self.head_dim, self.parallel = Dh, parallel
         self.q_proj = nn.Linear(D, self.heads * Dh, bias=bias)
         self.k_proj = nn.Linear(D, self.kv_heads * Dh, bias=bias)
         self.v_proj = nn.Linear(D, self.kv_heads * Dh, bias=bias)
@@ -39,7 +46,7 @@ class Attention(nn.Module):
         else:
             k, v = append_to_cache(cache, k, v, slots, past_lengths)
         out = attend(q, k, v, past_lengths, self.head_dim ** -0.5)
-        return self.o_proj(out.flatten(2))
+        return self.parallel.row_parallel(self.o_proj, out.flatten(2))
 
 
 def append_to_cache(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,

@@ -11,29 +11,30 @@ from .mamba2 import Mamba2Mixer
 from .mlp import ReLU2MLP
 from .moe import MoE
 from .norms import RMSNorm
+from .parallel import SINGLE, Parallel
 from .state import InferenceState
 
 
-def make_mixer(spec: ModelSpec, letter: str) -> nn.Module:
+def make_mixer(spec: ModelSpec, letter: str, parallel: Parallel = SINGLE) -> nn.Module:
     if letter == MAMBA:
-        return Mamba2Mixer(spec)
+        return Mamba2Mixer(spec, parallel)
     if letter == ATTENTION:
-        return Attention(spec)
+        return Attention(spec, parallel)
     if letter == MOE:
-        return MoE(spec)
+        return MoE(spec, parallel)
     if letter == MLP:
-        return ReLU2MLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias)
+        return ReLU2MLP(spec.hidden_size, spec.intermediate_size, spec.mlp_bias, parallel)
     raise ValueError(f"unknown layer letter {letter!r} (expected M, *, E or -)")
 
 
 class Block(nn.Module):
     """h [B, T, D] -> [B, T, D]. `key` names this layer's entry in an InferenceState."""
 
-    def __init__(self, spec: ModelSpec, letter: str, key: str):
+    def __init__(self, spec: ModelSpec, letter: str, key: str, parallel: Parallel = SINGLE):
         super().__init__()
         self.letter, self.key = letter, key
         self.norm = RMSNorm(spec.hidden_size, spec.layer_norm_epsilon)
-        self.mixer = make_mixer(spec, letter)
+        self.mixer = make_mixer(spec, letter, parallel)
 
     def forward(self, h: torch.Tensor, state: InferenceState | None = None, slots: torch.Tensor | None = None,
                 past_lengths: torch.Tensor | None = None) -> torch.Tensor:

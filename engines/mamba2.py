@@ -12,6 +12,11 @@ engines/ssd.py, continuing from and writing back the slot's conv window and SSM 
 state is given. Decode (a state and at most MAX_STEP_TOKENS new tokens: one token, or the k+1
 tokens of a speculative verify) runs the `causal_conv1d_update` and `mamba2_state_update` ops,
 which update the pools in place.
+
+Tensor parallel: a rank holds whole B/C groups and their heads; in_proj's rows and the conv's
+channels are the rank's [z, x, B, C, dt] and [x, B, C] slices, so the layout above holds locally with
+H and G divided by the ranks. The gated norm's groups are the B/C groups (I/G channels each), so it
+stays local; out_proj is row-parallel.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from ..export.spec import ModelSpec
 from ..plugins.causal_conv1d_update import causal_conv1d_update
 from ..plugins.mamba2_state_update import mamba2_state_update
 from .norms import GatedRMSNorm
+from .parallel import SINGLE, Parallel
 from .ssd import ssd_scan
 from .state import MambaState
 
@@ -35,19 +41,19 @@ class Mamba2Mixer(nn.Module):
 
     stateful = True
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, parallel: Parallel = SINGLE):
         super().__init__()
-        D, H, I = spec.hidden_size, spec.mamba_num_heads, spec.mamba_intermediate
-        self.heads, self.head_dim = H, spec.mamba_head_dim
-        self.groups, self.state_size = spec.n_groups, spec.ssm_state_size
-        self.chunk_size, self.time_step_limit = spec.chunk_size, spec.time_step_limit
-        self.in_proj = nn.Linear(D, spec.in_proj_dim, bias=spec.use_bias)
-        self.conv1d = nn.Conv1d(spec.conv_dim, spec.conv_dim, spec.conv_kernel, groups=spec.conv_dim,
-                                bias=spec.use_conv_bias)
+        D, H, P = spec.hidden_size, parallel.local(spec.mamba_num_heads), spec.mamba_head_dim
+        G, N = parallel.local(spec.n_groups), spec.ssm_state_size
+        I, conv_dim = H * P, H * P + 2 * G * N
+        self.heads, self.head_dim, self.groups, self.state_size = H, P, G, N
+        self.chunk_size, self.time_step_limit, self.parallel = spec.chunk_size, spec.time_step_limit, parallel
+        self.in_proj = nn.Linear(D, I + conv_dim + H, bias=spec.use_bias)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, spec.conv_kernel, groups=conv_dim, bias=spec.use_conv_bias)
         self.dt_bias = nn.Parameter(torch.ones(H))
         self.A_log = nn.Parameter(torch.zeros(H))
         self.D = nn.Parameter(torch.ones(H))
-        self.norm = GatedRMSNorm(I, I // spec.n_groups, spec.layer_norm_epsilon)
+        self.norm = GatedRMSNorm(I, spec.mamba_intermediate // spec.n_groups, spec.layer_norm_epsilon)
         self.out_proj = nn.Linear(I, D, bias=spec.use_bias)
 
     def forward(self, h: torch.Tensor, cache: MambaState | None = None, slots: torch.Tensor | None = None,
@@ -58,7 +64,7 @@ class Mamba2Mixer(nn.Module):
             y = self.decode(xBC, dt, cache, slots, past_lengths)
         else:
             y = self.prefill(xBC, dt, cache, slots, past_lengths)
-        return self.out_proj(self.norm(y, z).to(h.dtype))
+        return self.parallel.row_parallel(self.out_proj, self.norm(y, z).to(h.dtype))
 
     def split_xBC(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[B, T, I + 2GN] -> x [B, T, H, P], B [B, T, G, N], C [B, T, G, N]."""

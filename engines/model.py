@@ -9,6 +9,10 @@ The module tree's state dict uses the canonical (hub) tensor names of export/nam
 checkpoint loads with `load_state_dict(..., strict=True)`. Every call either runs stateless over
 whole sequences, or continues each row's sequence from a slot of an InferenceState (engines/state.py):
 prefill chunks and decode steps share the same pools.
+
+Built with a sharded `Parallel` context (engines/parallel.py), the same modules are one
+tensor-parallel rank's network: they hold the rank's part of each tensor (export/sharding.py) and
+their outputs (hidden states, logits) are the whole model's, identical on every rank.
 """
 
 from __future__ import annotations
@@ -16,18 +20,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..export.sharding import check_tp
 from ..export.spec import ModelSpec
 from .block import Block
 from .mtp import MTP
 from .norms import RMSNorm
+from .parallel import SINGLE, Parallel, VocabEmbedding, VocabHead
 from .state import InferenceState
 
 
 class Backbone(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, parallel: Parallel = SINGLE):
         super().__init__()
-        self.embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(Block(spec, letter, f"backbone.layers.{i}")
+        self.embeddings = VocabEmbedding(spec.vocab_size, spec.hidden_size, parallel)
+        self.layers = nn.ModuleList(Block(spec, letter, f"backbone.layers.{i}", parallel)
                                     for i, letter in enumerate(spec.layer_types))
         self.norm_f = RMSNorm(spec.hidden_size, spec.layer_norm_epsilon)
 
@@ -40,16 +46,19 @@ class Backbone(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, parallel: Parallel = SINGLE):
         super().__init__()
-        self.spec = spec
-        self.backbone = Backbone(spec)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.mtp = MTP(spec) if spec.num_nextn_predict_layers else None
+        if parallel.sharded:  # a one-line error naming the tensor that does not split, and the valid --tp
+            check_tp(spec, parallel.world_size, parallel.moe)
+        self.spec, self.parallel = spec, parallel
+        self.backbone = Backbone(spec, parallel)
+        self.lm_head = VocabHead(spec.hidden_size, spec.vocab_size, parallel)
+        self.mtp = MTP(spec, parallel) if spec.num_nextn_predict_layers else None
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The activation dtype (the embedding is never quantized; a quantized lm_head stores packed bytes)."""
+        return self.backbone.embeddings.weight.dtype
 
     @property
     def device(self) -> torch.device:
@@ -60,8 +69,10 @@ class Model(nn.Module):
         return sum(t.numel() for t in self.state_dict().values())
 
     def new_state(self, max_sequences: int, max_length: int, mtp: bool = True) -> InferenceState:
-        """Empty state pools in the model's dtype and device (MTP layers' pools too, if `mtp` and present)."""
-        return InferenceState(self.spec, max_sequences, max_length, self.dtype, self.device, mtp=mtp)
+        """Empty state pools in the model's dtype and device (MTP layers' pools too, if `mtp` and present);
+        a rank's pools hold its heads and channels only."""
+        return InferenceState(self.spec, max_sequences, max_length, self.dtype, self.device, mtp=mtp,
+                              parallel=self.parallel)
 
     # ---- backbone ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None,

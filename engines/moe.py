@@ -6,6 +6,12 @@
 
 LatentMoE (`moe_latent_size`) runs the routed experts in a smaller latent space; the router and the
 shared expert always see the full hidden state. Without a latent size the projections are absent.
+
+Tensor parallel: the router and the latent projections are replicated; every rank routes every token
+(global expert ids). With --moe-parallel ep a rank holds whole experts (`experts.{e}` keeps the global
+e) and adds the contributions of its own; with tp it holds a slice of every expert. Each rank's
+routed sum (after fc2_latent_proj, which is linear) and its shared-expert slice are partial sums of
+the output: one all-reduce per layer adds them up.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from torch import nn
 from ..export.spec import ModelSpec
 from ..plugins.latent_moe_route import latent_moe_route
 from .mlp import ReLU2MLP
+from .parallel import SINGLE, Parallel
 
 
 class Router(nn.Module):
@@ -40,17 +47,22 @@ class Router(nn.Module):
                                 self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
 
 
+GATHER_MAX_PAIRS = 64  # (token, expert) pairs up to which experts run as one gathered batched matmul
+
+
 class MoE(nn.Module):
     """x [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, parallel: Parallel = SINGLE):
         super().__init__()
         D, De = spec.hidden_size, spec.expert_dim
+        self.parallel = parallel
         self.gate = Router(spec)
-        self.experts = nn.ModuleList(ReLU2MLP(De, spec.moe_intermediate_size, spec.mlp_bias)
-                                     for _ in range(spec.n_routed_experts))
+        self.experts = nn.ModuleDict({str(e): ReLU2MLP(De, spec.moe_intermediate_size, spec.mlp_bias,
+                                                       parallel.expert_parallel)
+                                      for e in parallel.experts(spec.n_routed_experts)})
         if spec.moe_shared_expert_intermediate_size:
-            self.shared_experts = ReLU2MLP(D, spec.moe_shared_expert_intermediate_size, spec.mlp_bias)
+            self.shared_experts = ReLU2MLP(D, spec.moe_shared_expert_intermediate_size, spec.mlp_bias, parallel)
         if spec.moe_latent_size:
             self.fc1_latent_proj = nn.Linear(D, spec.moe_latent_size, bias=spec.mlp_bias)
             self.fc2_latent_proj = nn.Linear(spec.moe_latent_size, D, bias=spec.mlp_bias)
@@ -59,17 +71,42 @@ class MoE(nn.Module):
         tokens = x.flatten(0, -2)  # [T, D]
         weights, ids = self.gate(tokens)
         latent = self.fc1_latent_proj(tokens) if hasattr(self, "fc1_latent_proj") else tokens
-        routed = self.run_experts(latent, weights, ids)
+        out = self.run_experts(latent, weights, ids)
         if hasattr(self, "fc2_latent_proj"):
-            routed = self.fc2_latent_proj(routed)
+            out = self.parallel.row_parallel(self.fc2_latent_proj, out, reduce=False)
         if hasattr(self, "shared_experts"):
-            routed = routed + self.shared_experts(tokens)
-        return routed.view_as(x)
+            out = out + self.shared_experts(tokens, reduce=False)
+        return self.parallel.all_reduce(out).view_as(x)
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), accumulated in fp32. x [T, De] -> [T, De]."""
+        """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the experts held, accumulated in fp32.
+        x [T, De] -> [T, De]; a rank's part of the sum when sharded."""
+        if ids.numel() <= GATHER_MAX_PAIRS and self._gatherable():
+            return self.run_experts_gathered(x, weights, ids)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in ids.unique().tolist():
+            if str(e) not in self.experts:
+                continue
             token, slot = (ids == e).nonzero(as_tuple=True)
-            out.index_add_(0, token, self.experts[e](x[token]).float() * weights[token, slot, None])
+            y = self.experts[str(e)](x[token], reduce=False)
+            out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out.to(x.dtype)
+
+    def _gatherable(self) -> bool:
+        """Every expert held, as plain bias-free linear layers (not quantized, not sharded)."""
+        if not hasattr(self, "_all_plain"):
+            self._all_plain = len(self.experts) == self.gate.weight.shape[0] and all(
+                type(layer) is nn.Linear and layer.bias is None
+                for expert in self.experts.values() for layer in (expert.up_proj, expert.down_proj))
+        return self._all_plain
+
+    def run_experts_gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum for a few tokens (decode): each (token, choice) pair gathers its expert's weights and
+        one batched matmul replaces the loop over experts, whose per-expert overhead dominates small batches."""
+        T, k = ids.shape
+        chosen = [self.experts[str(e)] for e in ids.flatten().tolist()]
+        up = torch.stack([expert.up_proj.weight for expert in chosen])  # [T*k, I, De]
+        down = torch.stack([expert.down_proj.weight for expert in chosen])  # [T*k, De, I]
+        h = F.relu(torch.bmm(up, x.repeat_interleave(k, dim=0)[:, :, None])).square()
+        y = torch.bmm(down, h).squeeze(-1).float() * weights.reshape(-1, 1)
+        return y.view(T, k, -1).sum(1).to(x.dtype)

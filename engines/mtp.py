@@ -37,6 +37,7 @@ from ..export.names import mtp_layer_count
 from ..export.spec import ModelSpec
 from .block import Block
 from .norms import RMSNorm
+from .parallel import SINGLE, Parallel
 from .state import InferenceState
 
 
@@ -44,8 +45,9 @@ class MTPLayer(Block):
     """A block of an MTP step; the step's first layer also fuses embedding and hidden state, its last
     layer also holds the final norm (names as in the hub checkpoints: mtp.layers.{j}.enorm, ...)."""
 
-    def __init__(self, spec: ModelSpec, letter: str, key: str, first: bool, last: bool):
-        super().__init__(spec, letter, key)
+    def __init__(self, spec: ModelSpec, letter: str, key: str, first: bool, last: bool,
+                 parallel: Parallel = SINGLE):
+        super().__init__(spec, letter, key, parallel)
         D, eps = spec.hidden_size, spec.layer_norm_epsilon
         if first:
             self.enorm = RMSNorm(D, eps)
@@ -58,13 +60,13 @@ class MTPLayer(Block):
 class MTP(nn.Module):
     """The MTP layers: num_nextn_predict_layers steps of len(mtp pattern) layers each."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, parallel: Parallel = SINGLE):
         super().__init__()
         pattern = spec.mtp_layer_types
         self.steps = spec.num_nextn_predict_layers
         self.layers = nn.ModuleList(
             MTPLayer(spec, pattern[j % len(pattern)], f"mtp.layers.{j}", first=j % len(pattern) == 0,
-                     last=j % len(pattern) == len(pattern) - 1)
+                     last=j % len(pattern) == len(pattern) - 1, parallel=parallel)
             for j in range(mtp_layer_count(spec)))
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, state: InferenceState | None = None,

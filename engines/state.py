@@ -7,6 +7,9 @@ keyed by the layer's module path (`backbone.layers.3`, `mtp.layers.0`).
 
 A forward with `past_lengths[b] == 0` starts a fresh sequence in `slots[b]` (its old state is
 ignored and overwritten); `slots[b] < 0` marks a padding row whose state is never touched.
+
+A tensor-parallel rank's pools hold its own Mamba heads and channels and its KV heads
+(engines/parallel.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from ..export.names import mtp_layer_count
 from ..export.spec import ATTENTION, MAMBA, ModelSpec
+from .parallel import SINGLE, Parallel
 
 
 @dataclass
@@ -39,7 +43,7 @@ class InferenceState:
     """State pools for `max_sequences` concurrent sequences of up to `max_length` tokens."""
 
     def __init__(self, spec: ModelSpec, max_sequences: int, max_length: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", mtp: bool = True):
+                 device: torch.device | str = "cpu", mtp: bool = True, parallel: Parallel = SINGLE):
         if max_sequences <= 0 or max_length <= 0:
             raise ValueError(f"InferenceState: max_sequences={max_sequences} and max_length={max_length} "
                              "must be positive")
@@ -48,12 +52,13 @@ class InferenceState:
         self.layers: dict[str, MambaState | KVCache] = {}
         for key, letter in layer_keys(spec, mtp):
             if letter == MAMBA:
+                heads, conv_dim = parallel.local(spec.mamba_num_heads), parallel.local(spec.conv_dim)
                 self.layers[key] = MambaState(
-                    conv=torch.zeros(max_sequences, spec.conv_dim, spec.conv_kernel - 1, dtype=dtype, device=device),
-                    ssm=torch.zeros(max_sequences, spec.mamba_num_heads, spec.mamba_head_dim, spec.ssm_state_size,
+                    conv=torch.zeros(max_sequences, conv_dim, spec.conv_kernel - 1, dtype=dtype, device=device),
+                    ssm=torch.zeros(max_sequences, heads, spec.mamba_head_dim, spec.ssm_state_size,
                                     dtype=ssm_dtype, device=device))
             elif letter == ATTENTION:
-                shape = (max_sequences, max_length, spec.num_key_value_heads, spec.head_dim)
+                shape = (max_sequences, max_length, parallel.kv_heads(spec.num_key_value_heads), spec.head_dim)
                 self.layers[key] = KVCache(k=torch.zeros(shape, dtype=dtype, device=device),
                                            v=torch.zeros(shape, dtype=dtype, device=device))
 

@@ -11,7 +11,7 @@ def builtin_model_path() -> Path:
     """Folder of the built-in model: config.json, model.safetensors, tokenizer files, model card."""
     if not (BUILTIN_DIR / "model.safetensors").exists():
         raise FileNotFoundError(f"{BUILTIN_DIR}: the built-in model's weights are missing "
-                                "(train them with `python -m nemo3.export.train_builtin`)")
+                                "(see export/builtin/README.md: `python -m nemo3.engines.training`)")
     return BUILTIN_DIR
 
 

@@ -22,9 +22,9 @@ Every naming scheme is mapped onto the canonical names of `export.names` (the hu
 
 Pickled checkpoints (`*.bin`, `*.pt`, `*.pth`) are refused, never loaded.
 
-Quantized checkpoints (extension point): with an `hf_quant_config.json` in the folder, a tensor whose
-last name component is one of QUANT_SUFFIXES next to a known `....weight` is accepted as that
-weight's companion, and the weight itself (packed, so of another shape and dtype) is left to `quant/`
+Quantized checkpoints: with an `hf_quant_config.json` in the folder, a tensor whose last name
+component is one of QUANT_SUFFIXES next to a known `....weight` is accepted as that weight's
+companion, and the weight itself (packed, so of another shape and dtype) is left to `quant/layout.py`
 to check.
 """
 
@@ -45,8 +45,9 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-# Companions of a quantized `X.weight` in ModelOpt's unified export, named `X.<suffix>`.
-QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale")
+# Companions of a quantized `X.weight` in ModelOpt's unified export, named `X.<suffix>` (an attention
+# layer's FP8 KV-cache scales ride on its k_proj / v_proj: `...k_proj.k_scale`, `...v_proj.v_scale`).
+QUANT_SUFFIXES = ("weight_scale", "weight_scale_2", "input_scale", "k_scale", "v_scale")
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                       "chat_template*")
 

@@ -11,6 +11,9 @@ import torch
 
 # Triton's interpreter lets the GPU kernels run on CPU; it must be set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The test models are tiny: one intra-op thread avoids OpenMP start-up and contention costs that
+# dominate their small ops on a 2-core machine (and keeps timings stable when other work runs).
+torch.set_num_threads(1)
 
 BASE_CONFIG = dict(
     model_type="nemotron_h",

@@ -1,0 +1,156 @@
+"""Tensor and expert parallelism inside the network: which rank this process is, and the collectives.
+
+A rank's network is the same `Model`, built with a `Parallel` context. The modules ask it for their
+local sizes (heads, groups, channels, experts, vocabulary rows: what export/sharding.py gives the
+rank) and it does the communication at the few places the sharding needs it:
+
+    embeddings         vocabulary rows split: masked lookup, all-reduce       VocabEmbedding
+    attention o_proj   row-parallel: all-reduce                               Parallel.row_parallel
+    Mamba out_proj     row-parallel: all-reduce (the gated RMSNorm is per group, and a rank holds
+                       whole groups, so it stays local)
+    MLP down_proj      row-parallel: all-reduce
+    MoE                routed experts (ep: the rank's whole experts, for every token the replicated
+                       router sends them; tp: the rank's slice of every expert) plus the shared
+                       expert's slice: partial sums added, one all-reduce per layer
+    lm_head            vocabulary rows split: all-gather of the logits        VocabHead
+
+Row-parallel biases are replicated and must enter the all-reduced sum once: rank 0's part keeps
+its bias, the other ranks' parts drop theirs.
+
+World size 1 (`SINGLE`) is the unsharded network: every size is the model's and every collective a
+no-op, so there is one code path. The collectives are torch.distributed's (gloo on CPU, NCCL on GPU)
+and carry no gradient: sharded networks are for inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..export.sharding import MOE_PARALLEL
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """Rank `rank` of `world_size` tensor-parallel ranks; `moe` says how routed experts are split:
+    "ep" whole experts per rank, "tp" a slice of every expert's intermediate channels."""
+
+    world_size: int = 1
+    rank: int = 0
+    moe: str = "ep"
+    group: Any = field(default=None, compare=False)  # torch.distributed ProcessGroup; None: the default one
+
+    def __post_init__(self):
+        if self.moe not in MOE_PARALLEL:
+            raise ValueError(f"--moe-parallel {self.moe!r}: expected one of {', '.join(MOE_PARALLEL)}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank}: must be in [0, {self.world_size})")
+
+    @classmethod
+    def from_process_group(cls, moe: str = "ep", group=None) -> "Parallel":
+        """This process's place in the initialized process group (world size 1 when there is none)."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            return cls(moe=moe)
+        return cls(dist.get_world_size(group), dist.get_rank(group), moe, group)
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    # ---- what this rank holds ------------------------------------------------------------------
+    def part(self, count: int) -> tuple[int, int]:
+        """[start, stop) of this rank's equal share of `count` units (heads, groups, rows)."""
+        if count % self.world_size:
+            raise ValueError(f"{count} units do not split into {self.world_size} equal parts")
+        share = count // self.world_size
+        return self.rank * share, (self.rank + 1) * share
+
+    def local(self, count: int) -> int:
+        """How many of `count` units this rank holds."""
+        start, stop = self.part(count)
+        return stop - start
+
+    def kv_heads(self, count: int) -> int:
+        """KV heads held: an equal share, or one replicated head when the ranks outnumber them."""
+        return 1 if self.world_size > count else self.local(count)
+
+    def experts(self, count: int) -> range:
+        """Global ids of the routed experts held (whole with ep, sliced with tp)."""
+        return range(*self.part(count)) if self.moe == "ep" else range(count)
+
+    @property
+    def expert_parallel(self) -> "Parallel":
+        """The context each routed expert is built with: sliced over the ranks with tp, whole with ep."""
+        return self if self.moe == "tp" else SINGLE
+
+    # ---- communication -------------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's x (in place)."""
+        if self.sharded:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's x [..., n] concatenated in rank order along the last dimension: [..., world_size * n]."""
+        if not self.sharded:
+            return x
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.all_gather(parts, x, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def row_parallel(self, linear: nn.Module, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
+        """`linear(x)` for a row-parallel layer: x [..., in] is this rank's share of the input (its slice of
+        the features, whose columns `linear` holds, or a partial sum), and the ranks' products add up to
+        the output. reduce=False returns this rank's part for a caller that adds more parts before one
+        all-reduce. The replicated bias enters the sum once: rank 0's part keeps it, the others' drop it.
+        Any linear-like module works (quantized ones included): it is called, not unpacked."""
+        y = linear(x)
+        if self.sharded and self.rank != 0 and getattr(linear, "bias", None) is not None:
+            y = y - linear.bias
+        return self.all_reduce(y) if reduce else y
+
+
+SINGLE = Parallel()
+
+
+class VocabEmbedding(nn.Embedding):
+    """The embedding table's rows of this rank's vocabulary range. ids [...] -> [..., D]: each rank looks
+    up the ids it holds (zeros for the others) and the all-reduce assembles every row."""
+
+    def __init__(self, vocab_size: int, dim: int, parallel: Parallel = SINGLE):
+        start, stop = parallel.part(vocab_size)
+        super().__init__(stop - start, dim)
+        self.start, self.parallel = start, parallel
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # nn.init on a meta tensor is pointless, and imports torch._dynamo (seconds)
+            super().reset_parameters()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.parallel.sharded:
+            return super().forward(ids)
+        local = ids - self.start
+        held = (local >= 0) & (local < self.num_embeddings)
+        rows = super().forward(local.masked_fill(~held, 0)).masked_fill(~held[..., None], 0)
+        return self.parallel.all_reduce(rows)
+
+
+class VocabHead(nn.Linear):
+    """The lm_head's rows of this rank's vocabulary range. x [..., D] -> logits [..., V], all-gathered."""
+
+    def __init__(self, dim: int, vocab_size: int, parallel: Parallel = SINGLE):
+        super().__init__(dim, parallel.local(vocab_size), bias=False)
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_gather(super().forward(x))

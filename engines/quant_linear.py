@@ -1,0 +1,120 @@
+"""QuantLinear: a linear layer held as a ModelOpt unified checkpoint stores it, run with fake quantization.
+
+Its state dict has the checkpoint's names (quant/layout.py), so a quantized checkpoint loads with
+`load_state_dict(strict=True)`:
+
+    weight           NVFP4 codes uint8 [out, in/2] | FP8 float8_e4m3fn [out, in] | float [out, in] (bf16)
+    weight_scale     NVFP4 E4M3 block scales [out, in/16] | FP8 fp32 scalar
+    weight_scale_2   NVFP4 fp32 global scale
+    input_scale      fp32 activation scale (W4A4 / W8A8 layers)
+    k_scale/v_scale  fp32 FP8 KV-cache scale (attention k_proj / v_proj)
+    bias             when the layer has one
+
+forward, x [..., in] -> [..., out]:
+
+    x = nvfp4.fake_quantize(x, input_scale)  or  fp8.fake_quantize(x, input_scale)   (if input_scale)
+    y = x @ W^T + bias, W the dequantized weight                                      (cached by `prepare`)
+    y = fp8.fake_quantize(y, k_scale or v_scale)                                      (K/V: what an FP8 cache holds)
+
+The packed weight and its scales stay in the module as buffers for the GPU GEMM kernels; the
+dequantized copy is a non-persistent buffer computed once at load (`prepare`), for CPU and
+reference execution. (Converting the model with `.to(dtype)` would convert the float8 weight and
+the fp32 scales too: choose the dtype at load time instead.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..export.checkpoint import Checkpoint
+from ..quant import fp8, nvfp4
+from ..quant.layout import BF16, FP8, NVFP4, LinearLayout, linear_layouts
+
+
+class QuantLinear(nn.Module):
+    """x [..., in_features] -> [..., out_features]; see the module docstring."""
+
+    def __init__(self, layout: LinearLayout, bias: bool = False):
+        super().__init__()
+        self.layout = layout
+        self.in_features, self.out_features = layout.in_features, layout.out_features
+        rows, cols = layout.out_features, layout.in_features
+        if layout.weight_format == BF16:
+            self.weight = nn.Parameter(torch.empty(rows, cols))
+        elif layout.weight_format == NVFP4:
+            self.register_buffer("weight", torch.empty(rows, cols // 2, dtype=torch.uint8))
+            self.register_buffer("weight_scale", torch.empty(rows, cols // nvfp4.BLOCK, dtype=torch.float8_e4m3fn))
+            self.register_buffer("weight_scale_2", torch.empty((), dtype=torch.float32))
+        elif layout.weight_format == FP8:
+            self.register_buffer("weight", torch.empty(rows, cols, dtype=torch.float8_e4m3fn))
+            self.register_buffer("weight_scale", torch.empty((), dtype=torch.float32))
+        else:
+            raise ValueError(f"{layout.layer}: unknown weight format {layout.weight_format!r}")
+        if layout.input_scale:
+            self.register_buffer("input_scale", torch.empty((), dtype=torch.float32))
+        if layout.output_scale:
+            self.register_buffer(layout.output_scale, torch.empty((), dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(rows)) if bias else None
+        self.register_buffer("dequantized", None, persistent=False)
+
+    def dequantize_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype`, decoded from its stored form."""
+        fmt = self.layout.weight_format
+        if fmt == NVFP4:
+            return nvfp4.dequantize(self.weight, self.weight_scale, self.weight_scale_2, dtype)
+        if fmt == FP8:
+            return fp8.dequantize(self.weight, self.weight_scale, dtype)
+        return self.weight.to(dtype)
+
+    def prepare(self, dtype: torch.dtype) -> None:
+        """Decode the weight once into the cached `dequantized` buffer (quantized formats only)."""
+        if self.layout.weight_format != BF16:
+            self.dequantized = self.dequantize_weight(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmt = self.layout.weight_format
+        if self.layout.input_scale:
+            x = nvfp4.fake_quantize(x, self.input_scale) if fmt == NVFP4 else fp8.fake_quantize(x, self.input_scale)
+        if fmt == BF16:
+            weight = self.weight
+        else:
+            weight = self.dequantized if self.dequantized is not None else self.dequantize_weight(x.dtype)
+        y = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.layout.output_scale:
+            y = fp8.fake_quantize(y, getattr(self, self.layout.output_scale))
+        return y
+
+    def extra_repr(self) -> str:
+        act = "" if not self.layout.input_scale else f", activations {self.layout.weight_format}"
+        kv = f", output {self.layout.output_scale}" if self.layout.output_scale else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight {self.layout.weight_format}{act}{kv}, bias={self.bias is not None}")
+
+
+def install_quant_linears(model: nn.Module, ckpt: Checkpoint) -> set[str]:
+    """Replace each nn.Linear of `model` that `ckpt` stores quantized (or with K/V scales) by a QuantLinear.
+
+    Returns the state-dict names of the quantization tensors, which load in their stored dtype.
+    """
+    stored_as_is = set()
+    for layer, layout in linear_layouts(ckpt).items():
+        parent_name, _, child = layer.rpartition(".")
+        try:
+            old = model.get_submodule(layer)
+        except AttributeError:
+            old = None
+        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (layout.out_features,
+                                                                                    layout.in_features):
+            raise ValueError(f"{ckpt.path}: quantized layer {layer} is not a linear layer of the network")
+        setattr(model.get_submodule(parent_name), child, QuantLinear(layout, bias=old.bias is not None))
+        stored_as_is.update(layout.tensor_names())
+    return stored_as_is
+
+
+def prepare_quant_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cache every QuantLinear's dequantized weight in `dtype` (after its tensors were loaded)."""
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.prepare(dtype)

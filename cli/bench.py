@@ -22,14 +22,20 @@ from .common import one_line_errors
 @click.option("--max-num-tokens", type=int, default=512, show_default=True, help="Token budget per step.")
 @click.option("--no-transformers", is_flag=True, help="Skip the transformers generate() baseline.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch intra-op threads for every run (CPU: tiny models are overhead-bound; more threads add "
+                   "OpenMP synchronization).")
 @click.option("--server", default=None, help="Benchmark a running Triton server (host:port) instead.")
 @click.option("--model-name", default="nemo3", show_default=True, help="Model name on --server.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="bench", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
 @one_line_errors
 def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_num_tokens, no_transformers, device,
-            server, model_name, output):
+            threads, server, model_name, output):
     """Run one workload on every build (and MTP setting) and on transformers, in one process."""
+    import torch
+
+    torch.set_num_threads(threads)
     from ..engines.benchmark import Target, Workload, markdown_table, plot, run_benchmark
 
     workload = Workload(num_prompts, input_len, output_len, concurrency)

@@ -50,7 +50,8 @@ class Result:
     output_tokens: int
     seconds: float
     ttft_s: list[float] = field(default_factory=list)
-    itl_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)  # between consecutive outputs of a request
+    tpot_s: list[float] = field(default_factory=list)  # per request: (last - first token time) / (tokens - 1)
     acceptance_length: float | None = None
 
     @property
@@ -64,7 +65,8 @@ class Result:
 
         return {"name": self.name, "output_tokens": self.output_tokens, "seconds": round(self.seconds, 3),
                 "output_tokens_per_s": round(self.tokens_per_s, 2),
-                "ttft_p50_ms": _ms(pct(self.ttft_s, 50)), "itl_p50_ms": _ms(pct(self.itl_s, 50)),
+                "ttft_p50_ms": _ms(pct(self.ttft_s, 50)), "tpot_ms": _ms(statistics.mean(self.tpot_s))
+                if self.tpot_s else None, "itl_p50_ms": _ms(pct(self.itl_s, 50)),
                 "itl_p99_ms": _ms(pct(self.itl_s, 99)),
                 "acceptance_length": None if self.acceptance_length is None else round(self.acceptance_length, 3)}
 
@@ -81,8 +83,12 @@ def checkpoint_folder(path: Path | None) -> Path:
 
 
 def checkpoint_label(path: Path | None) -> str:
+    """A build's recipe (or precision); for a plain checkpoint, its quantization or "bf16"."""
     import json
 
+    if path is not None and (Path(path) / "build.json").exists():
+        options = json.loads((Path(path) / "build.json").read_text()).get("options", {})
+        return options.get("recipe") or options.get("precision") or "build"
     folder = checkpoint_folder(path)
     quant = folder / "hf_quant_config.json"
     if not quant.exists():
@@ -128,6 +134,8 @@ def run_engine(engine, prompts: list[list[int]], workload: Workload, name: str) 
                 stats = delta.stats
                 result.ttft_s.append(stats["time_to_first_token_s"])
                 result.itl_s.extend(stats["inter_token_latencies_s"])
+                if "time_per_output_token_s" in stats:
+                    result.tpot_s.append(stats["time_per_output_token_s"])
                 if "verify_steps" in stats:
                     verify += stats["verify_steps"]
                     accepted += stats["acceptance_length"] * stats["verify_steps"]
@@ -138,16 +146,17 @@ def run_engine(engine, prompts: list[list[int]], workload: Workload, name: str) 
     return result
 
 
-def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload) -> Result:
-    """The peer baseline: transformers' NemotronHForCausalLM.generate, `concurrency` prompts per batch, greedy."""
+def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload, batch_size: int) -> Result:
+    """The peer baseline: transformers' NemotronHForCausalLM.generate, greedy, `batch_size` prompts per call
+    (the workload's concurrency: static batching; 1: one request at a time, as a plain HF serving loop)."""
     from transformers import NemotronHForCausalLM
 
     model = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    result = Result("transformers generate()", 0, 0.0)
+    result = Result(f"transformers generate() batch {batch_size}", 0, 0.0)
     start = time.perf_counter()
     with torch.inference_mode():
-        for i in range(0, len(prompts), workload.concurrency):
-            batch = torch.tensor(prompts[i:i + workload.concurrency])
+        for i in range(0, len(prompts), batch_size):
+            batch = torch.tensor(prompts[i:i + batch_size])
             out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
                                  max_new_tokens=workload.output_len, min_new_tokens=workload.output_len,
                                  pad_token_id=0)
@@ -175,12 +184,14 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
         results.append(run_engine(engine, prompts, workload, target.name))
         log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s")
+    peer = None
     if transformers_baseline:
-        results.append(run_transformers(checkpoint_folder(targets[0].path), prompts, workload))
-        log(f"{results[-1].name}: {results[-1].tokens_per_s:.1f} output tokens/s")
+        for batch_size in sorted({workload.concurrency, 1}, reverse=True):
+            results.append(run_transformers(checkpoint_folder(targets[0].path), prompts, workload, batch_size))
+            log(f"{results[-1].name}: {results[-1].tokens_per_s:.1f} output tokens/s")
+            peer = peer or results[-1]  # ratios are to the batched (strongest) baseline
     rows = [r.summary() for r in results]
     bf16 = next((r for r in results if r.name == "bf16"), results[0])
-    peer = results[-1] if transformers_baseline else None
     for row, r in zip(rows, results):
         row["vs_bf16"] = round(r.tokens_per_s / bf16.tokens_per_s, 3)
         row["vs_transformers"] = None if peer is None else round(r.tokens_per_s / peer.tokens_per_s, 3)
@@ -188,7 +199,8 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
 
 
 def markdown_table(report: dict) -> str:
-    cols = ["name", "output_tokens_per_s", "vs_bf16", "vs_transformers", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms",
+    cols = ["name", "output_tokens_per_s", "vs_bf16", "vs_transformers", "ttft_p50_ms", "tpot_ms", "itl_p50_ms",
+            "itl_p99_ms",
             "acceptance_length"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in report["results"]:

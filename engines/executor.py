@@ -66,6 +66,9 @@ class Executor(Protocol):
         """After a `keep_steps` forward: set slot slots[i]'s Mamba state to the state after its token keep[i]."""
 
 
+PAD_SHORT = 8  # MTP rows of at most this many tokens are padded into one call
+
+
 class TorchExecutor:
     """Runs `engines.model.Model` eagerly (our kernels on GPU, their references on CPU).
 
@@ -82,22 +85,33 @@ class TorchExecutor:
     def device(self) -> torch.device:
         return self.model.device
 
-    def _groups(self, batch: RaggedBatch):
-        """(sequence indices, T) for each distinct query length."""
+    def _groups(self, batch: RaggedBatch, pad_short: bool):
+        """(sequence indices, T) for each distinct query length; with `pad_short`, every sequence of at most
+        PAD_SHORT tokens joins one group of the longest of them."""
         lengths = batch.lengths
-        for T in sorted(set(lengths.tolist())):
+        short = lengths <= PAD_SHORT if pad_short else torch.zeros_like(lengths, dtype=torch.bool)
+        if short.any():  # a row whose slot cannot hold the padding runs unpadded
+            short &= batch.past_lengths + int(lengths[short].max()) <= self.max_length
+        if short.any():
+            yield short.nonzero().flatten(), int(lengths[short].max())
+        for T in sorted(set(lengths[~short].tolist())):
             yield (lengths == T).nonzero().flatten(), T
 
-    def _run(self, batch: RaggedBatch, step) -> torch.Tensor:
-        """Apply step(ids [B, T], slots, past, rows [B, T]) -> out [B, T, D] per group; return out by row [N, D]."""
-        out = None
-        for seqs, T in self._groups(batch):
-            rows = batch.query_start[seqs][:, None] + torch.arange(T)  # [B, T]
-            dev = self.device
+    def _run(self, batch: RaggedBatch, step, pad_short: bool = False) -> torch.Tensor:
+        """Apply step(rows [B, T], slots, past) -> out [B, T, D] per group; return out by row [N, D].
+
+        rows index the packed tokens; a row shorter than its group is right-padded with row index N (a
+        padding token the caller appends), whose outputs are dropped."""
+        out, n, dev = None, len(batch.token_ids), self.device
+        for seqs, T in self._groups(batch, pad_short):
+            offsets = torch.arange(T)
+            rows = batch.query_start[seqs][:, None] + offsets  # [B, T]
+            real = offsets < batch.lengths[seqs][:, None]
+            rows = torch.where(real, rows, n)
             h = step(rows.to(dev), batch.slots[seqs].to(dev), batch.past_lengths[seqs].to(dev))
             if out is None:
-                out = h.new_empty(len(batch.token_ids), h.shape[-1])
-            out[rows.flatten().to(dev)] = h.flatten(0, 1)
+                out = h.new_empty(n, h.shape[-1])
+            out[rows[real].to(dev)] = h[real.to(dev)]
         return out
 
     @torch.inference_mode()
@@ -110,10 +124,14 @@ class TorchExecutor:
 
     @torch.inference_mode()
     def mtp_forward(self, batch: RaggedBatch, hidden: torch.Tensor) -> ForwardOutput:
-        ids = batch.token_ids.to(self.device)
+        # The MTP layers are attention and MoE (no Mamba state, checked by the runtime): a row padded at its end
+        # writes K/V only past its own length, where the next real tokens overwrite them before any query
+        # reads them, so rows of different lengths share one call.
+        ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
+        hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])
         embed = self.model.backbone.embeddings
         out = self._run(batch, lambda rows, slots, past: self.model.mtp(embed(ids[rows]), hidden[rows],
-                                                                         self.state, slots, past))
+                                                                         self.state, slots, past), pad_short=True)
         return ForwardOutput(self.model.lm_head(out[batch.logit_rows.to(self.device)]).float(), out)
 
     def commit_steps(self, slots: list[int], keep: list[int]) -> None:

@@ -47,7 +47,7 @@ class Router(nn.Module):
                                 self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
 
 
-GATHER_MAX_PAIRS = 64  # (token, expert) pairs up to which experts run as one gathered batched matmul
+GATHER_MAX_PAIRS = 16  # (token, expert) pairs up to which experts run as one gathered batched matmul
 
 
 class MoE(nn.Module):

@@ -56,8 +56,11 @@ class Sequence:
         out = {"input_tokens": len(self.prompt), "output_tokens": len(self.output)}
         if self.token_times:
             out["time_to_first_token_s"] = self.token_times[0] - self.arrival
-            gaps = [b - a for a, b in zip(self.token_times, self.token_times[1:])]
-            out["inter_token_latencies_s"] = gaps
+            # between consecutive outputs (a step that accepted several drafts emits them together)
+            steps = sorted(set(self.token_times))
+            out["inter_token_latencies_s"] = [b - a for a, b in zip(steps, steps[1:])]
+            if len(self.token_times) > 1:
+                out["time_per_output_token_s"] = (self.token_times[-1] - self.token_times[0]) / (len(self.token_times) - 1)
         if self.verify_steps:
             accepted = sum(self.accepted_per_position)
             out["verify_steps"] = self.verify_steps

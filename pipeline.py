@@ -51,6 +51,9 @@ class BuildOptions:
             raise BuildError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.target not in TARGETS:
             raise BuildError(f"--target {self.target!r}: expected one of {', '.join(TARGETS)}")
+        if self.target == "tensorrt":
+            raise BuildError("--target tensorrt: the ONNX + TensorRT engine path is not built yet; "
+                             "use --target torch (nemo3 runtime) or --target trtllm (TensorRT-LLM)")
         if self.moe_parallel not in ("ep", "tp"):
             raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected ep or tp")
         if self.tp < 1:

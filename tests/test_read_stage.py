@@ -76,3 +76,11 @@ def test_corrupt_file_fails_before_any_stage(checkpoint, tmp_path):
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert "model.safetensors: truncated or corrupt" in result.output
     assert not (tmp_path / "out" / "build.json").exists()
+
+
+def test_unbuilt_tensorrt_target_is_refused_up_front(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(build_main, ["--checkpoint", str(checkpoint), "--output", str(out),
+                                             "--target", "tensorrt"])
+    assert result.exit_code == 1 and "--target tensorrt: the ONNX + TensorRT engine path is not built yet" in result.output
+    assert not out.exists()

@@ -288,9 +288,16 @@ class Engine:
     def stream(self, prompt: str | list[int], params: GenerationParams | None = None) -> Iterator[Delta]:
         """Stream one request's deltas (other requests already added keep running alongside)."""
         request_id = self.add_request(prompt, params)
-        while True:
-            for delta in self.step():
-                if delta.request_id == request_id:
-                    yield delta
-                    if delta.finished:
-                        return
+        finished = False
+        try:
+            while not finished:
+                for delta in self.step():
+                    if delta.request_id == request_id:
+                        finished = delta.finished
+                        yield delta
+                        if finished:
+                            return
+        finally:
+            if not finished:  # the caller stopped iterating: free the slot
+                self.cancel(request_id)
+                self._finished = [d for d in self._finished if d.request_id != request_id]

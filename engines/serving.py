@@ -7,6 +7,7 @@ requests (Triton's decoupled model serves each on its own thread) batch together
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from collections.abc import Iterator
@@ -24,23 +25,31 @@ class ServingEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._outboxes: dict[str, queue.Queue] = {}
         self._lock = threading.Lock()
+        self._error: RuntimeError | None = None  # set when the engine thread died
         self._thread = threading.Thread(target=self._loop, name="nemo3-engine", daemon=True)
         self._thread.start()
 
     def stream(self, prompt: str | list[int], params: GenerationParams, request_id: str) -> Iterator[Delta]:
         outbox: queue.Queue = queue.Queue()
         with self._lock:
+            if self._error is not None:
+                raise self._error
             if request_id in self._outboxes:
                 raise ValueError(f"request id {request_id!r} is already in flight")
             self._outboxes[request_id] = outbox
         self._inbox.put(("add", prompt, params, request_id))
-        while True:
-            item = outbox.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finished:
-                return
+        finished = False
+        try:
+            while not finished:
+                item = outbox.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:  # the consumer went away mid-stream: free the request's slot
+                self.cancel(request_id)
 
     def cancel(self, request_id: str) -> bool:
         with self._lock:
@@ -54,6 +63,17 @@ class ServingEngine:
         self._thread.join(timeout=30)
 
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except Exception as e:  # a failing engine must not leave streams waiting forever
+            logging.getLogger("nemo3").exception("the engine thread stopped")
+            with self._lock:
+                self._error = RuntimeError(f"nemo3 engine stopped: {type(e).__name__}: {e}")
+                outboxes, self._outboxes = self._outboxes, {}
+            for outbox in outboxes.values():
+                outbox.put(self._error)
+
+    def _steps(self) -> None:
         while True:
             # block only when idle; otherwise take what arrived and run a step
             items = [self._inbox.get()] if not self.engine.has_work() else []

@@ -210,3 +210,14 @@ def test_commit_steps_rolls_mamba_state_back_to_the_accepted_prefix(model_and_co
         plain.forward(RaggedBatch.build([(ids[n:n + j + 1], n, 1)], []))
         nxt = RaggedBatch.build([([ids[n + j + 1]], n + j + 1, 1)], [0])
         assert torch.allclose(verify.forward(nxt).logits, plain.forward(nxt).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_abandoned_stream_frees_its_slot(model_and_codec):
+    model, _ = model_and_codec
+    engine = make_engine(model_and_codec)
+    stream = engine.stream(prompts(model, 1)[0], no_eos(50))
+    next(stream)
+    assert engine.slots.in_use == 1
+    stream.close()
+    assert_idle(engine)
+    assert not list(engine.run_until_done())  # nothing left to report for it

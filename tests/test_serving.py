@@ -52,3 +52,24 @@ def test_cancel_and_refusal(checkpoint):
     assert refused.finish_reason is FinishReason.REFUSED and "max_length" in refused.stats["error"]
     engine.close()
     assert engine.engine.slots.in_use == 0
+
+
+def test_abandoned_stream_frees_its_slot_and_engine_errors_reach_streams(checkpoint):
+    engine = load_engine(checkpoint)
+    stream = engine.stream([5, 6, 7], GenerationParams(max_tokens=200, ignore_eos=True), "gone")
+    next(stream)
+    stream.close()  # the client went away
+    for _ in range(100):
+        if engine.engine.slots.in_use == 0:
+            break
+        threading.Event().wait(0.02)
+    assert engine.engine.slots.in_use == 0
+
+    def broken_step():
+        raise RuntimeError("executor exploded")
+
+    engine.engine.step = broken_step
+    with pytest.raises(RuntimeError, match="nemo3 engine stopped: RuntimeError: executor exploded"):
+        list(engine.stream([5, 6], GenerationParams(max_tokens=5), "doomed"))
+    with pytest.raises(RuntimeError, match="engine stopped"):  # later requests fail at once
+        list(engine.stream([5], GenerationParams(max_tokens=5), "after"))

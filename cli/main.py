@@ -15,7 +15,7 @@ from .. import __version__
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="nemo3")
 def main():
-    """nemo3: Nemotron 3 deployment tools (inspect, eval, compare, plan, generate, bench, serve)."""
+    """nemo3: Nemotron 3 deployment tools (the build itself is `nemo3-build`)."""
 
 
 def _register() -> None:

@@ -50,6 +50,7 @@ class InferenceState:
         self.spec, self.max_sequences, self.max_length = spec, max_sequences, max_length
         ssm_dtype = getattr(torch, spec.mamba_ssm_cache_dtype)
         self.layers: dict[str, MambaState | KVCache] = {}
+        self._recorded: list = []  # (Mamba pool, its recorded decode calls) of the last recording forward
         for key, letter in layer_keys(spec, mtp):
             if letter == MAMBA:
                 heads, conv_dim = parallel.local(spec.mamba_num_heads), parallel.local(spec.conv_dim)
@@ -92,7 +93,7 @@ class InferenceState:
 
     def commit_steps(self, keep: dict[int, int]) -> None:
         """Set slot s's Mamba states to those after token keep[s] of the last recorded forward."""
-        for entry, calls in getattr(self, "_recorded", []):
+        for entry, calls in self._recorded:
             for slots, conv, ssm in calls:
                 for row, slot in enumerate(slots.tolist()):
                     if slot in keep:

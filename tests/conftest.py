@@ -87,6 +87,37 @@ def save_hf_checkpoint(model, folder: Path) -> Path:
     return folder
 
 
+def add_missing_tensors(folder: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random values for the tensors config.json implies but save_pretrained did not write (transformers has
+    no MTP layers, nor attention / routed-expert biases), added to model.safetensors; returns them."""
+    from safetensors.torch import load_file, save_file
+
+    from nemo3.export.checkpoint import open_checkpoint
+    from nemo3.export.names import expected_tensors
+
+    path = folder / "model.safetensors"
+    with open_checkpoint(folder) as ckpt:
+        spec, present = ckpt.spec, set(ckpt.names())
+    g = torch.Generator().manual_seed(seed)
+    added = {}
+    for name, shape in expected_tensors(spec).items():
+        if name not in present:
+            noise = torch.randn(shape, generator=g)
+            added[name] = 1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise
+    save_file({**load_file(path), **added}, path, metadata={"format": "pt"})
+    return added
+
+
+def copy_builtin_tokenizer(folder: Path) -> None:
+    """The built-in model's tokenizer files, for test checkpoints whose vocabulary matches it."""
+    import shutil
+
+    from nemo3.export.builtin import BUILTIN_DIR
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(BUILTIN_DIR / name, folder / name)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """(transformers model, checkpoint folder) for the plain MoE config."""

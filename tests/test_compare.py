@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from quant_fixtures import BUILTIN_DIR, needs_builtin, one_thread, random_windows, write_tiny_checkpoint
+from quant_fixtures import BUILTIN_DIR, needs_builtin, random_windows, write_tiny_checkpoint
 
 import nemo3
 from nemo3.cli.build import main as build_main
@@ -70,11 +70,10 @@ def test_scores_by_hand():
 
 def test_compare_cli(tiny_folder, tmp_path):
     """The reference scores perfectly against itself; BF16 rounding costs little, NVFP4 everywhere much more."""
-    with one_thread():
-        bf16 = build_checkpoint(tiny_folder, "bf16", tmp_path / "bf16")
-        nvfp4_all = build_checkpoint(tiny_folder, "nvfp4-all", tmp_path / "nvfp4-all")
-        result = CliRunner().invoke(nemo3_main, ["compare", str(bf16), str(nvfp4_all), "--reference",
-                                                 str(tiny_folder), "--json", str(tmp_path / "r.json"), *SMALL])
+    bf16 = build_checkpoint(tiny_folder, "bf16", tmp_path / "bf16")
+    nvfp4_all = build_checkpoint(tiny_folder, "nvfp4-all", tmp_path / "nvfp4-all")
+    result = CliRunner().invoke(nemo3_main, ["compare", str(bf16), str(nvfp4_all), "--reference",
+                                             str(tiny_folder), "--json", str(tmp_path / "r.json"), *SMALL])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "r.json").read_text())
     ref, (low, high) = report["reference"], report["builds"]
@@ -97,36 +96,34 @@ def test_build_end_to_end_and_rerun(tiny_folder, tmp_path):
     out = tmp_path / "deploy"
     args = ["--checkpoint", str(tiny_folder), "--precision", "nvfp4", "--output", str(out), "--calib-samples", "4",
             "--calib-seq-len", "32"]
-    with one_thread():
-        first = CliRunner().invoke(build_main, args)
-        assert first.exit_code == 0, first.output
-        record = json.loads((out / "build.json").read_text())
-        stages = list(record["stages"])
-        assert stages[:2] == ["read", "quantize"] and stages[-1] == "report"
-        quantize, accuracy = record["stages"]["quantize"], record["stages"]["report"]["accuracy"]
-        assert quantize["recipe"] == "nvfp4" and quantize["calibration"]["samples"] == 4
-        assert quantize["quant_algo"] == "MIXED_PRECISION" and quantize["mtp_tensors"] > 0
-        assert 0 < accuracy["kl_mean"] and 0 < accuracy["top1_agreement"] < 1
-        assert (out / "report" / "accuracy.md").read_text().count("| nvfp4 (this build) |") == 1
-        assert json.loads((out / "report" / "accuracy.json").read_text())["builds"][0]["kl_mean"] == accuracy["kl_mean"]
-        assert any(isinstance(m, QuantLinear) for m in nemo3.load(out / "checkpoint").modules())
-        assert not list(out.glob(".tmp-*"))
+    first = CliRunner().invoke(build_main, args)
+    assert first.exit_code == 0, first.output
+    record = json.loads((out / "build.json").read_text())
+    stages = list(record["stages"])
+    assert stages[:2] == ["read", "quantize"] and stages[-1] == "report"
+    quantize, accuracy = record["stages"]["quantize"], record["stages"]["report"]["accuracy"]
+    assert quantize["recipe"] == "nvfp4" and quantize["calibration"]["samples"] == 4
+    assert quantize["quant_algo"] == "MIXED_PRECISION" and quantize["mtp_tensors"] > 0
+    assert 0 < accuracy["kl_mean"] and 0 < accuracy["top1_agreement"] < 1
+    assert (out / "report" / "accuracy.md").read_text().count("| nvfp4 (this build) |") == 1
+    assert json.loads((out / "report" / "accuracy.json").read_text())["builds"][0]["kl_mean"] == accuracy["kl_mean"]
+    assert any(isinstance(m, QuantLinear) for m in nemo3.load(out / "checkpoint").modules())
+    assert not list(out.glob(".tmp-*"))
 
-        again = CliRunner().invoke(build_main, args)
-        assert again.exit_code == 0, again.output
-        assert again.output.count("up to date, skipped") == len(stages), again.output
-        assert json.loads((out / "build.json").read_text())["stages"] == record["stages"]
+    again = CliRunner().invoke(build_main, args)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("up to date, skipped") == len(stages), again.output
+    assert json.loads((out / "build.json").read_text())["stages"] == record["stages"]
 
-        other = CliRunner().invoke(build_main, [*args[:-1], "48"])  # other calibration: quantize and report redone
-        assert other.exit_code == 0, other.output
+    other = CliRunner().invoke(build_main, [*args[:-1], "48"])  # other calibration: quantize and report redone
+    assert other.exit_code == 0, other.output
     assert "[read] up to date, skipped" in other.output
     assert "[quantize] running" in other.output and "[report] running" in other.output
 
 
 def test_bf16_build_and_bad_calibration_file(tiny_folder, tmp_path):
-    with one_thread():
-        result = CliRunner().invoke(build_main, ["--checkpoint", str(tiny_folder), "--precision", "bf16",
-                                                 "--output", str(tmp_path / "bf16")])
+    result = CliRunner().invoke(build_main, ["--checkpoint", str(tiny_folder), "--precision", "bf16",
+                                             "--output", str(tmp_path / "bf16")])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "bf16" / "build.json").read_text())
     assert record["stages"]["quantize"]["quant_algo"] is None
@@ -146,10 +143,9 @@ def test_five_recipes_on_the_builtin_model(tmp_path):
     """python -m pytest tests/test_compare.py -k five -s prints the table."""
     spec = open_checkpoint(BUILTIN_DIR).spec
     windows, _ = calibration_windows(BUILTIN_DIR, spec, None, samples=8, seq_len=128)
-    with one_thread():
-        builds = [build_checkpoint(BUILTIN_DIR, name, tmp_path / name, windows)
-                  for name in ("nvfp4", "nvfp4-conservative", "fp8", "bf16", "nvfp4-all")]
-        report = compare(builds, BUILTIN_DIR, CompareOptions(sequences=16, seq_len=128), log=lambda _: None)
+    builds = [build_checkpoint(BUILTIN_DIR, name, tmp_path / name, windows)
+              for name in ("nvfp4", "nvfp4-conservative", "fp8", "bf16", "nvfp4-all")]
+    report = compare(builds, BUILTIN_DIR, CompareOptions(sequences=16, seq_len=128), log=lambda _: None)
     print("\n" + format_table(report))
     rows = {b["label"].split()[0]: b for b in report["builds"]}
     assert min(rows, key=lambda name: rows[name]["kl_mean"]) == "bf16"

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from click.testing import CliRunner
-from conftest import hf_model, make_config, save_hf_checkpoint
+from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 from safetensors.torch import load_file, save_file
 from test_network import rel_err
 
@@ -26,11 +26,8 @@ from nemo3.engines.loading import load, load_rank
 from nemo3.engines.model import Model
 from nemo3.engines.parallel import Parallel
 from nemo3.engines.text import TextCodec
-from nemo3.export.checkpoint import open_checkpoint
-from nemo3.export.names import expected_tensors
 from nemo3.export.rank_writer import write_ranks
 from nemo3.export.sharding import ShardError
-from nemo3.export.spec import ModelSpec
 
 MOE_MODES = ("ep", "tp")
 # LatentMoE in 4 routing groups, attention (2 KV heads: replicated at tp 4), an MLP layer, MTP "*E", and
@@ -41,19 +38,6 @@ RANDOM_CONFIG = make_config(
     mamba_num_heads=8, n_groups=4, n_group=4, topk_group=2, num_experts_per_tok=3,
     use_bias=True, mlp_bias=True, attention_bias=True)
 PREFILL, DECODE = 10, 3  # a prefill longer than MAX_STEP_TOKENS (the chunked scan), then decode steps
-
-
-def fill_missing_tensors(folder) -> None:
-    """Random values for the tensors config.json implies that save_pretrained did not write (transformers
-    has no MTP layers, and no attention or routed-expert biases)."""
-    path = folder / "model.safetensors"
-    tensors, present = load_file(path), set(open_checkpoint(folder).names())
-    g = torch.Generator().manual_seed(1)
-    for name, shape in expected_tensors(ModelSpec.from_file(folder)).items():
-        if name not in present:
-            noise = torch.randn(shape, generator=g)
-            tensors[name] = 1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise
-    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def write_word_tokenizer(folder, vocab_size: int) -> None:
@@ -108,7 +92,7 @@ def rank_worker(checkpoint: str, ranks: dict[str, str], out_file: str, device: s
 def random_case(tmp_path_factory):
     """(checkpoint folder with a word tokenizer, the tp 1 model, its check results) for RANDOM_CONFIG."""
     folder = save_hf_checkpoint(hf_model(RANDOM_CONFIG), tmp_path_factory.mktemp("tp_random"))
-    fill_missing_tensors(folder)
+    add_missing_tensors(folder, seed=1)
     write_word_tokenizer(folder, RANDOM_CONFIG["vocab_size"])
     model = load(folder)
     return folder, model, checks(model)

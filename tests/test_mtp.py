@@ -4,27 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_model, make_config, save_hf_checkpoint
-from safetensors.torch import load_file, save_file
+from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 from test_network import rel_err, single_chunk
 
 from nemo3.engines.loading import load
 from nemo3.export.names import expected_tensors
-from nemo3.export.spec import ModelSpec
-
-
-def add_mtp_tensors(folder, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Write random mtp.* tensors into the checkpoint's model.safetensors (save_pretrained has none)."""
-    spec = ModelSpec.from_file(folder)
-    g = torch.Generator().manual_seed(seed)
-    mtp = {}
-    for name, shape in expected_tensors(spec).items():
-        if name.startswith("mtp."):
-            noise = torch.randn(shape, generator=g)
-            mtp[name] = 1 + 0.1 * noise if name.endswith("norm.weight") else 0.1 * noise
-    path = folder / "model.safetensors"
-    save_file({**load_file(path), **mtp}, path, metadata={"format": "pt"})
-    return mtp
 
 
 # Nemotron 3 Super's MTP pattern "*E", and one with a Mamba layer (its state lives in the MTP's own pools)
@@ -37,7 +21,7 @@ def mtp_pair(request, tmp_path_factory):
     """(transformers model, the mtp tensors added to its checkpoint, our model loaded from that checkpoint)."""
     hf = hf_model(make_config("mtp", mtp_layers_block_type=MTP_PATTERNS[request.param]))
     folder = save_hf_checkpoint(hf, tmp_path_factory.mktemp("mtp"))
-    mtp = add_mtp_tensors(folder)
+    mtp = add_missing_tensors(folder)
     return hf, mtp, load(folder)
 
 

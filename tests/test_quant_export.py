@@ -33,7 +33,7 @@ import re
 
 import pytest
 import torch
-from quant_fixtures import BUILTIN_DIR, one_thread, random_windows, write_tiny_checkpoint
+from quant_fixtures import BUILTIN_DIR, random_windows, write_tiny_checkpoint
 
 import nemo3
 from nemo3.engines.quant_linear import QuantLinear
@@ -135,10 +135,9 @@ def exported(request, tiny_folder, tmp_path_factory):
     source = open_checkpoint(folder)
     recipe = RECIPES[name]
     out = tmp_path_factory.mktemp(f"{which}-{name}") / "checkpoint"
-    with one_thread():
-        model = calibrate(folder, recipe, random_windows(source.spec.vocab_size), progress=False)
-        kept = copy.deepcopy(model)
-        summary = export_quantized(model, source, out, {"recipe": name})
+    model = calibrate(folder, recipe, random_windows(source.spec.vocab_size), progress=False)
+    kept = copy.deepcopy(model)
+    summary = export_quantized(model, source, out, {"recipe": name})
     return {"which": which, "recipe": recipe, "source": source, "out": out, "calibrated": kept, "summary": summary}
 
 
@@ -247,7 +246,7 @@ def test_logits_match_modelopts_fake_quantized_model(exported):
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert set(quantized) == set(linear_layouts(open_checkpoint(out)))
     ids = random_windows(model.spec.vocab_size, count=3, length=32, seed=7)
-    with torch.no_grad(), one_thread():
+    with torch.no_grad():
         want = oracle(ids, use_cache=False).logits
         got = model.logits(ids)
         plain = nemo3.load(folder).logits(ids)
@@ -277,7 +276,7 @@ def test_each_quantized_layer_matches_modelopts_on_the_same_input(exported):
         oracle.get_submodule(name).register_forward_pre_hook(keep_input(name))
     ids = random_windows(model.spec.vocab_size, count=3, length=32, seed=7)
     worst = {}
-    with torch.no_grad(), one_thread():
+    with torch.no_grad():
         oracle(ids, use_cache=False)
         for layer, layout in layouts.items():
             module_name, fused, e = hf_module_of(layer)
@@ -332,7 +331,7 @@ def test_unquantized_export_is_bf16_with_hub_names(tiny_folder, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["hybrid_override_pattern"] == source.spec.pattern and "quantization_config" not in config
     ids = random_windows(source.spec.vocab_size, count=2, length=24, seed=3)
-    with torch.no_grad(), one_thread():
+    with torch.no_grad():
         ours = nemo3.load(out).logits(ids)
         hf = load_transformers_model(out, dtype=torch.float32)
         single_chunk_scan(hf, ids.shape[1], torch.device("cpu"))  # transformers 5.14's multi-chunk scan is wrong

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_model, make_config, save_hf_checkpoint
-from test_mtp import add_mtp_tensors
+from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 
 from nemo3.engines.executor import TorchExecutor
 from nemo3.engines.loading import load
@@ -19,7 +18,7 @@ from nemo3.engines.text import TextCodec
 def model_and_codec(request, tmp_path_factory):
     if request.param == "random":
         folder = save_hf_checkpoint(hf_model(make_config("mtp", vocab_size=64)), tmp_path_factory.mktemp("rt"))
-        add_mtp_tensors(folder)
+        add_missing_tensors(folder)
     else:
         from nemo3.export.builtin import BUILTIN_DIR
 

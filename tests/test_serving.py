@@ -6,8 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import hf_model, make_config, save_hf_checkpoint
-from test_mtp import add_mtp_tensors
+from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 
 from nemo3.engines.requests import FinishReason, GenerationParams
 from nemo3.engines.runtime import Engine
@@ -17,7 +16,7 @@ from nemo3.engines.serving import load_engine
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     folder = save_hf_checkpoint(hf_model(make_config("mtp", vocab_size=64)), tmp_path_factory.mktemp("serve"))
-    add_mtp_tensors(folder)
+    add_missing_tensors(folder)
     return folder
 
 

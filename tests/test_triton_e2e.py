@@ -4,11 +4,8 @@ own output for the same greedy request."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from conftest import hf_model, make_config, save_hf_checkpoint
-from test_mtp import add_mtp_tensors
+from conftest import add_missing_tensors, copy_builtin_tokenizer, hf_model, make_config, save_hf_checkpoint
 
 from nemo3.engines.requests import GenerationParams
 from nemo3.engines.runtime import Engine
@@ -27,9 +24,8 @@ def checkpoint(tmp_path_factory):
 
     vocab = Tokenizer.from_file(str(BUILTIN_DIR / "tokenizer.json")).get_vocab_size()
     folder = save_hf_checkpoint(hf_model(make_config("mtp", vocab_size=vocab)), tmp_path_factory.mktemp("e2e"))
-    add_mtp_tensors(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(BUILTIN_DIR / name, folder / name)
+    add_missing_tensors(folder)
+    copy_builtin_tokenizer(folder)
     return folder
 
 

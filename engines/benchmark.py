@@ -59,16 +59,18 @@ class Result:
         return self.output_tokens / self.seconds
 
     def summary(self) -> dict:
-        def pct(values, q):
-            return None if not values else statistics.quantiles(values, n=100, method="inclusive")[q - 1] \
-                if len(values) > 1 else values[0]
-
         return {"name": self.name, "output_tokens": self.output_tokens, "seconds": round(self.seconds, 3),
                 "output_tokens_per_s": round(self.tokens_per_s, 2),
-                "ttft_p50_ms": _ms(pct(self.ttft_s, 50)), "tpot_ms": _ms(statistics.mean(self.tpot_s))
-                if self.tpot_s else None, "itl_p50_ms": _ms(pct(self.itl_s, 50)),
-                "itl_p99_ms": _ms(pct(self.itl_s, 99)),
+                "ttft_p50_ms": _ms(_percentile(self.ttft_s, 50)),
+                "tpot_ms": _ms(statistics.mean(self.tpot_s) if self.tpot_s else None),
+                "itl_p50_ms": _ms(_percentile(self.itl_s, 50)), "itl_p99_ms": _ms(_percentile(self.itl_s, 99)),
                 "acceptance_length": None if self.acceptance_length is None else round(self.acceptance_length, 3)}
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if len(values) < 2:
+        return values[0] if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def _ms(seconds):

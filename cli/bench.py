@@ -25,13 +25,16 @@ from .common import one_line_errors
 @click.option("--threads", type=int, default=1, show_default=True,
               help="torch intra-op threads for every run (CPU: tiny models are overhead-bound; more threads add "
                    "OpenMP synchronization).")
+@click.option("--compile/--eager", "compile_steps", default=True, show_default=True,
+              help="Run decode steps of unquantized builds compiled (inductor on CPU, CUDA graphs on GPU; each "
+                   "step shape compiles once, before timing) or eagerly.")
 @click.option("--server", default=None, help="Benchmark a running Triton server (host:port) instead.")
 @click.option("--model-name", default="nemo3", show_default=True, help="Model name on --server.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="bench", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
 @one_line_errors
 def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_num_tokens, no_transformers, device,
-            threads, server, model_name, output):
+            threads, compile_steps, server, model_name, output):
     """Run one workload on every build (and MTP setting) and on transformers, in one process."""
     import torch
 
@@ -48,7 +51,7 @@ def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_nu
         mtps = list(mtp) or None
         targets = [Target(p, k) for p in paths for k in (mtps or _default_mtp(p))]
         report = run_benchmark(targets, workload, device=device, transformers_baseline=not no_transformers,
-                               max_num_tokens=max_num_tokens, log=click.echo)
+                               max_num_tokens=max_num_tokens, compile=compile_steps, log=click.echo)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")

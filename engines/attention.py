@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..export.spec import ModelSpec
+from ..plugins.pool_rows import write_rows
 from .parallel import SINGLE, Parallel
 from .state import KVCache
 
@@ -51,19 +52,19 @@ class Attention(nn.Module):
 
 def append_to_cache(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
                     past_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store the new k, v [B, T, kv, Dh] of each row in its slot; return every row's keys and values so far,
-    [B, max(past) + T, kv, Dh] (positions past a row's own length are stale and must be masked)."""
+    """Store the new k, v [B, T, kv, Dh] of each row at positions past .. past+T-1 of its slot (padding rows,
+    slot < 0, store nothing); return every row's keys and values so far, [B, L, kv, Dh], positions past a
+    row's own length being stale (to be masked). L is max(past) + T, or the whole slot in a compiled step,
+    whose shapes cannot depend on the data."""
     B, T = k.shape[:2]
-    length = int(past_lengths.max()) + T
+    max_length = cache.k.shape[1]
     positions = past_lengths[:, None] + torch.arange(T, device=k.device)  # [B, T]
-    rows = torch.arange(B, device=k.device)[:, None]
-    keys, values = cache.k[slots.clamp(min=0), :length], cache.v[slots.clamp(min=0), :length]  # copies
-    keys[rows, positions] = k
-    values[rows, positions] = v
-    real = slots >= 0  # padding rows (slot < 0) never write
-    cache.k[slots[real][:, None], positions[real]] = k[real].to(cache.k.dtype)
-    cache.v[slots[real][:, None], positions[real]] = v[real].to(cache.v.dtype)
-    return keys.to(k.dtype), values.to(v.dtype)
+    index = torch.where(slots[:, None] >= 0, slots[:, None] * max_length + positions, -1).flatten()
+    write_rows(cache.k.view(-1, *cache.k.shape[2:]), index, k.flatten(0, 1))
+    write_rows(cache.v.view(-1, *cache.v.shape[2:]), index, v.flatten(0, 1))
+    length = max_length if torch.compiler.is_compiling() else int(past_lengths.max()) + T
+    rows = slots.clamp(min=0)
+    return cache.k[rows, :length].to(k.dtype), cache.v[rows, :length].to(v.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_lengths: torch.Tensor, scale: float) -> torch.Tensor:

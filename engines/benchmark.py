@@ -53,13 +53,14 @@ class Result:
     itl_s: list[float] = field(default_factory=list)  # between consecutive outputs of a request
     tpot_s: list[float] = field(default_factory=list)  # per request: (last - first token time) / (tokens - 1)
     acceptance_length: float | None = None
+    executor: str = "eager"  # how decode steps ran: "eager", "compiled"; transformers: "generate()"
 
     @property
     def tokens_per_s(self) -> float:
         return self.output_tokens / self.seconds
 
     def summary(self) -> dict:
-        return {"name": self.name, "output_tokens": self.output_tokens, "seconds": round(self.seconds, 3),
+        return {"name": self.name, "executor": self.executor, "output_tokens": self.output_tokens, "seconds": round(self.seconds, 3),
                 "output_tokens_per_s": round(self.tokens_per_s, 2),
                 "ttft_p50_ms": _ms(_percentile(self.ttft_s, 50)),
                 "tpot_ms": _ms(statistics.mean(self.tpot_s) if self.tpot_s else None),
@@ -148,17 +149,23 @@ def run_engine(engine, prompts: list[list[int]], workload: Workload, name: str) 
     return result
 
 
-def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload, batch_size: int) -> Result:
+def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload, batch_size: int,
+                     device: str = "cpu") -> Result:
     """The peer baseline: transformers' NemotronHForCausalLM.generate, greedy, `batch_size` prompts per call
-    (the workload's concurrency: static batching; 1: one request at a time, as a plain HF serving loop)."""
+    (the workload's concurrency: static batching; 1: one request at a time, as a plain HF serving loop), in
+    the dtype nemo3 loads on that device (float32 on CPU, bfloat16 elsewhere)."""
     from transformers import NemotronHForCausalLM
 
-    model = NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    result = Result(f"transformers generate() batch {batch_size}", 0, 0.0)
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    model = NemotronHForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    result = Result(f"transformers generate() batch {batch_size}", 0, 0.0, executor="generate()")
+    with torch.inference_mode():  # warm-up (kernels, allocator), as the nemo3 engines get
+        warm = torch.tensor(prompts[:1], device=device)
+        model.generate(warm, attention_mask=torch.ones_like(warm), do_sample=False, max_new_tokens=4, pad_token_id=0)
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(prompts), batch_size):
-            batch = torch.tensor(prompts[i:i + batch_size])
+            batch = torch.tensor(prompts[i:i + batch_size], device=device)
             out = model.generate(batch, attention_mask=torch.ones_like(batch), do_sample=False,
                                  max_new_tokens=workload.output_len, min_new_tokens=workload.output_len,
                                  pad_token_id=0)
@@ -168,7 +175,9 @@ def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload,
 
 
 def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu", transformers_baseline: bool = True,
-                  max_num_tokens: int = 512, log=print) -> dict:
+                  max_num_tokens: int = 512, compile: bool = True, log=print) -> dict:
+    """Each target, then transformers; `compile`: decode steps of unquantized builds run compiled (CUDA graphs
+    on GPU), compiled before the clock starts. Quantized builds (emulated by QuantLinear) always run eagerly."""
     from .executor import TorchExecutor
     from .loading import load
     from .runtime import Engine
@@ -181,15 +190,19 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         codec = TextCodec.from_checkpoint(folder, model.spec)
         prompts = prompts or workload_prompts(codec, model.spec.vocab_size, workload)
         max_length = workload.input_len + workload.output_len + target.mtp + 1
-        engine = Engine(TorchExecutor(model, workload.concurrency, max_length), codec,
+        compiled = compile and not (folder / "hf_quant_config.json").exists()
+        if compiled:
+            log(f"{target.name}: compiling the decode steps")
+        engine = Engine(TorchExecutor(model, workload.concurrency, max_length, compile=compiled), codec,
                         max_num_tokens=max_num_tokens, num_speculative_tokens=target.mtp)
         run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
         results.append(run_engine(engine, prompts, workload, target.name))
-        log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s")
+        results[-1].executor = "compiled" if compiled else "eager"
+        log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s ({results[-1].executor})")
     peer = None
     if transformers_baseline:
         for batch_size in sorted({workload.concurrency, 1}, reverse=True):
-            results.append(run_transformers(checkpoint_folder(targets[0].path), prompts, workload, batch_size))
+            results.append(run_transformers(checkpoint_folder(targets[0].path), prompts, workload, batch_size, device))
             log(f"{results[-1].name}: {results[-1].tokens_per_s:.1f} output tokens/s")
             peer = peer or results[-1]  # ratios are to the batched (strongest) baseline
     rows = [r.summary() for r in results]
@@ -201,7 +214,7 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
 
 
 def markdown_table(report: dict) -> str:
-    cols = ["name", "output_tokens_per_s", "vs_bf16", "vs_transformers", "ttft_p50_ms", "tpot_ms", "itl_p50_ms",
+    cols = ["name", "executor", "output_tokens_per_s", "vs_bf16", "vs_transformers", "ttft_p50_ms", "tpot_ms", "itl_p50_ms",
             "itl_p99_ms",
             "acceptance_length"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from ..export.spec import ModelSpec
+from .compiled_step import CompiledSteps
 
 
 @dataclass
@@ -65,31 +67,38 @@ class Executor(Protocol):
     def commit_steps(self, slots: list[int], keep: list[int]) -> None:
         """After a `keep_steps` forward: set slot slots[i]'s Mamba state to the state after its token keep[i]."""
 
+    def warm_up(self, max_tokens: int) -> None:
+        """Prepare (compile, capture) whatever calls of up to `max_tokens` new tokens per sequence need, before
+        the first request; a no-op for an executor with nothing to prepare."""
+
 
 PAD_SHORT = 8  # MTP rows of at most this many tokens are padded into one call
 
 
 class TorchExecutor:
-    """Runs `engines.model.Model` eagerly (our kernels on GPU, their references on CPU).
+    """Runs `engines.model.Model` (our kernels on GPU, their references on CPU).
 
-    Sequences with the same number of new tokens run as one rectangular [B, T] call of the model.
+    Sequences with the same number of new tokens run as one rectangular [B, T] call of the model. With
+    `compile`, decode, verify and MTP calls of the shapes `warm_up` prepared are padded to [max_sequences, T]
+    and run as compiled steps (engines/compiled_step.py); prefill chunks run eagerly.
     """
 
-    def __init__(self, model, max_sequences: int, max_length: int):
+    def __init__(self, model, max_sequences: int, max_length: int, compile: bool = False):
         self.model, self.spec = model, model.spec
         self.max_sequences, self.max_length = max_sequences, max_length
         self.has_mtp = model.mtp is not None
         self.state = model.new_state(max_sequences, max_length, mtp=self.has_mtp)
+        self.compiled = CompiledSteps(model, self.state) if compile else None
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    def _groups(self, batch: RaggedBatch, pad_short: bool):
-        """(sequence indices, T) for each distinct query length; with `pad_short`, every sequence of at most
+    def _groups(self, batch: RaggedBatch, mtp: bool):
+        """(sequence indices, T) for each distinct query length; for an `mtp` call, every sequence of at most
         PAD_SHORT tokens joins one group of the longest of them."""
         lengths = batch.lengths
-        short = lengths <= PAD_SHORT if pad_short else torch.zeros_like(lengths, dtype=torch.bool)
+        short = lengths <= PAD_SHORT if mtp else torch.zeros_like(lengths, dtype=torch.bool)
         if short.any():  # a row whose slot cannot hold the padding runs unpadded
             short &= batch.past_lengths + int(lengths[short].max()) <= self.max_length
         if short.any():
@@ -97,18 +106,25 @@ class TorchExecutor:
         for T in sorted(set(lengths[~short].tolist())):
             yield (lengths == T).nonzero().flatten(), T
 
-    def _run(self, batch: RaggedBatch, step, pad_short: bool = False) -> torch.Tensor:
-        """Apply step(rows [B, T], slots, past) -> out [B, T, D] per group; return out by row [N, D].
+    def _run(self, batch: RaggedBatch, eager, compiled=None, mtp: bool = False) -> torch.Tensor:
+        """Apply a step (rows [B, T], slots [B], past [B]) -> out [B, T, D] per group; return out by row [N, D].
 
         rows index the packed tokens; a row shorter than its group is right-padded with row index N (a
-        padding token the caller appends), whose outputs are dropped."""
+        padding token the caller appends), whose outputs are dropped. Groups of a shape the compiled steps
+        cover run the `compiled` step when there is one, padded with slot -1 rows to max_sequences."""
         out, n, dev = None, len(batch.token_ids), self.device
-        for seqs, T in self._groups(batch, pad_short):
+        for seqs, T in self._groups(batch, mtp):
             offsets = torch.arange(T)
             rows = batch.query_start[seqs][:, None] + offsets  # [B, T]
             real = offsets < batch.lengths[seqs][:, None]
             rows = torch.where(real, rows, n)
-            h = step(rows.to(dev), batch.slots[seqs].to(dev), batch.past_lengths[seqs].to(dev))
+            slots, past, step = batch.slots[seqs], batch.past_lengths[seqs], eager
+            if compiled is not None and self.compiled.covers(T, mtp):
+                pad = self.max_sequences - len(seqs)
+                rows = torch.cat([rows, rows.new_full((pad, T), n)])
+                slots, past, step = torch.cat([slots, slots.new_full((pad,), -1)]), F.pad(past, (0, pad)), compiled
+                real = F.pad(real, (0, 0, 0, pad))
+            h = step(rows.to(dev), slots.to(dev), past.to(dev))
             if out is None:
                 out = h.new_empty(n, h.shape[-1])
             out[rows[real].to(dev)] = h[real.to(dev)]
@@ -116,10 +132,12 @@ class TorchExecutor:
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch) -> ForwardOutput:
-        ids = batch.token_ids.to(self.device)
+        ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
+        compiled = None if self.compiled is None else (
+            lambda rows, slots, past: self.compiled.backbone(ids[rows], slots, past))
         with self.state.recording_steps(batch.keep_steps):
             hidden = self._run(batch, lambda rows, slots, past: self.model.final_hidden(
-                self.model(ids[rows], self.state, slots, past)))
+                self.model(ids[rows], self.state, slots, past)), compiled)
         return ForwardOutput(self.model.lm_head(hidden[batch.logit_rows.to(self.device)]).float(), hidden)
 
     @torch.inference_mode()
@@ -130,9 +148,15 @@ class TorchExecutor:
         ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
         hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])
         embed = self.model.backbone.embeddings
-        out = self._run(batch, lambda rows, slots, past: self.model.mtp(embed(ids[rows]), hidden[rows],
-                                                                         self.state, slots, past), pad_short=True)
+        compiled = None if self.compiled is None else (
+            lambda rows, slots, past: self.compiled.mtp(ids[rows], hidden[rows], slots, past))
+        out = self._run(batch, lambda rows, slots, past: self.model.mtp(embed(ids[rows]), hidden[rows], self.state,
+                                                                        slots, past), compiled, mtp=True)
         return ForwardOutput(self.model.lm_head(out[batch.logit_rows.to(self.device)]).float(), out)
 
     def commit_steps(self, slots: list[int], keep: list[int]) -> None:
         self.state.commit_steps(dict(zip(slots, keep)))
+
+    def warm_up(self, max_tokens: int) -> None:
+        if self.compiled is not None:
+            self.compiled.warm_up(max_tokens)

@@ -17,6 +17,7 @@ from ..export.checkpoint import Checkpoint
 from ..export.names import fp32_tensors
 from ..export.spec import ModelSpec
 from .model import Model
+from .moe import MoE
 from .quant_linear import install_quant_linears, prepare_quant_linears
 from .parallel import SINGLE, Parallel
 
@@ -109,4 +110,7 @@ def _assemble(spec: ModelSpec, parallel: Parallel, names: list[str], read: Calla
                for name in wanted}  # (the reshape turns 1-element scales into the 0-dim ones ModelOpt writes)
     model.load_state_dict(tensors, strict=True, assign=True)
     prepare_quant_linears(model, dtype)
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.stack_experts()
     return model.eval()

@@ -28,6 +28,7 @@ from torch import nn
 from ..export.spec import ModelSpec
 from ..plugins.causal_conv1d_update import causal_conv1d_update
 from ..plugins.mamba2_state_update import mamba2_state_update
+from ..plugins.pool_rows import write_rows
 from .norms import GatedRMSNorm
 from .parallel import SINGLE, Parallel
 from .ssd import ssd_scan
@@ -92,17 +93,17 @@ class Mamba2Mixer(nn.Module):
         y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size, ssm_state)
         y = y + self.D.float()[:, None] * x.float()
         if cache is not None:
-            real = slots >= 0
-            cache.conv[slots[real]] = inputs[real, :, inputs.shape[-1] - (K - 1):].to(cache.conv.dtype)
-            cache.ssm[slots[real]] = final_state[real].to(cache.ssm.dtype)
+            write_rows(cache.conv, slots, inputs[:, :, inputs.shape[-1] - (K - 1):])
+            write_rows(cache.ssm, slots, final_state)
         return y.flatten(2)
 
     def decode(self, xBC: torch.Tensor, dt: torch.Tensor, cache: MambaState, slots: torch.Tensor,
                past_lengths: torch.Tensor) -> torch.Tensor:
         """Token-by-token state update through the decode ops; y [B, T, I] in the activation dtype."""
-        fresh = slots[(past_lengths == 0) & (slots >= 0)]
-        cache.conv[fresh] = 0
-        cache.ssm[fresh] = 0
+        started = (past_lengths > 0)[:, None, None]  # a fresh sequence (past 0) starts from zero state
+        rows = slots.clamp(min=0)
+        write_rows(cache.conv, slots, torch.where(started, cache.conv[rows], 0))
+        write_rows(cache.ssm, slots, torch.where(started[..., None], cache.ssm[rows], 0))
         slots = slots.to(torch.int32)
         conv_steps = ssm_steps = None
         if cache.steps is not None:  # speculative verify: keep the state after every token

@@ -83,7 +83,8 @@ class Model(nn.Module):
         slots[b], which has past_lengths[b] tokens so far (0: a new sequence); slot < 0 is a padding
         row. T is the same for every row: a prefill chunk, a decode step (T=1) or a verify (T=k+1).
         """
-        check_batch(input_ids, state, slots, past_lengths)
+        if not torch.compiler.is_compiling():  # (reads the batch back: no host syncs in a compiled step)
+            check_batch(input_ids, state, slots, past_lengths)
         return self.backbone(input_ids, state, slots, past_lengths)
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -110,7 +111,8 @@ class Model(nn.Module):
         """
         if self.mtp is None:
             raise ValueError("mtp_draft: this model has no MTP layers (num_nextn_predict_layers=0)")
-        check_batch(next_tokens, state, slots, past_lengths)
+        if not torch.compiler.is_compiling():
+            check_batch(next_tokens, state, slots, past_lengths)
         if hidden.shape[:2] != next_tokens.shape:
             raise ValueError(f"mtp_draft: hidden {tuple(hidden.shape)} does not match next_tokens "
                              f"{tuple(next_tokens.shape)}")

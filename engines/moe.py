@@ -81,7 +81,7 @@ class MoE(nn.Module):
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the experts held, accumulated in fp32.
         x [T, De] -> [T, De]; a rank's part of the sum when sharded."""
-        if ids.numel() <= GATHER_MAX_PAIRS and self._gatherable():
+        if self.stacked is not None and (ids.numel() <= GATHER_MAX_PAIRS or torch.compiler.is_compiling()):
             return self.run_experts_gathered(x, weights, ids)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in ids.unique().tolist():
@@ -92,21 +92,32 @@ class MoE(nn.Module):
             out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out.to(x.dtype)
 
-    def _gatherable(self) -> bool:
-        """Every expert held, as plain bias-free linear layers (not quantized, not sharded)."""
-        if not hasattr(self, "_all_plain"):
-            self._all_plain = len(self.experts) == self.gate.weight.shape[0] and all(
-                type(layer) is nn.Linear and layer.bias is None
-                for expert in self.experts.values() for layer in (expert.up_proj, expert.down_proj))
-        return self._all_plain
+    stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (up [E, I, De], down [E, De, I]) once stacked
+
+    def stack_experts(self) -> None:
+        """Hold the experts' weights as one [E, I, De] and one [E, De, I] tensor, each expert's parameters
+        becoming views of them (names and state dict unchanged), so that a few tokens gather their experts
+        with one index (decode; every compiled step) instead of looping over experts. Only when every expert
+        is held as a plain bias-free nn.Linear (not quantized, not expert-sharded); call it after the
+        weights are in place (engines/loading.py does)."""
+        experts = list(self.experts.values())
+        if len(experts) != self.gate.weight.shape[0] or not all(
+                type(layer) is nn.Linear and layer.bias is None for e in experts for layer in (e.up_proj, e.down_proj)):
+            return
+        stacks = []
+        for name in ("up_proj", "down_proj"):
+            stack = torch.stack([getattr(e, name).weight.detach() for e in experts])
+            for e, view in zip(experts, stack):
+                getattr(e, name).weight = nn.Parameter(view, requires_grad=False)
+            stacks.append(stack)
+        self.stacked = tuple(stacks)
 
     def run_experts_gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The same sum for a few tokens (decode): each (token, choice) pair gathers its expert's weights and
-        one batched matmul replaces the loop over experts, whose per-expert overhead dominates small batches."""
+        """The same sum for a few tokens: each (token, choice) pair gathers its expert's weights and one
+        batched matmul replaces the loop over experts, whose per-expert overhead dominates small batches."""
         T, k = ids.shape
-        chosen = [self.experts[str(e)] for e in ids.flatten().tolist()]
-        up = torch.stack([expert.up_proj.weight for expert in chosen])  # [T*k, I, De]
-        down = torch.stack([expert.down_proj.weight for expert in chosen])  # [T*k, De, I]
-        h = F.relu(torch.bmm(up, x.repeat_interleave(k, dim=0)[:, :, None])).square()
-        y = torch.bmm(down, h).squeeze(-1).float() * weights.reshape(-1, 1)
+        up, down = self.stacked
+        chosen = ids.flatten().long()
+        h = F.relu(torch.bmm(up[chosen], x.repeat_interleave(k, dim=0)[:, :, None])).square()  # [T*k, I, 1]
+        y = torch.bmm(down[chosen], h).squeeze(-1).float() * weights.reshape(-1, 1)
         return y.view(T, k, -1).sum(1).to(x.dtype)

@@ -53,17 +53,20 @@ class Engine:
         self.running: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
         self._finished: list[Delta] = []  # cancellations and refusals, reported by the next step
+        executor.warm_up(1 + num_speculative_tokens)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-                        max_sequences: int = 8, max_length: int = 1024, **kwargs) -> "Engine":
+                        max_sequences: int = 8, max_length: int = 1024, compile: bool = False, **kwargs) -> "Engine":
+        """An engine on TorchExecutor; `compile`: decode steps run compiled (engines/compiled_step.py), which
+        costs a compilation per step shape when the engine is built."""
         from ..export.builtin import resolve_checkpoint
         from .executor import TorchExecutor
         from .loading import load
 
         model = load(path, device=device, dtype=dtype)
         codec = TextCodec.from_checkpoint(resolve_checkpoint(path), model.spec)
-        return cls(TorchExecutor(model, max_sequences, max_length), codec, **kwargs)
+        return cls(TorchExecutor(model, max_sequences, max_length, compile=compile), codec, **kwargs)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: GenerationParams | None = None,

@@ -116,8 +116,15 @@ class ServingEngine:
 
 
 def load_engine(build_dir: Path, device: str = "cpu", tp: int = 1, max_sequences: int = 16,
-                max_length: int = 2048, num_speculative_tokens: int | None = None) -> ServingEngine:
-    """The engine factory Triton's model.py calls: serve a build folder (its checkpoint/), or a checkpoint."""
+                max_length: int = 2048, num_speculative_tokens: int | None = None,
+                compile: bool | None = None) -> ServingEngine:
+    """The engine factory Triton's model.py calls: serve a build folder (its checkpoint/), or a checkpoint.
+
+    num_speculative_tokens None: 2 when the model has an MTP head. compile None: compiled decode steps
+    (CUDA graphs) on CUDA for an unquantized checkpoint, eager otherwise; compiling happens here, before
+    the first request."""
+    from ..export.spec import ModelSpec
+
     build_dir = Path(build_dir)
     if tp != 1:
         raise ValueError(f"tensor_parallel_size={tp}: the torch executor serves one rank per instance; "
@@ -125,8 +132,10 @@ def load_engine(build_dir: Path, device: str = "cpu", tp: int = 1, max_sequences
     folder = build_dir / "checkpoint" if (build_dir / "build.json").exists() else build_dir
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (is {build_dir} a nemo3 build folder?)")
-    engine = Engine.from_checkpoint(folder, device=device, max_sequences=max_sequences, max_length=max_length)
-    if num_speculative_tokens is None:  # default: speculate when the model has an MTP head
-        num_speculative_tokens = 2 if engine.executor.has_mtp else 0
-    engine.default_k = num_speculative_tokens
-    return ServingEngine(engine)
+    if num_speculative_tokens is None:
+        num_speculative_tokens = 2 if ModelSpec.from_file(folder).num_nextn_predict_layers else 0
+    if compile is None:
+        compile = device.startswith("cuda") and not (folder / "hf_quant_config.json").exists()
+    return ServingEngine(Engine.from_checkpoint(folder, device=device, max_sequences=max_sequences,
+                                                max_length=max_length, compile=compile,
+                                                num_speculative_tokens=num_speculative_tokens))

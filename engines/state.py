@@ -79,14 +79,14 @@ class InferenceState:
     def recording_steps(self, enabled: bool = True):
         """Within: decode calls keep every Mamba layer's state after each of their tokens, so that
         `commit_steps` can roll a slot back to the state after its last accepted draft token."""
-        if enabled:
-            for entry in self.mamba_layers():
-                entry.steps = []
+        if not enabled:
+            yield
+            return
+        for entry in self.mamba_layers():
+            entry.steps = []
         try:
             yield
         finally:
-            if not enabled:
-                return
             self._recorded = [(entry, entry.steps) for entry in self.mamba_layers()]
             for entry in self.mamba_layers():
                 entry.steps = None

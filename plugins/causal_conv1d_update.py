@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import eager_reference, use_triton
+from .pool_rows import write_rows
 
 WHERE = "plugins/causal_conv1d_update.py"
 ACTIVATIONS = ("silu", None)
@@ -26,8 +27,7 @@ def causal_conv1d_update_reference(x, conv_pool, weight, bias, slots, activation
     """Plain-torch specification (module docstring); updates `conv_pool` in place, returns out [Bt, T, C]."""
     T = x.shape[1]
     valid = slots >= 0
-    rows = slots.clamp(min=0).long()
-    window = conv_pool[rows]                                                # [Bt, C, K-1]
+    window = conv_pool[slots.clamp(min=0).long()]                          # [Bt, C, K-1]
     outs = []
     for t in range(T):
         full = torch.cat([window, x[:, t, :, None].to(window.dtype)], dim=-1)  # [Bt, C, K]
@@ -38,9 +38,10 @@ def causal_conv1d_update_reference(x, conv_pool, weight, bias, slots, activation
             out = F.silu(out)
         outs.append(out)
         window = full[..., 1:]
-        if intermediate_states is not None:
-            intermediate_states[valid, t] = window[valid].to(intermediate_states.dtype)
-    conv_pool[rows[valid]] = window[valid]
+        if intermediate_states is not None:  # padding rows keep what the buffer held
+            step = window.to(intermediate_states.dtype)
+            intermediate_states[:, t] = torch.where(valid[:, None, None], step, intermediate_states[:, t])
+    write_rows(conv_pool, slots, window)
     out = torch.stack(outs, dim=1) * valid[:, None, None]
     return out.to(x.dtype)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import eager_reference, use_triton
+from .pool_rows import write_rows
 
 WHERE = "plugins/mamba2_state_update.py"
 
@@ -29,8 +30,6 @@ def mamba2_state_update_reference(state_pool, x, dt, A, B, C, D, dt_bias, slots,
     Bt, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     valid = slots >= 0
-    all_valid = bool(valid.all())
-    rows = slots.clamp(min=0).long()
 
     dt = dt.float() + dt_bias.float()                                       # [Bt, T, H]
     if dt_softplus:
@@ -43,25 +42,19 @@ def mamba2_state_update_reference(state_pool, x, dt, A, B, C, D, dt_bias, slots,
     dtg = dt.reshape(Bt, T, G, H // G)
     dA = torch.exp(dt * A.float()).reshape(Bt, T, G, H // G)
 
-    state = state_pool[rows].float().view(Bt, G, H // G, P, N)
+    state = state_pool[slots.clamp(min=0).long()].float().view(Bt, G, H // G, P, N)
     ys = []
     for t in range(T):
         state = state * dA[:, t, ..., None, None] + (dtg[:, t, ..., None] * xg[:, t])[..., None] * Bg[:, t]
         ys.append((state * Cg[:, t]).sum(-1))                              # [Bt, G, H/G, P]
-        if intermediate_states is not None:
-            step = state.view(Bt, H, P, N)
-            intermediate_states[valid if not all_valid else slice(None), t] = \
-                (step if all_valid else step[valid]).to(intermediate_states.dtype)
-    state = state.view(Bt, H, P, N)
-    if all_valid:
-        state_pool[rows] = state.to(state_pool.dtype)
-    else:
-        state_pool[rows[valid]] = state[valid].to(state_pool.dtype)
+        if intermediate_states is not None:  # padding rows keep what the buffer held
+            step = state.view(Bt, H, P, N).to(intermediate_states.dtype)
+            intermediate_states[:, t] = torch.where(valid[:, None, None, None], step, intermediate_states[:, t])
+    write_rows(state_pool, slots, state.view(Bt, H, P, N))
     y = torch.stack(ys, dim=1).view(Bt, T, H, P) + D.float()[:, None] * x.float()
     if z is not None:
         y = y * F.silu(z.float())
-    if not all_valid:
-        y = y * valid[:, None, None, None]
+    y = y * valid[:, None, None, None]
     return y.to(x.dtype)
 
 

@@ -28,7 +28,7 @@ def benchmark_server(url: str, model: str, workload: Workload) -> dict:
     client = TextClient(url, model=model)
     client.check()
     options = RequestOptions(max_tokens=workload.output_len)
-    result = Result(f"triton {model} at {url}", 0, 0.0)
+    result = Result(f"triton {model} at {url}", 0, 0.0, executor="triton server")
     accepted: list[float] = []
 
     def one(prompt: str) -> None:

@@ -1,0 +1,120 @@
+"""Compiled decode steps (engines/compiled_step.py) against the eager network, and the branch-free pool writes
+they rest on (plugins/pool_rows.py) against boolean-mask indexing."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
+
+from nemo3.engines.executor import RaggedBatch, TorchExecutor
+from nemo3.engines.loading import load
+from nemo3.engines.requests import GenerationParams
+from nemo3.engines.runtime import Engine
+from nemo3.plugins.pool_rows import write_rows
+
+needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+                                    reason="torch inductor needs a C++ compiler on CPU; none found")
+
+
+@pytest.mark.parametrize("index", [[3, -1, 0, -1, 5], [-1, 2, -1, 4, 1], [-1, -1, -1, -1, -1], [0, 1, 2, 3, 4]])
+def test_write_rows_writes_real_rows_only(index):
+    g = torch.Generator().manual_seed(len(index) + sum(index))
+    pool = torch.randn(6, 3, 2, generator=g)
+    values = torch.randn(len(index), 3, 2, generator=g)
+    index = torch.tensor(index)
+    want = pool.clone()
+    want[index[index >= 0]] = values[index >= 0]
+    write_rows(pool, index, values)
+    assert torch.equal(pool, want)
+
+
+def test_write_rows_casts_to_the_pool_dtype():
+    pool = torch.zeros(3, 4, dtype=torch.bfloat16)
+    values = torch.randn(2, 4)
+    write_rows(pool, torch.tensor([2, -1]), values)
+    assert torch.equal(pool[2], values[0].bfloat16()) and not pool[:2].any()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = save_hf_checkpoint(hf_model(make_config("mtp", vocab_size=64)), tmp_path_factory.mktemp("cs"))
+    add_missing_tensors(folder)
+    return load(folder)
+
+
+def snapshot(executor: TorchExecutor) -> dict[str, torch.Tensor]:
+    return {f"{key}.{name}": t.clone() for key, entry in executor.state.layers.items()
+            for name, t in vars(entry).items() if isinstance(t, torch.Tensor)}
+
+
+@needs_compiler
+def test_compiled_steps_match_eager_calls(model):
+    """Decode (T=1), verify with recorded Mamba states (T=3) and MTP calls (T=1, T=2) give the eager executor's
+    hidden states, logits and pool contents, with rows padded to max_sequences (the padding touches no slot)."""
+    eager = TorchExecutor(model, max_sequences=4, max_length=32)
+    compiled = TorchExecutor(model, max_sequences=4, max_length=32, compile=True)
+    compiled.warm_up(3)
+    ran = []  # the compiled steps really run (not the eager fallback)
+    for name in ("backbone", "mtp"):
+        step = getattr(compiled.compiled, name)
+        setattr(compiled.compiled, name, lambda *args, step=step, name=name: ran.append(name) or step(*args))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (7, 11, 5)]
+    slots = [2, 0, 3]  # slot 1 stays free: nobody may write it
+    prefill = RaggedBatch.build([(p, 0, s) for p, s in zip(prompts, slots)], [6, 17, 22])
+    for ex in (eager, compiled):
+        ex.forward(prefill)  # eager in both: prefill chunks are not compiled
+        ex.state.layers = copy.deepcopy(eager.state.layers) if ex is compiled else ex.state.layers
+    calls = [
+        ("forward", RaggedBatch.build([([5], 7, 2), ([9], 11, 0), ([1], 5, 3)], [0, 1, 2])),
+        ("forward", RaggedBatch.build([([5, 6, 7], 8, 2), ([9, 1, 2], 12, 0)], [0, 1, 2, 3, 4, 5], keep_steps=True)),
+        ("mtp", RaggedBatch.build([([4], 3, 2), ([8], 9, 0)], [0, 1])),
+        ("mtp", RaggedBatch.build([([4, 2], 4, 2), ([8], 10, 0), ([3, 3], 1, 3)], [1, 2, 4])),
+    ]
+    for kind, batch in calls:
+        outs = []
+        for ex in (eager, compiled):
+            if kind == "forward":
+                outs.append(ex.forward(batch))
+                if batch.keep_steps:
+                    ex.commit_steps([2, 0], [1, 2])
+            else:
+                hidden = torch.randn(len(batch.token_ids), model.spec.hidden_size, generator=torch.Generator().manual_seed(1))
+                outs.append(ex.mtp_forward(batch, hidden))
+        (want, got) = outs
+        assert torch.allclose(got.hidden, want.hidden, rtol=1e-4, atol=1e-5), kind
+        assert torch.allclose(got.logits, want.logits, rtol=1e-4, atol=1e-5), kind
+        after_eager, after_compiled = snapshot(eager), snapshot(compiled)
+        for name, t in after_eager.items():
+            assert torch.allclose(after_compiled[name], t, rtol=1e-4, atol=1e-5), (kind, name)
+    assert ran == ["backbone", "backbone", "mtp", "mtp"]
+    for name, t in snapshot(compiled).items():
+        assert not t[1].any(), f"{name}: the free slot 1 was written"
+
+
+@needs_compiler
+def test_compiled_engine_generates_what_the_eager_engine_does(model):
+    """The runtime over compiled steps: greedy output of requests with and without MTP speculation, joining at
+    different steps (the 4th waits for a free slot), equals the eager engine's, token for token."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (9, 14, 6, 11)]
+    outputs = []
+    for compile in (False, True):
+        engine = Engine(TorchExecutor(model, 3, 64, compile=compile), num_speculative_tokens=2)
+        tokens, deltas = {}, []
+        for i, prompt in enumerate(prompts):  # one request joins per step
+            rid = engine.add_request(prompt, GenerationParams(max_tokens=12, ignore_eos=True,
+                                                              num_speculative_tokens=2 if i % 2 else 0))
+            tokens[rid] = []
+            deltas += engine.step()
+        deltas += list(engine.run_until_done())
+        for delta in deltas:
+            tokens[delta.request_id] += delta.token_ids
+        assert engine.slots.in_use == 0
+        outputs.append(list(tokens.values()))
+    assert [len(t) for t in outputs[0]] == [12] * 4
+    assert outputs[1] == outputs[0]

@@ -21,9 +21,13 @@ from .common import one_line_errors
               help="MTP speculative decoding: draft this many tokens per step (0: off).")
 @click.option("--think-budget", type=int, default=None, help="Force </think> after this many thinking tokens.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--compile", "compile_steps", is_flag=True,
+              help="Run decode steps compiled (inductor on CPU, CUDA graphs on GPU): each step shape compiles once "
+                   "at start-up (tens of seconds on CPU), which pays off for long generations.")
 @click.option("--stats", is_flag=True, help="Print token counts, latency and MTP acceptance at the end.")
 @one_line_errors
-def command(prompt, path, max_tokens, temperature, top_k, top_p, seed, stop, mtp, think_budget, device, stats):
+def command(prompt, path, max_tokens, temperature, top_k, top_p, seed, stop, mtp, think_budget, device, compile_steps,
+            stats):
     """Generate a continuation of PROMPT, streaming it as it is produced."""
     from ..engines.benchmark import checkpoint_folder
     from ..engines.requests import GenerationParams
@@ -32,7 +36,8 @@ def command(prompt, path, max_tokens, temperature, top_k, top_p, seed, stop, mtp
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               stop=tuple(stop), think_budget=think_budget, num_speculative_tokens=mtp)
     engine = Engine.from_checkpoint(checkpoint_folder(path), device=device, max_sequences=1,
-                                    max_length=max_tokens + mtp + 1 + 4 * len(prompt) + 8)
+                                    max_length=max_tokens + mtp + 1 + 4 * len(prompt) + 8, compile=compile_steps,
+                                    num_speculative_tokens=mtp)
     click.echo(prompt, nl=False)
     last = None
     for delta in engine.stream(prompt, params):

@@ -2,7 +2,8 @@
 
 A decode step (each sequence's last token), a speculative verify (last token + k drafts) and an MTP
 draft step have the same shape at every step once the executor pads the batch to max_sequences rows
-(padding rows have slot -1: they read and write no sequence's state). Each (step, T) is compiled once,
+(padding rows have slot -1: they read and write no sequence's state); a call that starts a sequence (past 0,
+whose Mamba state must be zeroed first) runs eagerly. Each (step, T) is compiled once,
 with static shapes, as one graph: nothing in the decode path reads tensors back to the host (the
 references of plugins/ and the layers' pool writes are branch-free, engines/moe.py gathers the chosen
 experts' stacked weights, attention reads the whole slot under a mask). On CUDA the graph is captured
@@ -39,7 +40,9 @@ class CompiledSteps:
                 for tensor in vars(entry).values():
                     if isinstance(tensor, torch.Tensor):
                         torch._dynamo.mark_static_address(tensor)
-        options = dict(dynamic=False, fullgraph=True, mode="reduce-overhead" if cuda else None)
+        # CPU: weights frozen into the graph (prepacked for oneDNN) and a C++ wrapper around the kernels
+        options = dict(dynamic=False, fullgraph=True, **(dict(mode="reduce-overhead") if cuda else
+                                                         dict(options={"freezing": True, "cpp_wrapper": True})))
         self._backbone = torch.compile(own_code(backbone_step), **options)
         self._mtp = torch.compile(own_code(mtp_step), **options) if model.mtp is not None else None
         self._cuda = cuda

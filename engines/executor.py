@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from ..export.spec import ModelSpec
 from .compiled_step import CompiledSteps
@@ -94,40 +93,44 @@ class TorchExecutor:
     def device(self) -> torch.device:
         return self.model.device
 
-    def _groups(self, batch: RaggedBatch, mtp: bool):
+    def _groups(self, lengths: list[int], past: list[int], mtp: bool) -> list[tuple[list[int], int]]:
         """(sequence indices, T) for each distinct query length; for an `mtp` call, every sequence of at most
-        PAD_SHORT tokens joins one group of the longest of them."""
-        lengths = batch.lengths
-        short = lengths <= PAD_SHORT if mtp else torch.zeros_like(lengths, dtype=torch.bool)
-        if short.any():  # a row whose slot cannot hold the padding runs unpadded
-            short &= batch.past_lengths + int(lengths[short].max()) <= self.max_length
-        if short.any():
-            yield short.nonzero().flatten(), int(lengths[short].max())
-        for T in sorted(set(lengths[~short].tolist())):
-            yield (lengths == T).nonzero().flatten(), T
+        PAD_SHORT tokens (whose slot can hold the padding) joins one group of the longest of them."""
+        groups: dict[int, list[int]] = {}
+        short = [s for s, n in enumerate(lengths) if mtp and n <= PAD_SHORT]
+        T_short = max((lengths[s] for s in short), default=0)
+        short = [s for s in short if past[s] + T_short <= self.max_length]
+        for s, n in enumerate(lengths):
+            if s not in short:
+                groups.setdefault(n, []).append(s)
+        merged = [(short, max(lengths[s] for s in short))] if short else []
+        return merged + sorted(((seqs, T) for T, seqs in groups.items()), key=lambda group: group[1])
 
     def _run(self, batch: RaggedBatch, eager, compiled=None, mtp: bool = False) -> torch.Tensor:
         """Apply a step (rows [B, T], slots [B], past [B]) -> out [B, T, D] per group; return out by row [N, D].
 
         rows index the packed tokens; a row shorter than its group is right-padded with row index N (a
         padding token the caller appends), whose outputs are dropped. Groups of a shape the compiled steps
-        cover run the `compiled` step when there is one, padded with slot -1 rows to max_sequences."""
+        cover, that only continue sequences (none starts), run the `compiled` step when there is one, padded
+        with slot -1 rows to max_sequences. (The batch is small host metadata: it is indexed as lists, so a
+        decode step costs a few tensor constructions, not dozens of tiny tensor ops.)"""
+        lengths, starts = batch.lengths.tolist(), batch.query_start.tolist()
+        slots_all, past_all = batch.slots.tolist(), batch.past_lengths.tolist()
         out, n, dev = None, len(batch.token_ids), self.device
-        for seqs, T in self._groups(batch, mtp):
-            offsets = torch.arange(T)
-            rows = batch.query_start[seqs][:, None] + offsets  # [B, T]
-            real = offsets < batch.lengths[seqs][:, None]
-            rows = torch.where(real, rows, n)
-            slots, past, step = batch.slots[seqs], batch.past_lengths[seqs], eager
-            if compiled is not None and self.compiled.covers(T, mtp):
+        for seqs, T in self._groups(lengths, past_all, mtp):
+            rows = [[starts[s] + i if i < lengths[s] else n for i in range(T)] for s in seqs]
+            slots, past, step = [slots_all[s] for s in seqs], [past_all[s] for s in seqs], eager
+            if compiled is not None and self.compiled.covers(T, mtp) and min(past) > 0:
                 pad = self.max_sequences - len(seqs)
-                rows = torch.cat([rows, rows.new_full((pad, T), n)])
-                slots, past, step = torch.cat([slots, slots.new_full((pad,), -1)]), F.pad(past, (0, pad)), compiled
-                real = F.pad(real, (0, 0, 0, pad))
-            h = step(rows.to(dev), slots.to(dev), past.to(dev))
+                rows, slots, past, step = rows + [[n] * T] * pad, slots + [-1] * pad, past + [0] * pad, compiled
+            h = step(*(torch.tensor(x, device=dev) for x in (rows, slots, past))).flatten(0, 1)
+            take = [b * T + i for b, s in enumerate(seqs) for i in range(lengths[s])]  # real rows of h
+            if len(take) == n:  # one group holds every row, in order
+                return h[torch.tensor(take, device=dev)] if len(take) < len(h) else h
             if out is None:
                 out = h.new_empty(n, h.shape[-1])
-            out[rows[real].to(dev)] = h[real.to(dev)]
+            out[torch.tensor([starts[s] + i for s in seqs for i in range(lengths[s])], device=dev)] = \
+                h[torch.tensor(take, device=dev)]
         return out
 
     @torch.inference_mode()

@@ -100,11 +100,7 @@ class Mamba2Mixer(nn.Module):
     def decode(self, xBC: torch.Tensor, dt: torch.Tensor, cache: MambaState, slots: torch.Tensor,
                past_lengths: torch.Tensor) -> torch.Tensor:
         """Token-by-token state update through the decode ops; y [B, T, I] in the activation dtype."""
-        started = (past_lengths > 0)[:, None, None]  # a fresh sequence (past 0) starts from zero state
-        rows = slots.clamp(min=0)
-        write_rows(cache.conv, slots, torch.where(started, cache.conv[rows], 0))
-        write_rows(cache.ssm, slots, torch.where(started[..., None], cache.ssm[rows], 0))
-        slots = slots.to(torch.int32)
+        slots = slots.to(torch.int32)  # (a fresh sequence's slot was zeroed by InferenceState.reset_fresh)
         conv_steps = ssm_steps = None
         if cache.steps is not None:  # speculative verify: keep the state after every token
             batch, T = xBC.shape[:2]

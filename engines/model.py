@@ -85,6 +85,8 @@ class Model(nn.Module):
         """
         if not torch.compiler.is_compiling():  # (reads the batch back: no host syncs in a compiled step)
             check_batch(input_ids, state, slots, past_lengths)
+            if state is not None:
+                state.reset_fresh(slots, past_lengths)
         return self.backbone(input_ids, state, slots, past_lengths)
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
@@ -113,6 +115,8 @@ class Model(nn.Module):
             raise ValueError("mtp_draft: this model has no MTP layers (num_nextn_predict_layers=0)")
         if not torch.compiler.is_compiling():
             check_batch(next_tokens, state, slots, past_lengths)
+            if state is not None:
+                state.reset_fresh(slots, past_lengths)
         if hidden.shape[:2] != next_tokens.shape:
             raise ValueError(f"mtp_draft: hidden {tuple(hidden.shape)} does not match next_tokens "
                              f"{tuple(next_tokens.shape)}")

@@ -131,17 +131,19 @@ class Engine:
                                   [row for _, _, rows in plan for row in rows],
                                   keep_steps=any(seq.drafts for seq, _, _ in plan))
         out = self.executor.forward(batch)
+        argmax = out.logits.argmax(-1).tolist()  # greedy choices and verifies, read back in one transfer
         now = time.perf_counter()
         logit_at, commits, new = 0, [], []
         for (seq, tokens, rows), start in zip(plan, batch.query_start.tolist()):
             logits = out.logits[logit_at:logit_at + len(rows)]
+            best = argmax[logit_at:logit_at + len(rows)]
             logit_at += len(rows)
             hidden = out.hidden[start:start + len(tokens)]
             if seq.prefilling and seq.computed + len(tokens) < len(seq.prompt):  # a prefill chunk
                 seq.computed += len(tokens)
                 seq.mtp_hidden.extend(hidden) if seq.mtp_k else None
                 continue
-            emitted = self._choose(seq, logits)
+            emitted = self._choose(seq, logits, best)
             emitted = self._apply_limits(seq, emitted)
             processed = len(tokens) if seq.prefilling else len(emitted)  # inputs whose state is kept
             if seq.drafts:
@@ -182,13 +184,13 @@ class Engine:
             budget -= len(tokens)
         return plan
 
-    def _choose(self, seq: Sequence, logits: torch.Tensor) -> list[int]:
-        """Tokens produced by this step's logits: one sample, or the outcome of verifying the drafts."""
+    def _choose(self, seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> list[int]:
+        """Tokens produced by this step's logits (and their argmax): one sample, or the outcome of verifying
+        the drafts."""
         params = seq.params.sampling
         if not seq.drafts:
-            return [int(logits[-1].argmax()) if params.greedy else sample(distribution(logits[-1], params),
-                                                                          seq.generator)]
-        emitted, accepted = accept(seq.drafts, seq.draft_probs, logits, params, seq.generator)
+            return [argmax[-1] if params.greedy else sample(distribution(logits[-1], params), seq.generator)]
+        emitted, accepted = accept(seq.drafts, seq.draft_probs, logits, argmax, params, seq.generator)
         seq.verify_steps += 1
         for i in range(accepted):
             seq.accepted_per_position[i] += 1
@@ -253,12 +255,13 @@ class Engine:
             s.mtp_computed, s.mtp_hidden, s.draft_probs = s.computed, [], [] if not s.params.sampling.greedy else None
         logits = out.logits
         for i in range(max(s.mtp_k for s in seqs)):
-            for s, row in zip(seqs, logits):
-                if i < s.mtp_k:
+            for s, row, best in zip(seqs, logits, logits.argmax(-1).tolist()):
+                if i < s.mtp_k and s.params.sampling.greedy:
+                    s.drafts.append(best)
+                elif i < s.mtp_k:
                     token, q = draft(row, s.params.sampling, s.generator)
                     s.drafts.append(token)
-                    if q is not None:
-                        s.draft_probs.append(q)
+                    s.draft_probs.append(q)
             active = [j for j, s in enumerate(seqs) if i + 1 < s.mtp_k]
             if not active:
                 break

@@ -18,28 +18,27 @@ from .sampling import SamplingParams, distribution, sample
 
 
 def accept(drafts: list[int], draft_probs: list[torch.Tensor] | None, target_logits: torch.Tensor,
-           params: SamplingParams, generator: torch.Generator | None) -> tuple[list[int], int]:
-    """drafts y_0..y_{k-1}, their draft distributions q_i [V] (None when greedy), target logits [k+1, V].
+           target_argmax: list[int], params: SamplingParams, generator: torch.Generator | None
+           ) -> tuple[list[int], int]:
+    """drafts y_0..y_{k-1}, their draft distributions q_i [V] (None when greedy), target logits [k+1, V] and
+    their argmax (what greedy verification compares; the runtime reads all rows' argmax back at once).
 
     Returns (emitted tokens: the accepted drafts plus one corrected or bonus token, number accepted).
     """
+    if params.greedy:
+        for i, y in enumerate(drafts):
+            if target_argmax[i] != y:
+                return drafts[:i] + [target_argmax[i]], i
+        return drafts + [target_argmax[len(drafts)]], len(drafts)
     targets = distribution(target_logits, params)  # [k+1, V]
     emitted: list[int] = []
     for i, y in enumerate(drafts):
-        p = targets[i]
-        if params.greedy:
-            ok = int(p.argmax()) == y
-        else:
-            q = draft_probs[i]
-            ratio = float(p[y] / q[y]) if q[y] > 0 else 0.0
-            ok = float(torch.rand((), generator=generator)) < min(1.0, ratio)
-        if not ok:
-            if params.greedy:
-                emitted.append(int(p.argmax()))
-            else:
-                residual = (p - draft_probs[i]).clamp(min=0)
-                total = residual.sum()
-                emitted.append(sample(residual / total if total > 0 else p, generator))
+        p, q = targets[i], draft_probs[i]
+        ratio = float(p[y] / q[y]) if q[y] > 0 else 0.0
+        if float(torch.rand((), generator=generator)) >= min(1.0, ratio):
+            residual = (p - q).clamp(min=0)
+            total = residual.sum()
+            emitted.append(sample(residual / total if total > 0 else p, generator))
             return emitted, i
         emitted.append(y)
     emitted.append(sample(targets[len(drafts)], generator))
@@ -47,9 +46,8 @@ def accept(drafts: list[int], draft_probs: list[torch.Tensor] | None, target_log
 
 
 def draft(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-          ) -> tuple[int, torch.Tensor | None]:
-    """One draft token from the MTP logits [V] and the distribution it was drawn from (None if greedy)."""
-    if params.greedy:
-        return int(logits.argmax()), None
+          ) -> tuple[int, torch.Tensor]:
+    """One sampled draft token from the MTP logits [V] and the distribution it was drawn from (greedy drafts
+    are the argmax, which the runtime reads back for all rows at once)."""
     q = distribution(logits, params)
     return sample(q, generator), q

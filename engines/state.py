@@ -72,6 +72,16 @@ class InferenceState:
         return sum(t.numel() * t.element_size() for entry in self.layers.values() for t in vars(entry).values()
                    if isinstance(t, torch.Tensor))
 
+    def reset_fresh(self, slots: torch.Tensor, past_lengths: torch.Tensor) -> None:
+        """Zero the Mamba states of the rows that start a sequence (past 0, slot >= 0): decode continues a
+        slot's state, so a sequence that starts with a decode call must find zeros there. (Not traceable:
+        compiled steps only continue sequences, engines/executor.py.)"""
+        fresh = slots[(past_lengths == 0) & (slots >= 0)]
+        if len(fresh):
+            for entry in self.mamba_layers():
+                entry.conv[fresh] = 0
+                entry.ssm[fresh] = 0
+
     def mamba_layers(self) -> list[MambaState]:
         return [entry for entry in self.layers.values() if isinstance(entry, MambaState)]
 
@@ -93,12 +103,21 @@ class InferenceState:
 
     def commit_steps(self, keep: dict[int, int]) -> None:
         """Set slot s's Mamba states to those after token keep[s] of the last recorded forward."""
-        for entry, calls in self._recorded:
-            for slots, conv, ssm in calls:
-                for row, slot in enumerate(slots.tolist()):
-                    if slot in keep:
-                        entry.conv[slot] = conv[row, keep[slot]]
-                        entry.ssm[slot] = ssm[row, keep[slot]]
+        if not self._recorded:
+            return
+        device = self._recorded[0][0].conv.device
+        for call in range(len(self._recorded[0][1])):  # every layer recorded the same decode calls
+            slots = self._recorded[0][1][call][0].tolist()
+            rows = [row for row, slot in enumerate(slots) if slot in keep]
+            if not rows:
+                continue
+            targets = torch.tensor([slots[row] for row in rows], device=device)
+            rows_t = torch.tensor(rows, device=device)
+            steps = torch.tensor([keep[slots[row]] for row in rows], device=device)
+            for entry, calls in self._recorded:
+                _, conv, ssm = calls[call]
+                entry.conv[targets] = conv[rows_t, steps]
+                entry.ssm[targets] = ssm[rows_t, steps]
         self._recorded = []
 
 

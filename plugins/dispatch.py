@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -19,13 +19,12 @@ IMPL_ENV = "NEMO3_KERNEL_IMPL"
 IMPLS = ("auto", "triton", "reference")
 
 
-@functools.cache
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the triton package is installed (looked up once, without importing it)."""
+    return TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

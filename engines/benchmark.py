@@ -178,6 +178,7 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
                   max_num_tokens: int = 512, compile: bool = True, log=print) -> dict:
     """Each target, then transformers; `compile`: decode steps of unquantized builds run compiled (CUDA graphs
     on GPU), compiled before the clock starts. Quantized builds (emulated by QuantLinear) always run eagerly."""
+    from .compiled_step import unsupported
     from .executor import TorchExecutor
     from .loading import load
     from .runtime import Engine
@@ -190,9 +191,12 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         codec = TextCodec.from_checkpoint(folder, model.spec)
         prompts = prompts or workload_prompts(codec, model.spec.vocab_size, workload)
         max_length = workload.input_len + workload.output_len + target.mtp + 1
-        compiled = compile and not (folder / "hf_quant_config.json").exists()
+        why = unsupported(model) if compile else None
+        compiled = compile and why is None
         if compiled:
             log(f"{target.name}: compiling the decode steps")
+        elif why:
+            log(f"{target.name}: eager decode steps ({why})")
         engine = Engine(TorchExecutor(model, workload.concurrency, max_length, compile=compiled), codec,
                         max_num_tokens=max_num_tokens, num_speculative_tokens=target.mtp)
         run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up

@@ -5,8 +5,8 @@ draft step have the same shape at every step once the executor pads the batch to
 (padding rows have slot -1: they read and write no sequence's state); a call that starts a sequence (past 0,
 whose Mamba state must be zeroed first) runs eagerly. Each (step, T) is compiled once,
 with static shapes, as one graph: nothing in the decode path reads tensors back to the host (the
-references of plugins/ and the layers' pool writes are branch-free, engines/moe.py gathers the chosen
-experts' stacked weights, attention reads the whole slot under a mask). On CUDA the graph is captured
+references of plugins/ and the layers' pool writes are branch-free, engines/moe.py runs its stacked
+experts gathered or dense, attention reads the whole slot under a mask). On CUDA the graph is captured
 and replayed as a CUDA graph (`mode="reduce-overhead"`), the Triton kernels inside it as opaque custom ops.
 Prefill chunks stay eager: their lengths vary.
 """
@@ -27,13 +27,10 @@ class CompiledSteps:
     `mtp(ids [B, T], hidden [B, T, D], slots, past) -> c' [B, T, D]` over one InferenceState."""
 
     def __init__(self, model, state):
-        if any(isinstance(m, QuantLinear) for m in model.modules()):
-            raise ValueError("compiled steps need an unquantized model (the quantized layers of a ModelOpt "
-                             "checkpoint emulate their formats eagerly); run it eagerly")
+        why = unsupported(model)
+        if why:
+            raise ValueError(f"compiled steps: {why}; run it eagerly")
         cuda = model.device.type == "cuda"
-        if not cuda and not any(shutil.which(name) for name in (os.environ.get("CXX", "c++"), "g++", "clang++")):
-            raise ValueError("compiled steps on CPU need a C++ compiler for torch inductor (none found: set CXX "
-                             "or install g++); or run eagerly")
         self.model, self.state = model, state
         if cuda:  # the pools are updated in place by every replay, at fixed addresses
             for entry in state.layers.values():
@@ -67,18 +64,41 @@ class CompiledSteps:
         model, rows = self.model, self.state.max_sequences
         dev = model.device
         slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
-        for T in sorted({1, max_tokens}):
-            with self.state.recording_steps(T > 1):
+        # a verify records the Mamba states; so does a decode (T=1) batched with another request's verify
+        for T, record in [(1, False)] + ([(1, True), (max_tokens, True)] if max_tokens > 1 else []):
+            with self.state.recording_steps(record):
                 self.backbone(torch.zeros(rows, T, dtype=torch.long, device=dev), slots, past)
         for T in range(1, max_tokens + 1) if self._mtp is not None else ():
             self.mtp(torch.zeros(rows, T, dtype=torch.long, device=dev),
                      torch.zeros(rows, T, model.spec.hidden_size, dtype=model.dtype, device=dev), slots, past)
 
     def _call(self, step, *args) -> torch.Tensor:
-        if self._cuda:  # a CUDA graph's outputs live until the next replay: hand out a copy
-            torch.compiler.cudagraph_mark_step_begin()
-            return step(self, *args).clone()
-        return step(self, *args)
+        if not self._cuda:
+            return step(self, *args)
+        # a CUDA graph's outputs (the hidden states, and the Mamba states a verify records) live until the
+        # next replay, and one forward may replay several graphs: hand out copies
+        torch.compiler.cudagraph_mark_step_begin()
+        out = step(self, *args).clone()
+        for entry in self.state.mamba_layers():
+            if entry.steps:
+                entry.steps[-1] = tuple(t.clone() for t in entry.steps[-1])
+        return out
+
+
+def unsupported(model) -> str | None:
+    """Why `model` cannot run compiled steps on its device, or None if it can."""
+    from .moe import MoE
+
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        return ("the model is quantized (the layers of a ModelOpt checkpoint emulate their formats eagerly); "
+                "compiled steps need an unquantized one")
+    if any(isinstance(m, MoE) and m.stacked is None for m in model.modules()):
+        return ("an MoE layer's experts are not stacked (expert-sharded, or a Model not built by "
+                "engines/loading.py); compiled steps gather stacked experts")
+    if model.device.type == "cpu" and not any(shutil.which(name) for name in
+                                              (os.environ.get("CXX", "c++"), "g++", "clang++")):
+        return "torch inductor needs a C++ compiler on CPU and none was found (set CXX or install g++)"
+    return None
 
 
 def backbone_step(steps: CompiledSteps, ids, slots, past):

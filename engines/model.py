@@ -115,8 +115,8 @@ class Model(nn.Module):
             raise ValueError("mtp_draft: this model has no MTP layers (num_nextn_predict_layers=0)")
         if not torch.compiler.is_compiling():
             check_batch(next_tokens, state, slots, past_lengths)
-            if state is not None:
-                state.reset_fresh(slots, past_lengths)
+            if state is not None:  # (the MTP sequence's own positions: the backbone's state is not touched)
+                state.reset_fresh(slots, past_lengths, prefix="mtp.")
         if hidden.shape[:2] != next_tokens.shape:
             raise ValueError(f"mtp_draft: hidden {tuple(hidden.shape)} does not match next_tokens "
                              f"{tuple(next_tokens.shape)}")

@@ -82,6 +82,8 @@ class MoE(nn.Module):
         """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the experts held, accumulated in fp32.
         x [T, De] -> [T, De]; a rank's part of the sum when sharded."""
         if self.stacked is not None and (ids.numel() <= GATHER_MAX_PAIRS or torch.compiler.is_compiling()):
+            if ids.numel() > len(self.experts):  # more pairs than experts: read each expert once instead
+                return self.run_experts_dense(x, weights, ids)
             return self.run_experts_gathered(x, weights, ids)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in ids.unique().tolist():
@@ -121,3 +123,14 @@ class MoE(nn.Module):
         h = F.relu(torch.bmm(up[chosen], x.repeat_interleave(k, dim=0)[:, :, None])).square()  # [T*k, I, 1]
         y = torch.bmm(down[chosen], h).squeeze(-1).float() * weights.reshape(-1, 1)
         return y.view(T, k, -1).sum(1).to(x.dtype)
+
+    def run_experts_dense(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum with every expert applied to every token, weighted 0 where not chosen (static shapes):
+        with more (token, choice) pairs than experts, this reads each expert's weights once where gathering
+        would copy them once per pair."""
+        up, down = self.stacked
+        dense = torch.zeros(ids.shape[0], up.shape[0], dtype=torch.float32, device=x.device)
+        dense.scatter_(1, ids.long(), weights.float())  # [T, E]
+        h = F.relu(torch.einsum("td,eid->tei", x, up)).square()
+        y = torch.einsum("tei,edi->ted", h, down).float() * dense[..., None]
+        return y.sum(1).to(x.dtype)

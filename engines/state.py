@@ -72,15 +72,17 @@ class InferenceState:
         return sum(t.numel() * t.element_size() for entry in self.layers.values() for t in vars(entry).values()
                    if isinstance(t, torch.Tensor))
 
-    def reset_fresh(self, slots: torch.Tensor, past_lengths: torch.Tensor) -> None:
-        """Zero the Mamba states of the rows that start a sequence (past 0, slot >= 0): decode continues a
-        slot's state, so a sequence that starts with a decode call must find zeros there. (Not traceable:
-        compiled steps only continue sequences, engines/executor.py.)"""
+    def reset_fresh(self, slots: torch.Tensor, past_lengths: torch.Tensor, prefix: str = "backbone.") -> None:
+        """Zero the Mamba states, of the layers whose key starts with `prefix` (the backbone's, or the MTP's:
+        "mtp."), of the rows that start a sequence (past 0, slot >= 0): decode continues a slot's state, so
+        a sequence that starts with a decode call must find zeros there. (Not traceable: compiled steps
+        only continue sequences, engines/executor.py.)"""
         fresh = slots[(past_lengths == 0) & (slots >= 0)]
         if len(fresh):
-            for entry in self.mamba_layers():
-                entry.conv[fresh] = 0
-                entry.ssm[fresh] = 0
+            for key, entry in self.layers.items():
+                if key.startswith(prefix) and isinstance(entry, MambaState):
+                    entry.conv[fresh] = 0
+                    entry.ssm[fresh] = 0
 
     def mamba_layers(self) -> list[MambaState]:
         return [entry for entry in self.layers.values() if isinstance(entry, MambaState)]

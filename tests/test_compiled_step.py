@@ -118,3 +118,19 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model):
         outputs.append(list(tokens.values()))
     assert [len(t) for t in outputs[0]] == [12] * 4
     assert outputs[1] == outputs[0]
+
+
+def test_moe_dense_and_gathered_paths_equal_the_expert_loop(model):
+    """The static-shape expert paths of decode and compiled steps (gathered: few pairs; dense: more pairs than
+    experts) give the per-expert loop's sum."""
+    moe = next(m for m in model.modules() if type(m).__name__ == "MoE")
+    g = torch.Generator().manual_seed(5)
+    for tokens in (2, 9):  # 2 tokens x top-3 = 6 pairs <= 8 experts; 9 x 3 = 27 > 8
+        x = torch.randn(tokens, moe.stacked[0].shape[2], generator=g)
+        weights, ids = moe.gate(torch.randn(tokens, model.spec.hidden_size, generator=g))
+        loop = torch.zeros(x.shape)
+        for t in range(tokens):
+            for w, e in zip(weights[t], ids[t].tolist()):
+                loop[t] += w * moe.experts[str(e)](x[t:t + 1], reduce=False)[0]
+        for path in (moe.run_experts_gathered, moe.run_experts_dense):
+            assert torch.allclose(path(x, weights, ids), loop, rtol=1e-5, atol=1e-6), (tokens, path.__name__)

@@ -54,6 +54,10 @@ def test_drafting_step_by_step_equals_the_stateless_reference(mtp_pair):
             logits, carry = model.mtp_draft(draft, carry[:, -1:], state, slots, torch.full((B,), n + i - 1))
             got.append(logits[:, -1])
         sequence = model.mtp_sequence_logits(ids)
+        # drafting left the backbone's state alone: it continues with x_n as if nothing happened in between
+        continued = model.logits(ids[:, n:], state, slots, torch.full((B,), n))[:, 0]
+        stateless = model.logits(ids)[:, n]
+    assert rel_err(continued, stateless) <= 1e-5
     assert want.shape == (B, k, model.spec.vocab_size)
     assert rel_err(torch.stack(got, dim=1), want) <= 1e-5
     assert rel_err(sequence[:, -1], want[:, 0]) <= 1e-5

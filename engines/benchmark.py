@@ -191,14 +191,13 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         codec = TextCodec.from_checkpoint(folder, model.spec)
         prompts = prompts or workload_prompts(codec, model.spec.vocab_size, workload)
         max_length = workload.input_len + workload.output_len + target.mtp + 1
-        why = unsupported(model) if compile else None
-        compiled = compile and why is None
+        executor = TorchExecutor(model, workload.concurrency, max_length, compile=None if compile else False)
+        compiled = executor.compiled is not None
         if compiled:
             log(f"{target.name}: compiling the decode steps")
-        elif why:
-            log(f"{target.name}: eager decode steps ({why})")
-        engine = Engine(TorchExecutor(model, workload.concurrency, max_length, compile=compiled), codec,
-                        max_num_tokens=max_num_tokens, num_speculative_tokens=target.mtp)
+        elif compile:
+            log(f"{target.name}: eager decode steps ({unsupported(model)})")
+        engine = Engine(executor, codec, max_num_tokens=max_num_tokens, num_speculative_tokens=target.mtp)
         run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
         results.append(run_engine(engine, prompts, workload, target.name))
         results[-1].executor = "compiled" if compiled else "eager"

@@ -95,10 +95,14 @@ def unsupported(model) -> str | None:
     if any(isinstance(m, MoE) and m.stacked is None for m in model.modules()):
         return ("an MoE layer's experts are not stacked (expert-sharded, or a Model not built by "
                 "engines/loading.py); compiled steps gather stacked experts")
-    if model.device.type == "cpu" and not any(shutil.which(name) for name in
-                                              (os.environ.get("CXX", "c++"), "g++", "clang++")):
+    if model.device.type == "cpu" and cpp_compiler() is None:
         return "torch inductor needs a C++ compiler on CPU and none was found (set CXX or install g++)"
     return None
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler inductor would find on CPU ($CXX, c++, g++, clang++), or None."""
+    return next(filter(None, map(shutil.which, (os.environ.get("CXX", "c++"), "g++", "clang++"))), None)
 
 
 def backbone_step(steps: CompiledSteps, ids, slots, past):

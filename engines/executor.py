@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from ..export.spec import ModelSpec
-from .compiled_step import CompiledSteps
+from .compiled_step import CompiledSteps, unsupported
 
 
 @dataclass
@@ -78,15 +78,18 @@ class TorchExecutor:
     """Runs `engines.model.Model` (our kernels on GPU, their references on CPU).
 
     Sequences with the same number of new tokens run as one rectangular [B, T] call of the model. With
-    `compile`, decode, verify and MTP calls of the shapes `warm_up` prepared are padded to [max_sequences, T]
-    and run as compiled steps (engines/compiled_step.py); prefill chunks run eagerly.
+    `compile` (True; or None: when `compiled_step.unsupported` finds nothing against it), decode, verify and
+    MTP calls of the shapes `warm_up` prepared are padded to [max_sequences, T] and run as compiled steps
+    (engines/compiled_step.py); prefill chunks run eagerly.
     """
 
-    def __init__(self, model, max_sequences: int, max_length: int, compile: bool = False):
+    def __init__(self, model, max_sequences: int, max_length: int, compile: bool | None = False):
         self.model, self.spec = model, model.spec
         self.max_sequences, self.max_length = max_sequences, max_length
         self.has_mtp = model.mtp is not None
         self.state = model.new_state(max_sequences, max_length, mtp=self.has_mtp)
+        if compile is None:
+            compile = unsupported(model) is None
         self.compiled = CompiledSteps(model, self.state) if compile else None
 
     @property

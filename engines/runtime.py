@@ -57,9 +57,10 @@ class Engine:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-                        max_sequences: int = 8, max_length: int = 1024, compile: bool = False, **kwargs) -> "Engine":
-        """An engine on TorchExecutor; `compile`: decode steps run compiled (engines/compiled_step.py), which
-        costs a compilation per step shape when the engine is built."""
+                        max_sequences: int = 8, max_length: int = 1024, compile: bool | None = False,
+                        **kwargs) -> "Engine":
+        """An engine on TorchExecutor; `compile`: decode steps run compiled (engines/compiled_step.py; None:
+        when the model allows it), which costs a compilation per step shape when the engine is built."""
         from ..export.builtin import resolve_checkpoint
         from .executor import TorchExecutor
         from .loading import load

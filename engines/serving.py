@@ -121,8 +121,8 @@ def load_engine(build_dir: Path, device: str = "cpu", tp: int = 1, max_sequences
     """The engine factory Triton's model.py calls: serve a build folder (its checkpoint/), or a checkpoint.
 
     num_speculative_tokens None: 2 when the model has an MTP head. compile None: compiled decode steps
-    (CUDA graphs) on CUDA for an unquantized checkpoint, eager otherwise; compiling happens here, before
-    the first request."""
+    (CUDA graphs) on CUDA where the model allows it (engines/compiled_step.unsupported: not for a quantized
+    checkpoint), eager otherwise; compiling happens here, before the first request."""
     from ..export.spec import ModelSpec
 
     build_dir = Path(build_dir)
@@ -134,8 +134,8 @@ def load_engine(build_dir: Path, device: str = "cpu", tp: int = 1, max_sequences
         raise FileNotFoundError(f"{folder}: no config.json (is {build_dir} a nemo3 build folder?)")
     if num_speculative_tokens is None:
         num_speculative_tokens = 2 if ModelSpec.from_file(folder).num_nextn_predict_layers else 0
-    if compile is None:
-        compile = device.startswith("cuda") and not (folder / "hf_quant_config.json").exists()
+    if compile is None and not device.startswith("cuda"):
+        compile = False
     return ServingEngine(Engine.from_checkpoint(folder, device=device, max_sequences=max_sequences,
                                                 max_length=max_length, compile=compile,
                                                 num_speculative_tokens=num_speculative_tokens))

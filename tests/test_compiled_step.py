@@ -4,20 +4,19 @@ they rest on (plugins/pool_rows.py) against boolean-mask indexing."""
 from __future__ import annotations
 
 import copy
-import shutil
 
 import pytest
 import torch
 from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 
+from nemo3.engines.compiled_step import cpp_compiler
 from nemo3.engines.executor import RaggedBatch, TorchExecutor
 from nemo3.engines.loading import load
 from nemo3.engines.requests import GenerationParams
 from nemo3.engines.runtime import Engine
 from nemo3.plugins.pool_rows import write_rows
 
-needs_compiler = pytest.mark.skipif(not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
-                                    reason="torch inductor needs a C++ compiler on CPU; none found")
+needs_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="torch inductor needs a C++ compiler on CPU; none found")
 
 
 @pytest.mark.parametrize("index", [[3, -1, 0, -1, 5], [-1, 2, -1, 4, 1], [-1, -1, -1, -1, -1], [0, 1, 2, 3, 4]])

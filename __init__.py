@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 
 def load(path=None, device="cpu", dtype=None):
-    """Load a Nemotron 3 checkpoint (default: the built-in tiny model) as a `nemo3.engines.Model`."""
-    from .engines.loading import load as _load
+    """Load a Nemotron 3 checkpoint (default: the built-in tiny model) as a `nemo3.engines.network.model.Model`."""
+    from .engines.network.loading import load as _load
 
     return _load(path, device=device, dtype=dtype)

@@ -1,5 +1,9 @@
 """The build: a sequence of stages, each writing one folder of OUT/ atomically.
 
+The stages' work is done by plain library functions (export: read_summary, write_ranks; quant:
+quantize_checkpoint; triton_repo: write_validated_repository; engines/evaluation: write_report); this module
+alone wraps them into stages, opens the checkpoint once per run and hands it to them.
+
 Every stage writes into `OUT/.tmp-<stage>` and is renamed into place only when complete, so an
 interrupted build never leaves a half-written stage that a later run trusts. `OUT/build.json`
 records, per stage, the hash of everything the stage depends on (input fingerprint + options); a
@@ -17,16 +21,12 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from . import __version__
-
-PRECISIONS = ("bf16", "fp8", "nvfp4")
-TARGETS = ("torch", "tensorrt", "trtllm")
-
-
-class BuildError(RuntimeError):
-    """A build that cannot go on; the message says which input or option is at fault."""
+from .export.build_folder import BuildError, BuildFolder
+from .export.options import MOE_PARALLEL, PRECISIONS, TARGETS
 
 
 @dataclass
@@ -54,100 +54,188 @@ class BuildOptions:
         if self.target == "tensorrt":
             raise BuildError("--target tensorrt: the ONNX + TensorRT engine path is not built yet; "
                              "use --target torch (nemo3 runtime) or --target trtllm (TensorRT-LLM)")
-        if self.moe_parallel not in ("ep", "tp"):
-            raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected ep or tp")
+        if self.moe_parallel not in MOE_PARALLEL:
+            raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected one of {', '.join(MOE_PARALLEL)}")
         if self.tp < 1:
             raise BuildError(f"--tp {self.tp}: must be >= 1")
 
 
 @dataclass
 class Stage:
-    """One step of the build. `run(ctx, tmp)` fills the folder `tmp`, which becomes OUT/<folder>."""
+    """One step of the build. `run(build, tmp)` fills the folder `tmp`, which becomes OUT/<folder>."""
 
     name: str
-    folder: str | None  # None: a stage that only checks and records (no folder of its own)
-    depends_on: Callable[["BuildContext"], dict]  # everything whose change must redo the stage
-    run: Callable[["BuildContext", Path | None], dict | None]  # returns a summary recorded in build.json
+    folder: str | None  # a BuildFolder attribute; None: a stage that only checks and records
+    inputs: Callable[["Build"], dict]  # everything whose change must redo the stage
+    run: Callable[["Build", Path | None], dict]  # returns a summary recorded in build.json
 
 
 @dataclass
-class BuildContext:
+class Build:
+    """One run of the build: its options, its folder, and what its stages share (opened once)."""
+
     options: BuildOptions
-    record: dict = field(default_factory=dict)  # build.json content
-    cache: dict = field(default_factory=dict)  # objects shared between stages of one run
+    record: dict = field(default_factory=dict)  # build.json content, filled as stages complete
 
     @property
-    def out(self) -> Path:
-        return self.options.output
+    def folder(self) -> BuildFolder:
+        return BuildFolder(self.options.output)
 
     @property
     def checkpoint_path(self) -> Path:
-        from .export.builtin import builtin_model_path
+        from .export.builtin import resolve_checkpoint
 
-        return self.options.checkpoint or builtin_model_path()
+        return resolve_checkpoint(self.options.checkpoint)
 
-    def stage_dir(self, folder: str) -> Path:
-        return self.out / folder
+    @cached_property
+    def checkpoint(self):
+        """The input checkpoint (export.checkpoint.Checkpoint), opened once and handed to every stage."""
+        from .export.checkpoint import open_checkpoint
+
+        return open_checkpoint(self.checkpoint_path)
+
+    @cached_property
+    def recipe(self):
+        from .quant.recipes import load_recipe
+
+        return load_recipe(self.options.recipe or self.options.precision)
+
+    @property
+    def calibration(self):
+        from .quant.quantize import CalibrationOptions
+
+        o = self.options
+        return CalibrationOptions(data=o.calib_data, samples=o.calib_samples, seq_len=o.calib_seq_len)
+
+    def stage_hash(self, name: str) -> str | None:
+        """The input hash a stage of this run was recorded with (None: not run)."""
+        return self.record.get("stages", {}).get(name, {}).get("hash")
+
+
+# ---- the stages ------------------------------------------------------------------------------------------
+def _read_stage() -> Stage:
+    from .export.inspect import read_summary
+
+    return Stage("read", None, lambda b: {"checkpoint": b.checkpoint.fingerprint()},
+                 lambda b, tmp: read_summary(b.checkpoint))
+
+
+def _quantize_stage() -> Stage:
+    from .quant.quantize import quantize_checkpoint, quantize_inputs
+
+    return Stage("quantize", "checkpoint",
+                 lambda b: quantize_inputs(b.checkpoint, b.options.precision, b.recipe, b.calibration),
+                 lambda b, tmp: quantize_checkpoint(b.checkpoint, b.recipe, b.calibration, tmp))
+
+
+def _shard_source(b: Build) -> Path:
+    """OUT/checkpoint when the build wrote one, else the input checkpoint."""
+    from .export.checkpoint import CONFIG_FILE
+
+    built = b.folder.checkpoint
+    return built if (built / CONFIG_FILE).is_file() else b.checkpoint_path
+
+
+def _shard_stage() -> Stage:
+    from .export.checkpoint import open_checkpoint
+    from .export.rank_writer import RANK_FORMAT, write_ranks
+
+    def inputs(b: Build) -> dict:
+        source = _shard_source(b)
+        return {"source": str(source.resolve()), "fingerprint": open_checkpoint(source).fingerprint(),
+                "tp": b.options.tp, "moe_parallel": b.options.moe_parallel, "format": RANK_FORMAT}
+
+    return Stage("shard", "ranks", inputs,
+                 lambda b, tmp: write_ranks(_shard_source(b), tmp, b.options.tp, b.options.moe_parallel))
+
+
+def _triton_stage() -> Stage:
+    from .triton_repo.build_repository import repository_inputs, repository_options, write_validated_repository
+
+    def options(b: Build):
+        o = b.options
+        spec = b.checkpoint.spec if o.target == "trtllm" else None
+        return repository_options(o.target, o.tp, o.moe_parallel, spec, b.folder.checkpoint)
+
+    return Stage("triton_repo", "triton_repo", lambda b: repository_inputs(options(b), b.folder.triton_repo),
+                 lambda b, tmp: write_validated_repository(options(b), tmp, b.folder.triton_repo))
+
+
+def _report_stage() -> Stage:
+    import dataclasses as dc
+
+    from .engines.evaluation.compare import CompareOptions
+    from .engines.evaluation.report import write_report
+
+    compare_options = CompareOptions()
+
+    def run(b: Build, tmp: Path | None) -> dict:
+        built = b.folder.checkpoint
+        if not built.is_dir():
+            raise BuildError(f"{built}: no checkpoint to report on (the quantize stage writes it)")
+        return write_report(built, b.checkpoint_path, b.recipe.name, tmp, compare_options)
+
+    return Stage("report", "report",
+                 lambda b: {"quantize": b.stage_hash("quantize"), "reference": b.checkpoint.fingerprint(),
+                            "options": dc.asdict(compare_options)}, run)
+
+
+STAGES = {"read": _read_stage, "quantize": _quantize_stage, "shard": _shard_stage, "triton_repo": _triton_stage,
+          "report": _report_stage}  # in build order
 
 
 def stable_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _read_record(out: Path) -> dict:
-    path = out / "build.json"
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}  # a corrupt record is treated as no record: every stage is redone
-
-
-def _write_record(out: Path, record: dict) -> None:
-    tmp = out / "build.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, out / "build.json")
-
-
-def run_stages(ctx: BuildContext, stages: list[Stage], log: Callable[[str], None] = print) -> dict:
-    out = ctx.out
-    out.mkdir(parents=True, exist_ok=True)
-    previous = _read_record(out)
-    ctx.record = {
+def run_stages(options: BuildOptions, names: list[str] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the named stages (default: all, in build order), skipping those whose inputs are unchanged."""
+    unknown = sorted(set(names or []) - set(STAGES))
+    if unknown:
+        raise BuildError(f"unknown stage(s) {', '.join(unknown)}: expected {', '.join(STAGES)}")
+    b = Build(options)
+    folder = b.folder
+    folder.root.mkdir(parents=True, exist_ok=True)
+    previous = folder.record()
+    b.record = {
         "nemo3_version": __version__,
         "options": {k: (str(v) if isinstance(v, Path) else v)
-                    for k, v in dataclasses.asdict(ctx.options).items() if k != "force"},
+                    for k, v in dataclasses.asdict(options).items() if k != "force"},
         "versions": _versions(),
         "stages": {},
     }
-    for stage in stages:
-        key = stable_hash(stage.depends_on(ctx))
+    for stage in [STAGES[n]() for n in STAGES if names is None or n in names]:
+        key = stable_hash(stage.inputs(b))
         old = previous.get("stages", {}).get(stage.name, {})
-        final = out / stage.folder if stage.folder else None
-        if not ctx.options.force and old.get("hash") == key and (final is None or final.exists()):
+        final = getattr(folder, stage.folder) if stage.folder else None
+        if not options.force and old.get("hash") == key and (final is None or final.exists()):
             log(f"[{stage.name}] up to date, skipped")
-            ctx.record["stages"][stage.name] = old
+            b.record["stages"][stage.name] = old
             continue
         tmp = None
         if final is not None:
-            tmp = out / f".tmp-{stage.folder.replace('/', '_')}"
+            tmp = folder.root / f".tmp-{stage.folder}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         log(f"[{stage.name}] running")
         start = time.perf_counter()
-        summary = stage.run(ctx, tmp) or {}
+        summary = stage.run(b, tmp) or {}
         if final is not None:
             if final.exists():
                 shutil.rmtree(final)
-            final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
         seconds = round(time.perf_counter() - start, 3)
-        ctx.record["stages"][stage.name] = {"hash": key, "seconds": seconds, **summary}
-        _write_record(out, ctx.record)  # after each stage: an interrupted build keeps what completed
+        b.record["stages"][stage.name] = {"hash": key, "seconds": seconds, **summary}
+        _write_record(folder, b.record)  # after each stage: an interrupted build keeps what completed
         log(f"[{stage.name}] done in {seconds:.1f}s")
-    _write_record(out, ctx.record)
-    return ctx.record
+    _write_record(folder, b.record)
+    return b.record
+
+
+def _write_record(folder: BuildFolder, record: dict) -> None:
+    tmp = folder.record_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, folder.record_path)
 
 
 def _versions() -> dict:
@@ -162,16 +250,5 @@ def _versions() -> dict:
     return versions
 
 
-def build_stages(options: BuildOptions) -> list[Stage]:
-    """The stages, in order: read -> quantize -> shard -> triton_repo -> report."""
-    from .export.shard_stage import shard_stage
-    from .export.stage import read_stage
-    from .quant.stage import quantize_stage, report_stage
-    from .triton_repo.stage import triton_stage
-
-    return [read_stage(), quantize_stage(), shard_stage(), triton_stage(), report_stage()]
-
-
 def build(options: BuildOptions, log: Callable[[str], None] = print) -> dict:
-    ctx = BuildContext(options)
-    return run_stages(ctx, build_stages(options), log=log)
+    return run_stages(options, log=log)

@@ -63,7 +63,8 @@ def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_nu
 
 
 def _default_mtp(path) -> list[int]:
-    from ..engines.benchmark import checkpoint_folder
+    from ..engines.runtime.factory import DEFAULT_MTP_DRAFT_TOKENS
+    from ..export.build_folder import model_folder
     from ..export.spec import ModelSpec
 
-    return [0, 2] if ModelSpec.from_file(checkpoint_folder(path)).num_nextn_predict_layers else [0]
+    return [0, DEFAULT_MTP_DRAFT_TOKENS] if ModelSpec.from_file(model_folder(path)).num_nextn_predict_layers else [0]

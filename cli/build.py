@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..export.options import MOE_PARALLEL, PRECISIONS, TARGETS
 from .common import one_line_errors
 
 
@@ -12,13 +13,13 @@ from .common import one_line_errors
               help="Hugging Face Nemotron 3 checkpoint folder (default: the built-in tiny model).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="deploy", show_default=True,
               help="Build folder (build.json, checkpoint/, ranks/, engines/, triton_repo/, report/).")
-@click.option("--precision", type=click.Choice(["bf16", "fp8", "nvfp4"]), default="nvfp4", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="nvfp4", show_default=True)
 @click.option("--recipe", default=None,
               help="Named recipe (nvfp4, nvfp4-conservative, fp8, bf16, nvfp4-all) or a YAML/JSON recipe file.")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks.")
-@click.option("--moe-parallel", type=click.Choice(["ep", "tp"]), default="ep", show_default=True,
+@click.option("--moe-parallel", type=click.Choice(MOE_PARALLEL), default="ep", show_default=True,
               help="Split routed experts across ranks (ep) or each expert's intermediate dimension (tp).")
-@click.option("--target", type=click.Choice(["torch", "tensorrt", "trtllm"]), default="torch", show_default=True,
+@click.option("--target", type=click.Choice(TARGETS), default="torch", show_default=True,
               help="Executor the Triton repository serves.")
 @click.option("--calib-data", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Calibration text or JSONL (default: the train split of the built-in corpus).")

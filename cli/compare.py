@@ -27,7 +27,7 @@ _folder = click.Path(exists=True, file_okay=False)
 @one_line_errors
 def command(builds, reference, json_path, **options):
     """Score BUILDS (build or checkpoint folders) against --reference on held-out text."""
-    from ..quant.compare import CompareOptions, compare, format_table
+    from ..engines.evaluation.compare import CompareOptions, compare, format_table
 
     report = compare([Path(b) for b in builds], Path(reference), CompareOptions(**options),
                      log=lambda line: click.echo(line, err=True))

@@ -22,8 +22,9 @@ def command(path, window, batch_size, max_files, device, threads, as_json):
     """Evaluate the checkpoint at PATH (default: the built-in model) on the held-out Python stdlib files."""
     import torch
 
-    from ..engines.evaluation import evaluate_heldout, format_result, load_tokenizer
-    from ..engines.loading import load
+    from ..engines.evaluation.heldout import evaluate_heldout, format_result
+    from ..export.tokenizer import load_tokenizer
+    from ..engines.network.loading import load
     from ..export.builtin import resolve_checkpoint
 
     if threads:

@@ -29,15 +29,14 @@ from .common import one_line_errors
 def command(prompt, path, max_tokens, temperature, top_k, top_p, seed, stop, mtp, think_budget, device, compile_steps,
             stats):
     """Generate a continuation of PROMPT, streaming it as it is produced."""
-    from ..engines.benchmark import checkpoint_folder
-    from ..engines.requests import GenerationParams
-    from ..engines.runtime import Engine
+    from ..engines.runtime.factory import StackOptions, open_scheduler
+    from ..engines.runtime.requests import GenerationParams
 
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                               stop=tuple(stop), think_budget=think_budget, num_speculative_tokens=mtp)
-    engine = Engine.from_checkpoint(checkpoint_folder(path), device=device, max_sequences=1,
-                                    max_length=max_tokens + mtp + 1 + 4 * len(prompt) + 8, compile=compile_steps,
-                                    num_speculative_tokens=mtp)
+    engine = open_scheduler(path, StackOptions(device=device, max_sequences=1,
+                                               max_length=max_tokens + mtp + 1 + 4 * len(prompt) + 8,
+                                               compile=compile_steps, num_speculative_tokens=mtp))
     click.echo(prompt, nl=False)
     last = None
     for delta in engine.stream(prompt, params):

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from ..export.options import MOE_PARALLEL, PRECISIONS
 from .common import one_line_errors
 
 
@@ -14,11 +15,11 @@ from .common import one_line_errors
               help="Checkpoint folder whose config.json to plan (default: the built-in model).")
 @click.option("--preset", type=click.Choice(["nano", "super"]), default=None,
               help="Plan a released model from its shapes alone: Nemotron 3 Nano 30B-A3B or Super 120B-A12B.")
-@click.option("--precision", type=click.Choice(["bf16", "fp8", "nvfp4"]), default="nvfp4", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="nvfp4", show_default=True)
 @click.option("--recipe", default=None,
               help="Named recipe or a YAML/JSON recipe file (default: the precision's recipe, as nemo3-build).")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks (one GPU each).")
-@click.option("--moe-parallel", type=click.Choice(["ep", "tp"]), default="ep", show_default=True,
+@click.option("--moe-parallel", type=click.Choice(MOE_PARALLEL), default="ep", show_default=True,
               help="Split routed experts across ranks (ep) or each expert's intermediate dimension (tp).")
 @click.option("--gpu-memory", default="80GiB", show_default=True,
               help="Memory of one GPU: 80GiB, 141GB, 80G (K, M, G, T alone are binary).")

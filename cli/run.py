@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..export.options import MOE_PARALLEL
 from .common import one_line_errors
 
 
@@ -19,7 +20,7 @@ from .common import one_line_errors
               help="Build folder: each rank reads its own OUT/ranks/rank{r}/, written for the build's --tp.")
 @click.option("--tp", type=int, default=None,
               help="Tensor-parallel ranks  [default: the build's, or torchrun's WORLD_SIZE, or 1]")
-@click.option("--moe-parallel", type=click.Choice(["ep", "tp"]), default=None,
+@click.option("--moe-parallel", type=click.Choice(MOE_PARALLEL), default=None,
               help="Routed experts: whole experts per rank (ep) or a slice of each (tp)  [default: ep, or the "
                    "build's]")
 @click.option("--max-tokens", type=int, default=32, show_default=True)
@@ -32,10 +33,10 @@ def command(prompt, path, build, tp, moe_parallel, max_tokens, device):
     `torchrun --nproc-per-node 4 --no-python nemo3 run --tp 4 PROMPT`. Rank 0 prints. (The full
     runtime of `nemo3 generate` is single-process for now.)
     """
-    from ..engines.benchmark import checkpoint_folder
-    from ..engines.launcher import default_backend, launch, under_torchrun
-    from ..engines.loading import read_rank_config
-    from ..engines.text import TextCodec
+    from ..engines.runtime.launcher import default_backend, launch, under_torchrun
+    from ..engines.network.loading import read_rank_config
+    from ..engines.runtime.text import TextCodec
+    from ..export.build_folder import model_folder
     from ..export.sharding import check_tp
     from ..export.spec import ModelSpec
 
@@ -52,7 +53,7 @@ def command(prompt, path, build, tp, moe_parallel, max_tokens, device):
         spec = ModelSpec.from_config(config["model"], source=str(where / "config.json"))
         source, text_folder = Path(build), Path(config["source"]["checkpoint"])
     else:
-        source = text_folder = checkpoint_folder(path)
+        source = text_folder = model_folder(path)
         spec = ModelSpec.from_file(source)
         tp, moe_parallel = tp or (int(os.environ["WORLD_SIZE"]) if under_torchrun() else 1), moe_parallel or "ep"
         check_tp(spec, tp, moe_parallel)
@@ -64,10 +65,10 @@ def command(prompt, path, build, tp, moe_parallel, max_tokens, device):
 def run_rank(source: str, from_ranks: bool, moe_parallel: str, prompt: str, prompt_ids: list[int], max_tokens: int,
              device: str, text_folder: str) -> None:
     """One rank: load its part of the model, decode greedily; rank 0 prints the text as it comes."""
-    from ..engines.greedy import greedy_tokens
-    from ..engines.loading import load, load_rank
-    from ..engines.parallel import Parallel
-    from ..engines.text import Detokenizer, TextCodec
+    from ..engines.evaluation.greedy import greedy_tokens
+    from ..engines.network.loading import load, load_rank
+    from ..engines.network.parallel import Parallel
+    from ..engines.runtime.text import Detokenizer, TextCodec
 
     parallel = Parallel.from_process_group(moe_parallel)
     model = load_rank(source, parallel, device) if from_ranks else load(source, device, parallel=parallel)

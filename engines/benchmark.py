@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .requests import GenerationParams
+from ..export.build_folder import label_of, model_folder
+from .runtime.requests import GenerationParams
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Target:
 
     @property
     def name(self) -> str:
-        return self.label or f"{checkpoint_label(self.path)}{f' mtp{self.mtp}' if self.mtp else ''}"
+        return self.label or f"{label_of(self.path)}{f' mtp{self.mtp}' if self.mtp else ''}"
 
 
 @dataclass
@@ -76,28 +77,6 @@ def _percentile(values: list[float], q: int) -> float | None:
 
 def _ms(seconds):
     return None if seconds is None else round(1000 * seconds, 2)
-
-
-def checkpoint_folder(path: Path | None) -> Path:
-    from ..export.builtin import resolve_checkpoint
-
-    folder = resolve_checkpoint(path)
-    return folder / "checkpoint" if (folder / "build.json").exists() else folder
-
-
-def checkpoint_label(path: Path | None) -> str:
-    """A build's recipe (or precision); for a plain checkpoint, its quantization or "bf16"."""
-    import json
-
-    if path is not None and (Path(path) / "build.json").exists():
-        options = json.loads((Path(path) / "build.json").read_text()).get("options", {})
-        return options.get("recipe") or options.get("precision") or "build"
-    folder = checkpoint_folder(path)
-    quant = folder / "hf_quant_config.json"
-    if not quant.exists():
-        return "bf16"
-    algo = json.loads(quant.read_text()).get("quantization", {}).get("quant_algo") or "quantized"
-    return str(algo).lower()
 
 
 def workload_prompts(codec, vocab_size: int, workload: Workload) -> list[list[int]]:
@@ -178,26 +157,21 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
                   max_num_tokens: int = 512, compile: bool = True, log=print) -> dict:
     """Each target, then transformers; `compile`: decode steps of unquantized builds run compiled (CUDA graphs
     on GPU), compiled before the clock starts. Quantized builds (emulated by QuantLinear) always run eagerly."""
-    from .compiled_step import unsupported
-    from .executor import TorchExecutor
-    from .loading import load
-    from .runtime import Engine
-    from .text import TextCodec
+    from .executors.compiled_step import unsupported
+    from .runtime.factory import StackOptions, open_scheduler
 
     results, prompts = [], None
     for target in targets:
-        folder = checkpoint_folder(target.path)
-        model = load(folder, device=device)
-        codec = TextCodec.from_checkpoint(folder, model.spec)
-        prompts = prompts or workload_prompts(codec, model.spec.vocab_size, workload)
+        if compile:
+            log(f"{target.name}: compiling the decode steps where the model allows it")
         max_length = workload.input_len + workload.output_len + target.mtp + 1
-        executor = TorchExecutor(model, workload.concurrency, max_length, compile=None if compile else False)
-        compiled = executor.compiled is not None
-        if compiled:
-            log(f"{target.name}: compiling the decode steps")
-        elif compile:
-            log(f"{target.name}: eager decode steps ({unsupported(model)})")
-        engine = Engine(executor, codec, max_num_tokens=max_num_tokens, num_speculative_tokens=target.mtp)
+        engine = open_scheduler(target.path, StackOptions(
+            device=device, max_sequences=workload.concurrency, max_length=max_length, max_num_tokens=max_num_tokens,
+            num_speculative_tokens=target.mtp, compile=compile))
+        compiled = engine.executor.compiled is not None
+        if compile and not compiled:
+            log(f"{target.name}: eager decode steps ({unsupported(engine.executor.model)})")
+        prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
         run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
         results.append(run_engine(engine, prompts, workload, target.name))
         results[-1].executor = "compiled" if compiled else "eager"
@@ -205,7 +179,7 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
     peer = None
     if transformers_baseline:
         for batch_size in sorted({workload.concurrency, 1}, reverse=True):
-            results.append(run_transformers(checkpoint_folder(targets[0].path), prompts, workload, batch_size, device))
+            results.append(run_transformers(model_folder(targets[0].path), prompts, workload, batch_size, device))
             log(f"{results[-1].name}: {results[-1].tokens_per_s:.1f} output tokens/s")
             peer = peer or results[-1]  # ratios are to the batched (strongest) baseline
     rows = [r.summary() for r in results]

@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from ..export import corpus
 from ..export.builtin_config import BUILTIN_CONFIG
 from ..export.spec import ModelSpec
-from .model import Model
-from .moe import Router
+from ..export.tokenizer import load_tokenizer
+from .evaluation.heldout import next_token_logits
+from .network.model import Model
+from .network.moe import Router
 
 STATE_TENSORS = "train_state.safetensors"
 STATE_JSON = "train_state.json"
@@ -171,9 +173,10 @@ def sample_windows(stream: torch.Tensor, batch_size: int, length: int, seed: int
 def heldout_loss(model: Model, stream: torch.Tensor, length: int, windows: int = 16) -> float:
     """Mean next-token cross-entropy over the first `windows` non-overlapping windows of `stream`."""
     n = min(windows, stream.numel() // length)
+    rows = stream[: n * length].view(n, length)
     with torch.no_grad():
-        main, _ = batch_losses(model, stream[: n * length].view(n, length))
-    return float(main)
+        _, logits = next_token_logits(model, rows)
+    return float(F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten()))
 
 
 # ---- checkpoint ------------------------------------------------------------------------------------
@@ -247,7 +250,6 @@ def token_streams(workdir: Path, spec: ModelSpec) -> tuple[torch.Tensor, torch.T
     import hashlib
 
     from safetensors.torch import load_file, save_file
-    from tokenizers import Tokenizer
 
     tokenizer_file = workdir / MODEL_FOLDER / "tokenizer.json"
     key = hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
@@ -259,7 +261,7 @@ def token_streams(workdir: Path, spec: ModelSpec) -> tuple[torch.Tensor, torch.T
             if (f.metadata() or {}).get("tokenizer_sha256") == key:
                 streams = load_file(str(cache))
                 return streams["train"], streams["heldout"]
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    tokenizer = load_tokenizer(tokenizer_file.parent)
     train, _ = corpus.token_stream(corpus.texts("train"), tokenizer, spec.bos_token_id, spec.eos_token_id)
     heldout, _ = corpus.token_stream(corpus.texts("heldout"), tokenizer, spec.bos_token_id, spec.eos_token_id)
     save_file({"train": train, "heldout": heldout}, str(cache), metadata={"tokenizer_sha256": key})

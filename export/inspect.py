@@ -76,6 +76,15 @@ def inspect_checkpoint(path: str | Path) -> dict:
             "dtypes": {group: sorted(d) for group, d in dtypes.items()}}
 
 
+def read_summary(ckpt) -> dict:
+    """Validate an opened checkpoint's names, shapes and dtypes (safetensors headers) and summarize it: what the
+    build's "read" stage records."""
+    ckpt.validate()
+    spec = ckpt.spec
+    return {"checkpoint": str(ckpt.path.resolve()), "fingerprint": ckpt.fingerprint(), "pattern": spec.pattern,
+            "mtp_pattern": spec.mtp_pattern, "tensors": len(ckpt.names()), "parameters": parameter_counts(spec)}
+
+
 def describe_spec(spec: ModelSpec) -> dict:
     """Everything the report says that follows from the config alone."""
     moe = None

@@ -34,11 +34,11 @@ import torch
 
 from .inspect import weight_group
 from .names import expected_tensors, fp32_tensors
+from .options import PRECISIONS
 from .sharding import (ShardError, blank_numbers, check_tp, expert_index, rank_layout, shard_of, split_name,
                        valid_tp)
 from .spec import ATTENTION, MAMBA, ModelSpec
 
-PRECISIONS = ("bf16", "fp8", "nvfp4")
 KV_DTYPES = {"bf16": 2, "fp8": 1}
 STATE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CONV_STATE_BYTES = 2  # conv windows are kept in the activation dtype (BF16)

@@ -54,9 +54,9 @@ from dataclasses import dataclass
 import torch
 
 from .names import expected_tensors, fp32_tensors
+from .options import MOE_PARALLEL
 from .spec import ModelSpec
 
-MOE_PARALLEL = ("ep", "tp")
 MAX_TP = 64  # the largest --tp that error messages and planners consider
 NVFP4_BLOCK = 16
 

@@ -23,6 +23,7 @@ import torch
 
 from ..export import corpus
 from ..export.spec import ModelSpec
+from ..export.tokenizer import load_tokenizer
 
 
 class DataError(ValueError):
@@ -93,8 +94,6 @@ def calibration_windows(folder: str | Path, spec: ModelSpec, data: str | Path | 
         texts, source = corpus.texts("train"), "the built-in corpus (train split)"
     else:
         texts, source = read_texts(data), str(data)
-    from ..engines.evaluation import load_tokenizer
-
     return token_windows(texts, load_tokenizer(folder), spec, samples, seq_len, source), source
 
 

@@ -14,9 +14,10 @@ import sys
 import pytest
 import torch
 
-from nemo3.engines.evaluation import (HeldoutResult, evaluate_heldout, greedy_continuation, load_tokenizer,
-                                      window_starts)
-from nemo3.engines.loading import load
+from nemo3.export.tokenizer import load_tokenizer
+from nemo3.engines.evaluation.greedy import greedy_text
+from nemo3.engines.evaluation.heldout import HeldoutResult, evaluate_heldout, window_starts
+from nemo3.engines.network.loading import load
 from nemo3.export import corpus
 from nemo3.export.builtin import BUILTIN_DIR, builtin_model_path
 from nemo3.export.spec import ATTENTION, MAMBA, MOE, ModelSpec
@@ -116,7 +117,7 @@ def test_model_beats_unigram_and_mtp_drafts_agree(heldout):
 
 def test_greedy_sample_matches_card(model):
     prompt, n_tokens, sample = card_sample()
-    assert greedy_continuation(model, load_tokenizer(BUILTIN_DIR), prompt, n_tokens) == sample
+    assert greedy_text(model, load_tokenizer(BUILTIN_DIR), prompt, n_tokens) == sample
     compile(prompt + sample + "\n", "<sample>", "exec")  # reads like Python: it even compiles
 
 

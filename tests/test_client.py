@@ -1,7 +1,7 @@
 """The gRPC client against the generated repository served in-process: tritonclient -> KServe v2 gRPC
 test server -> ensemble -> nemo3's model.py (under the python-backend stand-in) -> an engine.
 
-The engine here is a small, real implementation of `serving_api.Engine` (it streams the prompt's
+The engine here is a small, real implementation of `serving_api.Server` (it streams the prompt's
 words in reverse order, one per step, with a delay), not the nemo3 runtime: the end-to-end test
 "streamed text equals the runtime's own greedy output" waits for the runtime's engine factory.
 """
@@ -16,12 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from nemo3.cli.main import main as cli
-from nemo3.engines.requests import Delta, FinishReason
+from nemo3.engines.runtime.requests import Delta, FinishReason
 from nemo3.triton_repo.client import (Generation, ModelNotReady, RequestFailed, RequestOptions, RequestTimeout, ServerUnavailable,
                                       TextClient)
 from nemo3.triton_repo.generate import RepositoryOptions, write_repository
 from nemo3.triton_repo.kserve_test_server import KServeTestServer
-from nemo3.triton_repo.serving_api import Engine
+from nemo3.triton_repo.serving_api import Server
 
 STEP_S = 0.01
 ENGINES: list["ReverseEngine"] = []
@@ -92,7 +92,7 @@ class ReverseEngine:
         self.closed = True
 
 
-def load_engine(build_dir, device, tp):  # the engine factory named in the test repository's config.pbtxt
+def load_server(build_dir, device, tp):  # the engine factory named in the test repository's config.pbtxt
     assert build_dir.is_dir()
     engine = ReverseEngine(build_dir, device, tp)
     ENGINES.append(engine)
@@ -108,7 +108,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     (root / "build").mkdir()
     write_repository(root / "repo", RepositoryOptions(device="cpu", build_dir=str(root / "build"),
-                                                      engine_factory="test_client:load_engine"))
+                                                      server_factory="test_client:load_server"))
     ENGINES.clear()
     with KServeTestServer(root / "repo") as srv:
         yield srv
@@ -128,7 +128,7 @@ def wait_for(condition, seconds=10.0):
 
 
 def test_engine_factory_got_the_build(server, engine):
-    assert isinstance(engine, Engine)
+    assert isinstance(engine, Server)
     assert engine.build_dir.name == "build" and engine.device == "cpu" and engine.tp == 1
 
 

@@ -1,4 +1,4 @@
-"""The accuracy comparison (quant/compare.py, `nemo3 compare`) and the build with its quantize and report stages."""
+"""The accuracy comparison (engines/evaluation/compare.py, `nemo3 compare`) and the build with its quantize and report stages."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from quant_fixtures import BUILTIN_DIR, needs_builtin, random_windows, write_tin
 import nemo3
 from nemo3.cli.build import main as build_main
 from nemo3.cli.main import main as nemo3_main
-from nemo3.engines.quant_linear import QuantLinear
+from nemo3.engines.network.quant_linear import QuantLinear
 from nemo3.export.checkpoint import open_checkpoint
 from nemo3.quant.calibrate import calibrate
-from nemo3.quant.compare import CompareOptions, common_prefix, compare, format_table, score
+from nemo3.engines.evaluation.compare import CompareOptions, common_prefix, compare, format_table, score
 from nemo3.quant.data import calibration_windows
 from nemo3.quant.export import export_quantized, export_unquantized
 from nemo3.quant.recipes import RECIPES

@@ -1,4 +1,4 @@
-"""Compiled decode steps (engines/compiled_step.py) against the eager network, and the branch-free pool writes
+"""Compiled decode steps (engines/executors/compiled_step.py) against the eager network, and the branch-free pool writes
 they rest on (plugins/pool_rows.py) against boolean-mask indexing."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 
-from nemo3.engines.compiled_step import cpp_compiler
-from nemo3.engines.executor import RaggedBatch, TorchExecutor
-from nemo3.engines.loading import load
-from nemo3.engines.requests import GenerationParams
-from nemo3.engines.runtime import Engine
+from nemo3.engines.executors.compiled_step import cpp_compiler
+from nemo3.engines.executors.base import RaggedBatch
+from nemo3.engines.executors.torch_executor import TorchExecutor
+from nemo3.engines.network.loading import load
+from nemo3.engines.runtime.requests import GenerationParams
+from nemo3.engines.runtime.scheduler import Scheduler
 from nemo3.plugins.pool_rows import write_rows
 
 needs_compiler = pytest.mark.skipif(cpp_compiler() is None, reason="torch inductor needs a C++ compiler on CPU; none found")
@@ -103,7 +104,7 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model):
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (9, 14, 6, 11)]
     outputs = []
     for compile in (False, True):
-        engine = Engine(TorchExecutor(model, 3, 64, compile=compile), num_speculative_tokens=2)
+        engine = Scheduler(TorchExecutor(model, 3, 64, compile=compile), num_speculative_tokens=2)
         tokens, deltas = {}, []
         for i, prompt in enumerate(prompts):  # one request joins per step
             rid = engine.add_request(prompt, GenerationParams(max_tokens=12, ignore_eos=True,

@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 from test_network import rel_err
 
 from nemo3.cli.main import main
-from nemo3.engines.greedy import greedy_tokens
-from nemo3.engines.launcher import launch
-from nemo3.engines.loading import load, load_rank
-from nemo3.engines.model import Model
-from nemo3.engines.parallel import Parallel
-from nemo3.engines.text import TextCodec
+from nemo3.engines.evaluation.greedy import greedy_tokens
+from nemo3.engines.runtime.launcher import launch
+from nemo3.engines.network.loading import load, load_rank
+from nemo3.engines.network.model import Model
+from nemo3.engines.network.parallel import Parallel
+from nemo3.engines.runtime.text import TextCodec
 from nemo3.export.rank_writer import write_ranks
 from nemo3.export.sharding import ShardError
 

@@ -7,7 +7,7 @@ import torch
 from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 from test_network import rel_err, single_chunk
 
-from nemo3.engines.loading import load
+from nemo3.engines.network.loading import load
 from nemo3.export.names import expected_tensors
 
 

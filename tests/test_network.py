@@ -9,9 +9,9 @@ import torch
 from conftest import CONFIGS, hf_model, make_config, save_hf_checkpoint
 
 import nemo3
-from nemo3.engines.loading import load
-from nemo3.engines.mamba2 import MAX_STEP_TOKENS
-from nemo3.engines.model import Model
+from nemo3.engines.network.loading import load
+from nemo3.engines.network.mamba2 import MAX_STEP_TOKENS
+from nemo3.engines.network.model import Model
 from nemo3.export.names import expected_tensors
 from nemo3.export.spec import ModelSpec
 

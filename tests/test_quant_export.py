@@ -36,7 +36,7 @@ import torch
 from quant_fixtures import BUILTIN_DIR, random_windows, write_tiny_checkpoint
 
 import nemo3
-from nemo3.engines.quant_linear import QuantLinear
+from nemo3.engines.network.quant_linear import QuantLinear
 from nemo3.export.checkpoint import CheckpointError, QUANT_CONFIG_FILE, open_checkpoint, read_header
 from nemo3.export.names import EMBEDDING, expected_tensors, fp32_tensors
 from nemo3.quant import fp8, nvfp4

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 
-from nemo3.engines.executor import TorchExecutor
-from nemo3.engines.loading import load
-from nemo3.engines.requests import FinishReason, GenerationParams
-from nemo3.engines.runtime import Engine
-from nemo3.engines.text import TextCodec
+from nemo3.engines.executors.torch_executor import TorchExecutor
+from nemo3.engines.network.loading import load
+from nemo3.engines.runtime.requests import FinishReason, GenerationParams
+from nemo3.engines.runtime.scheduler import Scheduler
+from nemo3.engines.runtime.text import TextCodec
 
 
 @pytest.fixture(scope="module", params=["random", "builtin"])
@@ -29,9 +29,9 @@ def model_and_codec(request, tmp_path_factory):
     return model, TextCodec.from_checkpoint(folder, model.spec)
 
 
-def make_engine(model_and_codec, max_sequences=4, max_length=160, **kwargs) -> Engine:
+def make_engine(model_and_codec, max_sequences=4, max_length=160, **kwargs) -> Scheduler:
     model, codec = model_and_codec
-    return Engine(TorchExecutor(model, max_sequences, max_length), codec, **kwargs)
+    return Scheduler(TorchExecutor(model, max_sequences, max_length), codec, **kwargs)
 
 
 def prompts(model, n: int, seed: int = 0) -> list[list[int]]:
@@ -53,7 +53,7 @@ def no_eos(max_tokens: int, **kwargs) -> GenerationParams:
     return GenerationParams(max_tokens=max_tokens, ignore_eos=True, **kwargs)
 
 
-def assert_idle(engine: Engine) -> None:
+def assert_idle(engine: Scheduler) -> None:
     assert engine.slots.in_use == 0 and not engine.running and not engine.waiting
 
 
@@ -195,7 +195,7 @@ def test_requests_that_cannot_fit_are_refused_and_others_wait(model_and_codec):
 
 def test_commit_steps_rolls_mamba_state_back_to_the_accepted_prefix(model_and_codec):
     """A verify forward over 4 tokens, then keeping the state after token j, equals having fed only j+1 tokens."""
-    from nemo3.engines.executor import RaggedBatch
+    from nemo3.engines.executors.base import RaggedBatch
 
     model, _ = model_and_codec
     ids = prompts(model, 1, seed=11)[0][:12]

@@ -8,9 +8,8 @@ import threading
 import pytest
 from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 
-from nemo3.engines.requests import FinishReason, GenerationParams
-from nemo3.engines.runtime import Engine
-from nemo3.engines.serving import load_engine
+from nemo3.engines.runtime.requests import FinishReason, GenerationParams
+from nemo3.engines.runtime.factory import load_server, open_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +22,8 @@ def checkpoint(tmp_path_factory):
 def test_concurrent_streams_equal_the_runtime(checkpoint):
     params = GenerationParams(max_tokens=12, ignore_eos=True)
     prompts = [[3 + i, 9, 17, 4 + 2 * i] for i in range(8)]
-    want = [r.token_ids for r in Engine.from_checkpoint(checkpoint).generate(prompts, params)]
-    engine = load_engine(checkpoint, num_speculative_tokens=2)
+    want = [r.token_ids for r in open_scheduler(checkpoint).generate(prompts, params)]
+    engine = load_server(checkpoint, num_speculative_tokens=2)
     got = {}
 
     def run(i):
@@ -41,7 +40,7 @@ def test_concurrent_streams_equal_the_runtime(checkpoint):
 
 
 def test_cancel_and_refusal(checkpoint):
-    engine = load_engine(checkpoint)
+    engine = load_server(checkpoint)
     stream = engine.stream([5, 6, 7], GenerationParams(max_tokens=200, ignore_eos=True), "long")
     first = next(stream)
     assert not first.finished and engine.cancel("long")
@@ -54,7 +53,7 @@ def test_cancel_and_refusal(checkpoint):
 
 
 def test_abandoned_stream_frees_its_slot_and_engine_errors_reach_streams(checkpoint):
-    engine = load_engine(checkpoint)
+    engine = load_server(checkpoint)
     stream = engine.stream([5, 6, 7], GenerationParams(max_tokens=200, ignore_eos=True), "gone")
     next(stream)
     stream.close()  # the client went away

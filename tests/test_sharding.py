@@ -287,17 +287,16 @@ def test_writer_reads_transformers_checkpoints_and_refuses_bad_tp_before_writing
 
 
 def test_shard_stage_writes_ranks_and_is_skipped_when_up_to_date(tmp_path):
-    from nemo3.export.shard_stage import shard_stage
-    from nemo3.pipeline import BuildContext, BuildOptions, run_stages
+    from nemo3.pipeline import BuildOptions, run_stages
 
     spec = spec_of("plain_moe")
     source = write_checkpoint(tmp_path / "ckpt", spec, make_tensors(spec, "bf16"), quantized=False)
     options = BuildOptions(output=tmp_path / "out", checkpoint=source, tp=2, moe_parallel="tp")
     logs = []
-    record = run_stages(BuildContext(options), [shard_stage()], log=logs.append)
+    record = run_stages(options, ["shard"], log=logs.append)
     assert record["stages"]["shard"]["tp"] == 2 and len(record["stages"]["shard"]["ranks"]) == 2
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["build.json", "ranks"]
     for r in range(2):
         assert (tmp_path / "out" / "ranks" / f"rank{r}" / "model.safetensors").is_file()
-    run_stages(BuildContext(options), [shard_stage()], log=logs.append)
+    run_stages(options, ["shard"], log=logs.append)
     assert logs[-1] == "[shard] up to date, skipped"

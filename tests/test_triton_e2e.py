@@ -1,5 +1,5 @@
 """End to end with the real runtime: tritonclient -> KServe v2 gRPC test server -> the generated ensemble ->
-model.py -> nemo3.engines.serving:load_engine -> the runtime. The streamed text must equal the runtime's
+model.py -> nemo3.engines.runtime.factory:load_server -> the runtime. The streamed text must equal the runtime's
 own output for the same greedy request."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from conftest import add_missing_tensors, copy_builtin_tokenizer, hf_model, make_config, save_hf_checkpoint
 
-from nemo3.engines.requests import GenerationParams
-from nemo3.engines.runtime import Engine
+from nemo3.engines.runtime.requests import GenerationParams
+from nemo3.engines.runtime.factory import open_scheduler
 from nemo3.export.builtin import BUILTIN_DIR
 from nemo3.triton_repo.client import RequestOptions, TextClient
 from nemo3.triton_repo.generate import RepositoryOptions, write_repository
@@ -38,7 +38,7 @@ def server(checkpoint, tmp_path_factory):
 
 
 def test_streamed_text_equals_the_runtime(checkpoint, server):
-    want = Engine.from_checkpoint(checkpoint).generate(PROMPTS, GenerationParams(max_tokens=16))
+    want = open_scheduler(checkpoint).generate(PROMPTS, GenerationParams(max_tokens=16))
     client = TextClient(server.url)
     for prompt, expected in zip(PROMPTS, want):
         chunks = list(client.stream(prompt, RequestOptions(max_tokens=16, num_speculative_tokens=2)))

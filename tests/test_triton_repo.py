@@ -16,10 +16,9 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from nemo3.cli.main import main as cli
-from nemo3.pipeline import BuildContext, BuildOptions, run_stages
+from nemo3.pipeline import BuildOptions, run_stages
 from nemo3.triton_repo import generate as generate_module
 from nemo3.triton_repo.generate import HEADER, RepositoryOptions, write_repository
-from nemo3.triton_repo.stage import triton_stage
 from nemo3.triton_repo.validate import RepositoryError, check_repository, validate_repository
 
 # TensorRT-LLM's text-level tensors (triton_backend/all_models/inflight_batcher_llm/ensemble/config.pbtxt)
@@ -124,8 +123,8 @@ CONFIG_CORRUPTIONS = [
      r"^triton_repo/nemo3/config.pbtxt:\d+: parameters\[build_dir\]: unfilled placeholder \$\{build_dir\}$"),
     ("nemo3", 'string_value: "../.."', 'string_value: "../missing"',
      r"^triton_repo/nemo3/config.pbtxt: parameters\[build_dir\]: '../missing' does not exist"),
-    ("nemo3", 'string_value: "test_client:load_engine"', 'string_value: "not a spec"',
-     r"^triton_repo/nemo3/config.pbtxt: parameters\[engine_factory\]: engine_factory 'not a spec': expected"),
+    ("nemo3", 'string_value: "test_client:load_server"', 'string_value: "not a spec"',
+     r"^triton_repo/nemo3/config.pbtxt: parameters\[server_factory\]: server_factory 'not a spec': expected"),
     ("nemo3", 'name: "nemo3"', 'name: "nemo4"', r"^triton_repo/nemo3/config.pbtxt: name: 'nemo4' differs"),
     ("nemo3", 'name: "top_k"\n  data_type: TYPE_INT32', 'name: "top_k"\n  data_type: TYPE_INT64',
      r"^triton_repo/ensemble/config.pbtxt: ensemble_scheduling.step\[0\].input_map\[top_k\]: ensemble input "
@@ -148,7 +147,7 @@ CONFIG_CORRUPTIONS = [
 
 @pytest.mark.parametrize("model,old,new,error", CONFIG_CORRUPTIONS)
 def test_validator_names_the_corrupted_field(tmp_path, model, old, new, error):
-    repo = generate(tmp_path, device="cpu", engine_factory="test_client:load_engine")
+    repo = generate(tmp_path, device="cpu", server_factory="test_client:load_server")
     assert check_repository(repo).ok
     path = repo / model / "config.pbtxt"
     text = path.read_text()
@@ -216,7 +215,7 @@ def test_validate_repo_command(tmp_path):
 def test_stage_writes_a_valid_repository_and_skips_when_unchanged(tmp_path):
     out = tmp_path / "out"
     options = BuildOptions(output=out, target="torch", tp=2)
-    record = run_stages(BuildContext(options), [triton_stage()], log=lambda _: None)
+    record = run_stages(options, ["triton_repo"], log=lambda _: None)
     stage = record["stages"]["triton_repo"]
     assert (stage["target"], stage["models"], stage["tp"], stage["notes"]) == ("torch", ["ensemble", "nemo3"], 2, [])
     repo = out / "triton_repo"
@@ -227,7 +226,7 @@ def test_stage_writes_a_valid_repository_and_skips_when_unchanged(tmp_path):
     assert f"tritonserver --model-repository={repo.resolve()} --grpc-port=8001" in readme
     assert "tensor parallel size 2 (instance 0: GPUs 0,1)" in readme
     logs = []
-    run_stages(BuildContext(options), [triton_stage()], log=logs.append)
+    run_stages(options, ["triton_repo"], log=logs.append)
     assert logs == ["[triton_repo] up to date, skipped"]
 
 
@@ -241,13 +240,13 @@ def test_trtllm_stage_points_at_the_quantized_checkpoint(tmp_path, mtp_checkpoin
     options = BuildOptions(output=out, checkpoint=mtp_checkpoint, target="trtllm", tp=2, moe_parallel="ep")
     with pytest.raises(RepositoryError, match=r"^triton_repo/tensorrt_llm/1/model.yaml: model: .*/out/checkpoint: "
                                               r"no checkpoint there \(config.json missing\)$"):
-        run_stages(BuildContext(options), [triton_stage()], log=lambda _: None)
+        run_stages(options, ["triton_repo"], log=lambda _: None)
     assert not (out / "triton_repo").exists()
     (out / "checkpoint").mkdir()  # what the quantized-export stage writes
     (out / "checkpoint" / "config.json").write_text((mtp_checkpoint / "config.json").read_text())
     (out / "checkpoint" / "hf_quant_config.json").write_text(json.dumps(
         {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8"}}))
-    record = run_stages(BuildContext(options), [triton_stage()], log=lambda _: None)
+    record = run_stages(options, ["triton_repo"], log=lambda _: None)
     assert record["stages"]["triton_repo"]["models"] == ["ensemble", "tensorrt_llm"]
     args = yaml.safe_load((out / "triton_repo" / "tensorrt_llm" / "1" / "model.yaml").read_text())
     assert args["model"] == str((out / "checkpoint").resolve())

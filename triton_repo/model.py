@@ -5,7 +5,7 @@ runs it (it imports nemo3, so nemo3 must be installed where Triton runs). Everyt
 from `config.pbtxt` parameters:
 
     build_dir             the build output folder (relative to the model's folder)
-    engine_factory        "module:function" returning a `serving_api.Engine`
+    server_factory        "module:function" returning a `serving_api.Server`
     tensor_parallel_size  ranks per instance
     device                "cuda" or "cpu"
     gpu_device_ids        "0,1;2,3": the GPUs of instance 0, 1, ... (cuda only)
@@ -58,7 +58,7 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("nemo3: config.pbtxt must set "
                                                 "model_transaction_policy { decoupled: true }")
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        for key in ("build_dir", "engine_factory", "tensor_parallel_size", "device"):
+        for key in ("build_dir", "server_factory", "tensor_parallel_size", "device"):
             if key not in params:
                 raise pb_utils.TritonModelException(f"nemo3: config.pbtxt has no parameter {key!r}")
         device, tp = params["device"], int(params["tensor_parallel_size"])
@@ -74,7 +74,7 @@ class TritonPythonModel:
 
         build_dir = (Path(args["model_repository"]) / params["build_dir"]).resolve()
         try:
-            self.engine = resolve_factory(params["engine_factory"])(build_dir, device, tp)
+            self.engine = resolve_factory(params["server_factory"])(build_dir, device, tp)
         except (ValueError, FileNotFoundError) as e:
             raise pb_utils.TritonModelException(f"nemo3: {e}") from e
         self.active: dict[str, object] = {}  # runtime request id -> Triton request

@@ -1,11 +1,11 @@
 """The one interface between nemo3's Triton model (`model.py`) and the nemo3 runtime.
 
 `model.py` knows nothing of executors, schedulers or ranks. It loads an engine once per model
-instance through an *engine factory* named in `config.pbtxt` (parameter `engine_factory`, an import
-spec `"module:function"`, default `DEFAULT_ENGINE_FACTORY`) and then only calls the three methods
-of `Engine`:
+instance through an *engine factory* named in `config.pbtxt` (parameter `server_factory`, an import
+spec `"module:function"`, default `DEFAULT_SERVER_FACTORY`) and then only calls the three methods
+of `Server`:
 
-    factory(build_dir: Path, device: str, tp: int) -> Engine
+    factory(build_dir: Path, device: str, tp: int) -> Server
         build_dir: the build output folder (build.json, ranks/, engines/, checkpoint/).
         device:    "cuda" or "cpu". With "cuda", model.py has already set CUDA_VISIBLE_DEVICES to
                    this instance's GPUs (parameter `gpu_device_ids`), so rank r uses cuda:r.
@@ -31,7 +31,7 @@ of `Engine`:
         Stop the ranks and free the memory (Triton's `finalize`).
 
 `GenerationParams`, `Delta` and `FinishReason` are the runtime's own request types
-(`nemo3.engines.requests`), so the engine passes them through without translation.
+(`nemo3.engines.runtime.requests`), so the engine passes them through without translation.
 """
 
 from __future__ import annotations
@@ -41,17 +41,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..engines.requests import Delta, FinishReason, GenerationParams
+from ..engines.runtime.requests import Delta, FinishReason, GenerationParams
 
-__all__ = ["DEFAULT_ENGINE_FACTORY", "Delta", "Engine", "EngineFactory", "FinishReason", "GenerationParams",
+__all__ = ["DEFAULT_SERVER_FACTORY", "Delta", "Server", "ServerFactory", "FinishReason", "GenerationParams",
            "resolve_factory"]
 
-# The runtime's implementation of `EngineFactory` (engines/serving.py, provided by the runtime issue).
-DEFAULT_ENGINE_FACTORY = "nemo3.engines.serving:load_engine"
+# The runtime's implementation of `ServerFactory` (engines/runtime/factory.py).
+DEFAULT_SERVER_FACTORY = "nemo3.engines.runtime.factory:load_server"
 
 
 @runtime_checkable
-class Engine(Protocol):
+class Server(Protocol):
     def stream(self, prompt: str, params: GenerationParams, request_id: str) -> Iterator[Delta]: ...
 
     def cancel(self, request_id: str) -> bool: ...
@@ -59,29 +59,29 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-class EngineFactory(Protocol):
-    def __call__(self, build_dir: Path, device: str, tp: int) -> Engine: ...
+class ServerFactory(Protocol):
+    def __call__(self, build_dir: Path, device: str, tp: int) -> Server: ...
 
 
 def check_factory_spec(spec: str) -> tuple[str, str]:
     """Split `"package.module:function"`; ValueError naming the spec if it is not of that form."""
     module, _, attr = spec.partition(":")
     if not module or not attr or not all(p.isidentifier() for p in module.split(".") + attr.split(".")):
-        raise ValueError(f"engine_factory {spec!r}: expected 'package.module:function'")
+        raise ValueError(f"server_factory {spec!r}: expected 'package.module:function'")
     return module, attr
 
 
-def resolve_factory(spec: str) -> EngineFactory:
+def resolve_factory(spec: str) -> ServerFactory:
     """Import the engine factory named by `spec` ("module:function")."""
     module_name, attr = check_factory_spec(spec)
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"engine_factory {spec!r}: cannot import {module_name} ({e})") from e
+        raise ValueError(f"server_factory {spec!r}: cannot import {module_name} ({e})") from e
     for part in attr.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
-            raise ValueError(f"engine_factory {spec!r}: {module_name} has no attribute {attr!r}")
+            raise ValueError(f"server_factory {spec!r}: {module_name} has no attribute {attr!r}")
     if not callable(obj):
-        raise ValueError(f"engine_factory {spec!r} is not callable")
+        raise ValueError(f"server_factory {spec!r} is not callable")
     return obj

@@ -162,7 +162,7 @@ class _ModelChecker:
                 self.error(where, f"dims {list(t.dims)}: each must be > 0 or -1")
 
     def _check_parameter(self, key: str, value: str) -> None:
-        if key == "engine_factory":
+        if key == "server_factory":
             from .serving_api import check_factory_spec
 
             try:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..export.sharding import MOE_PARALLEL
+from ...export.options import MOE_PARALLEL
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..export.spec import ModelSpec
-from ..plugins.causal_conv1d_update import causal_conv1d_update
-from ..plugins.mamba2_state_update import mamba2_state_update
-from ..plugins.pool_rows import write_rows
+from ...export.spec import ModelSpec
+from ...plugins.causal_conv1d_update import causal_conv1d_update
+from ...plugins.mamba2_state_update import mamba2_state_update
+from ...plugins.pool_rows import write_rows
 from .norms import GatedRMSNorm
 from .parallel import SINGLE, Parallel
 from .ssd import ssd_scan

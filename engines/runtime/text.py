@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..export.spec import ModelSpec
+from ...export.spec import ModelSpec
+from ...export.tokenizer import load_tokenizer
 
 THINK_START, THINK_END = "<think>", "</think>"
 
@@ -24,13 +25,12 @@ class TextCodec:
     @classmethod
     def from_checkpoint(cls, folder: str | Path, spec: ModelSpec) -> "TextCodec":
         folder = Path(folder)
-        if not (folder / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(folder, required=False)
+        if tokenizer is None:
             return cls(None, spec)
-        from tokenizers import Tokenizer
-
         config = folder / "tokenizer_config.json"
         add_bos = bool(json.loads(config.read_text()).get("add_bos_token", False)) if config.exists() else False
-        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), spec, add_bos)
+        return cls(tokenizer, spec, add_bos)
 
     def _special(self, token: str) -> int | None:
         return None if self.tokenizer is None else self.tokenizer.token_to_id(token)

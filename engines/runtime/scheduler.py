@@ -17,11 +17,10 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .executor import Executor, RaggedBatch
+from ..executors.base import Executor, RaggedBatch
 from .requests import Delta, FinishReason, GenerationParams, new_request_id
 from .sampling import distribution, sample
 from .sequence import Sequence
@@ -39,7 +38,7 @@ class Completion:
     stats: dict
 
 
-class Engine:
+class Scheduler:
     def __init__(self, executor: Executor, codec: TextCodec | None = None, max_num_tokens: int = 256,
                  num_speculative_tokens: int = 0):
         if max_num_tokens < 1:
@@ -54,20 +53,6 @@ class Engine:
         self._detok: dict[str, Detokenizer] = {}
         self._finished: list[Delta] = []  # cancellations and refusals, reported by the next step
         executor.warm_up(1 + num_speculative_tokens)
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None,
-                        max_sequences: int = 8, max_length: int = 1024, compile: bool | None = False,
-                        **kwargs) -> "Engine":
-        """An engine on TorchExecutor; `compile`: decode steps run compiled (engines/compiled_step.py; None:
-        when the model allows it), which costs a compilation per step shape when the engine is built."""
-        from ..export.builtin import resolve_checkpoint
-        from .executor import TorchExecutor
-        from .loading import load
-
-        model = load(path, device=device, dtype=dtype)
-        codec = TextCodec.from_checkpoint(resolve_checkpoint(path), model.spec)
-        return cls(TorchExecutor(model, max_sequences, max_length, compile=compile), codec, **kwargs)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: GenerationParams | None = None,

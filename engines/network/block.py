@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..export.spec import ATTENTION, MAMBA, MLP, MOE, ModelSpec
+from ...export.spec import ATTENTION, MAMBA, MLP, MOE, ModelSpec
 from .attention import Attention
 from .mamba2 import Mamba2Mixer
 from .mlp import ReLU2MLP

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..export.spec import ModelSpec
-from ..plugins.latent_moe_route import latent_moe_route
+from ...export.spec import ModelSpec
+from ...plugins.latent_moe_route import latent_moe_route
 from .mlp import ReLU2MLP
 from .parallel import SINGLE, Parallel
 

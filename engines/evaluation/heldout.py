@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..export import corpus
-from .model import Model
+from ...export import corpus
+from ..network.model import Model
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,20 @@ def window_starts(n: int, window: int) -> list[int]:
     return list(range(0, max(n - 1, 1), window - 1))
 
 
+def next_token_logits(model: Model, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one held-out scorer every evaluation uses: rows [B, T] -> (final hidden states [B, T, D],
+    float32 logits [B, T-1, V] of each next token)."""
+    hidden = model.final_hidden(model(rows))
+    return hidden, model.lm_head(hidden[:, :-1]).float()
+
+
+@torch.no_grad()
+def next_token_logprobs(model: Model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) for every window [n, T]: [n, T-1, V] float32 on the CPU."""
+    return torch.cat([F.log_softmax(next_token_logits(model, batch.to(model.device))[1], dim=-1).cpu()
+                      for batch in windows.split(batch_size)])
+
+
 @torch.no_grad()
 def score_stream(model: Model, stream: torch.Tensor, window: int, batch_size: int, skip_id: int | None
                  ) -> tuple[float, int, int, int]:
@@ -78,8 +91,7 @@ def score_stream(model: Model, stream: torch.Tensor, window: int, batch_size: in
         same = [s for s in starts if min(window, n - s) == length]
         for i in range(0, len(same), batch_size):
             rows = torch.stack([stream[s:s + length] for s in same[i:i + batch_size]]).to(model.device)
-            hidden = model.final_hidden(model(rows))
-            logits = model.lm_head(hidden[:, :-1]).float()
+            hidden, logits = next_token_logits(model, rows)
             keep = rows[:, 1:] != skip_id if skip_id is not None else torch.ones_like(rows[:, 1:], dtype=torch.bool)
             loss = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
             nats += float(loss[keep.flatten()].double().sum())
@@ -118,31 +130,6 @@ def evaluate_heldout(model: Model, tokenizer, window: int = 256, batch_size: int
     return HeldoutResult(files=len(files), bytes=n_bytes, tokens=targets, window=window, loss=nats / targets,
                          unigram_loss=unigram, mtp_agreement=agree / positions if positions else None,
                          mtp_positions=positions)
-
-
-def load_tokenizer(folder: str | Path):
-    """The checkpoint's `tokenizer.json` as a `tokenizers.Tokenizer`."""
-    from tokenizers import Tokenizer
-
-    path = Path(folder) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.json; held-out evaluation needs the checkpoint's tokenizer")
-    return Tokenizer.from_file(str(path))
-
-
-@torch.no_grad()
-def greedy_continuation(model: Model, tokenizer, prompt: str, max_new_tokens: int) -> str:
-    """The greedy continuation of `prompt` (BOS-prefixed), as text; stops at EOS. Stateless, for reference use."""
-    ids = [model.spec.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False).ids
-    start = len(ids)
-    eos = model.spec.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    for _ in range(max_new_tokens):
-        nxt = int(model.logits(torch.tensor([ids], device=model.device))[0, -1].argmax())
-        if nxt in eos:
-            break
-        ids.append(nxt)
-    return tokenizer.decode(ids[start:], skip_special_tokens=False)
 
 
 def format_result(result: HeldoutResult) -> str:

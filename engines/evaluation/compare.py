@@ -23,16 +23,16 @@ seq_len - 1, vocab] are kept in memory (float32) meanwhile.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-BUILD_RECORD = "build.json"
-
+from ...export.build_folder import label_of, model_folder
+from ...export.tokenizer import load_tokenizer
+from .greedy import greedy
+from .heldout import next_token_logprobs
 
 @dataclass(frozen=True)
 class CompareOptions:
@@ -66,52 +66,6 @@ class Accuracy:
     positions: int
 
 
-def checkpoint_of(path: str | Path) -> Path:
-    """A build folder's quantized checkpoint (OUT/checkpoint), or the checkpoint folder itself."""
-    path = Path(path)
-    return path / "checkpoint" if (path / BUILD_RECORD).is_file() else path
-
-
-def label_of(path: str | Path) -> str:
-    """`<recipe> (<folder>)`: the recipe nemo3 recorded in hf_quant_config.json, else ModelOpt's quant_algo
-    (bf16 without hf_quant_config.json)."""
-    path = Path(path)
-    quant = checkpoint_of(path) / "hf_quant_config.json"
-    kind = "bf16"
-    if quant.is_file():
-        config = json.loads(quant.read_text())
-        recipe = (config.get("nemo3") or {}).get("recipe") or {}
-        kind = recipe.get("name") or str(config.get("quantization", {}).get("quant_algo") or "quantized").lower()
-    return f"{kind} ({path.name})"
-
-
-@torch.no_grad()
-def next_token_logprobs(model, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t) for every window: [n, T-1, V] float32 on the CPU."""
-    out = []
-    for batch in windows.split(batch_size):
-        logits = model.logits(batch.to(model.device)[:, :-1])
-        out.append(F.log_softmax(logits.float(), dim=-1).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def greedy(model, prompts: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Greedy continuations [P, tokens] of prompts [P, T]: one prefill, then one decode step per token."""
-    count, length = prompts.shape
-    device = model.device
-    state = model.new_state(max_sequences=count, max_length=length + tokens, mtp=False)
-    slots = torch.arange(count, device=device)
-    logits = model.logits(prompts.to(device), state, slots, torch.zeros(count, dtype=torch.long, device=device))
-    chosen = []
-    for i in range(tokens):
-        chosen.append(logits[:, -1].argmax(-1))
-        if i + 1 < tokens:
-            past = torch.full((count,), length + i, dtype=torch.long, device=device)
-            logits = model.logits(chosen[-1][:, None], state, slots, past)
-    return torch.stack(chosen, dim=1).cpu()
-
-
 def common_prefix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per row, how many leading tokens of a [P, n] and b [P, n] are equal: [P]."""
     return (a == b).long().cumprod(dim=1).sum(dim=1)
@@ -132,11 +86,10 @@ def score(label: str, path: str, logprobs: torch.Tensor, reference: torch.Tensor
 def compare(builds: list[str | Path], reference: str | Path, options: CompareOptions = CompareOptions(),
             log=print) -> dict:
     """Score every build against `reference` (build or checkpoint folders); see the module docstring."""
-    from ..engines.evaluation import load_tokenizer
-    from ..engines.loading import load
-    from .data import heldout_windows
+    from ..network.loading import load
+    from ...quant.data import heldout_windows
 
-    ref_folder = checkpoint_of(reference)
+    ref_folder = model_folder(reference)
     log(f"reference: {ref_folder}")
     ref_model = load(ref_folder, device=options.device)
     spec = ref_model.spec
@@ -153,13 +106,13 @@ def compare(builds: list[str | Path], reference: str | Path, options: CompareOpt
     rows = [score(f"reference ({Path(reference).name})", str(reference), ref_logprobs, ref_logprobs, targets, keep,
                   ref_continuation, ref_continuation)]
     for build in builds:
-        folder = checkpoint_of(build)
+        folder = model_folder(build)
         log(f"build: {folder}")
         model = load(folder, device=options.device)
         if model.spec.vocab_size != spec.vocab_size:
             raise ValueError(f"{folder}: vocab_size {model.spec.vocab_size} differs from the reference's "
                              f"{spec.vocab_size}; compare builds of the same model")
-        rows.append(score(label_of(build), str(build), next_token_logprobs(model, windows, options.batch_size),
+        rows.append(score(f"{label_of(build)} ({Path(build).name})", str(build), next_token_logprobs(model, windows, options.batch_size),
                           ref_logprobs, targets, keep, greedy(model, prompts, options.gen_tokens), ref_continuation))
         del model
     return {"options": dataclasses.asdict(options),

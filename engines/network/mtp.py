@@ -33,8 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..export.names import mtp_layer_count
-from ..export.spec import ModelSpec
+from ...export.names import mtp_layer_count
+from ...export.spec import ModelSpec
 from .block import Block
 from .norms import RMSNorm
 from .parallel import SINGLE, Parallel

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..export.checkpoint import Checkpoint
-from ..export.names import fp32_tensors
-from ..export.spec import ModelSpec
+from ...export.checkpoint import Checkpoint
+from ...export.names import fp32_tensors
+from ...export.spec import ModelSpec
 from .model import Model
 from .moe import MoE
 from .quant_linear import install_quant_linears, prepare_quant_linears
@@ -31,9 +31,9 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     read, so no memory is spent on a random initialization. A sharded `parallel` keeps only the
     rank's part of each tensor (tensors it holds none of, such as other ranks' experts, are not read).
     """
-    from ..export.builtin import resolve_checkpoint
-    from ..export.checkpoint import open_checkpoint
-    from ..export.sharding import shard_of
+    from ...export.builtin import resolve_checkpoint
+    from ...export.checkpoint import open_checkpoint
+    from ...export.sharding import shard_of
 
     source = resolve_checkpoint(path)
     ckpt = open_checkpoint(source)
@@ -55,7 +55,7 @@ def load_rank(folder: str | Path, parallel: Parallel, device: str | torch.device
     `folder` is a build's `OUT/ranks` or a build folder holding one."""
     from safetensors import safe_open
 
-    from ..export.rank_writer import RANK_FILE
+    from ...export.rank_writer import RANK_FILE
 
     where, config = read_rank_config(folder, parallel.rank)
     if (config["world_size"], config["moe_parallel"]) != (parallel.world_size, parallel.moe):
@@ -71,7 +71,7 @@ def load_rank(folder: str | Path, parallel: Parallel, device: str | torch.device
 
 def read_rank_config(folder: str | Path, rank: int = 0) -> tuple[Path, dict]:
     """(folder of rank `rank`, its config.json) under `folder`: a build's `OUT/ranks`, or the build folder."""
-    from ..export.rank_writer import RANK_FORMAT, rank_dir
+    from ...export.rank_writer import RANK_FORMAT, rank_dir
 
     folder = Path(folder)
     if (folder / "ranks").is_dir():

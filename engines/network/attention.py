@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..export.spec import ModelSpec
-from ..plugins.pool_rows import write_rows
+from ...export.spec import ModelSpec
+from ...plugins.pool_rows import write_rows
 from .parallel import SINGLE, Parallel
 from .state import KVCache
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..export.names import mtp_layer_count
-from ..export.spec import ATTENTION, MAMBA, ModelSpec
+from ...export.names import mtp_layer_count
+from ...export.spec import ATTENTION, MAMBA, ModelSpec
 from .parallel import SINGLE, Parallel
 
 

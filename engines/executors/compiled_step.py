@@ -19,7 +19,7 @@ import types
 
 import torch
 
-from .quant_linear import QuantLinear
+from ..network.quant_linear import QuantLinear
 
 
 class CompiledSteps:
@@ -87,7 +87,7 @@ class CompiledSteps:
 
 def unsupported(model) -> str | None:
     """Why `model` cannot run compiled steps on its device, or None if it can."""
-    from .moe import MoE
+    from ..network.moe import MoE
 
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         return ("the model is quantized (the layers of a ModelOpt checkpoint emulate their formats eagerly); "

@@ -1,6 +1,6 @@
-"""The runtime as a thread-safe serving engine (triton_repo/serving_api.py's `Engine`).
+"""The runtime as a thread-safe serving engine (triton_repo/serving_api.py's `Server`).
 
-One background thread owns the `runtime.Engine` and runs its steps; request threads hand requests
+One background thread owns the `runtime.Scheduler` (engines/runtime/scheduler.py) and runs its steps; request threads hand requests
 and cancellations to it through a queue and read their deltas from a queue of their own, so many
 requests (Triton's decoupled model serves each on its own thread) batch together continuously.
 """
@@ -11,16 +11,15 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 from .requests import Delta, GenerationParams
-from .runtime import Engine
+from .scheduler import Scheduler
 
 _CLOSE = object()
 
 
-class ServingEngine:
-    def __init__(self, engine: Engine):
+class ThreadedServer:
+    def __init__(self, engine: Scheduler):
         self.engine = engine
         self._inbox: queue.Queue = queue.Queue()
         self._outboxes: dict[str, queue.Queue] = {}
@@ -113,29 +112,3 @@ class ServingEngine:
                 del self._outboxes[request_id]
         if outbox is not None:
             outbox.put(item)
-
-
-def load_engine(build_dir: Path, device: str = "cpu", tp: int = 1, max_sequences: int = 16,
-                max_length: int = 2048, num_speculative_tokens: int | None = None,
-                compile: bool | None = None) -> ServingEngine:
-    """The engine factory Triton's model.py calls: serve a build folder (its checkpoint/), or a checkpoint.
-
-    num_speculative_tokens None: 2 when the model has an MTP head. compile None: compiled decode steps
-    (CUDA graphs) on CUDA where the model allows it (engines/compiled_step.unsupported: not for a quantized
-    checkpoint), eager otherwise; compiling happens here, before the first request."""
-    from ..export.spec import ModelSpec
-
-    build_dir = Path(build_dir)
-    if tp != 1:
-        raise ValueError(f"tensor_parallel_size={tp}: the torch executor serves one rank per instance; "
-                         "multi-rank serving goes through the trtllm target (--target trtllm)")
-    folder = build_dir / "checkpoint" if (build_dir / "build.json").exists() else build_dir
-    if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder}: no config.json (is {build_dir} a nemo3 build folder?)")
-    if num_speculative_tokens is None:
-        num_speculative_tokens = 2 if ModelSpec.from_file(folder).num_nextn_predict_layers else 0
-    if compile is None and not device.startswith("cuda"):
-        compile = False
-    return ServingEngine(Engine.from_checkpoint(folder, device=device, max_sequences=max_sequences,
-                                                max_length=max_length, compile=compile,
-                                                num_speculative_tokens=num_speculative_tokens))

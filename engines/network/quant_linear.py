@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..export.checkpoint import Checkpoint
-from ..quant import fp8, nvfp4
-from ..quant.layout import BF16, FP8, NVFP4, LinearLayout, linear_layouts
+from ...export.checkpoint import Checkpoint
+from ...quant import fp8, nvfp4
+from ...quant.layout import BF16, FP8, NVFP4, LinearLayout, linear_layouts
 
 
 class QuantLinear(nn.Module):

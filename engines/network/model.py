@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..export.sharding import check_tp
-from ..export.spec import ModelSpec
+from ...export.sharding import check_tp
+from ...export.spec import ModelSpec
 from .block import Block
 from .mtp import MTP
 from .norms import RMSNorm

@@ -1,0 +1,7 @@
+"""The option vocabularies every command and stage shares (one home, so they cannot drift apart)."""
+
+from __future__ import annotations
+
+PRECISIONS = ("bf16", "fp8", "nvfp4")  # --precision: the build's weight format family
+TARGETS = ("torch", "tensorrt", "trtllm")  # --target: what the Triton repository serves with
+MOE_PARALLEL = ("ep", "tp")  # --moe-parallel: experts split across ranks (ep) or within each expert (tp)

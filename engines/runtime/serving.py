@@ -57,9 +57,14 @@ class ThreadedServer:
             self._inbox.put(("cancel", request_id))
         return known
 
+    def ready(self) -> bool:
+        """False once the engine thread stopped or the executor can no longer run (a tensor-parallel rank died)."""
+        return self._error is None and self.engine.executor.failure() is None
+
     def close(self) -> None:
         self._inbox.put(_CLOSE)
         self._thread.join(timeout=30)
+        self.engine.executor.close()
 
     def _loop(self) -> None:
         try:

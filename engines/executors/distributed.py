@@ -42,7 +42,7 @@ class DistributedExecutor:
 
     def __init__(self, local: TorchExecutor, workers):
         self.local, self.workers = local, workers
-        self.spec, self.has_mtp = local.spec, local.has_mtp
+        self.spec, self.has_mtp, self.model, self.compiled = local.spec, local.has_mtp, local.model, local.compiled
         self.max_sequences, self.max_length = local.max_sequences, local.max_length
         self._failure: str | None = None
 

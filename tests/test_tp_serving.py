@@ -1,0 +1,232 @@
+"""Serving tensor-parallel builds of the built-in model (gloo ranks on the CPU): quantized rank weights give the
+logits of tp 1, the serving stack (leader + worker ranks) streams the greedy text of tp 1 with and without MTP,
+directly and through the KServe server, and failures (a worker killed or hung, shutdown, cancellations) leave
+no process and no slot behind.
+
+The builds are module-scoped (one quantize per precision, a small calibration); tp 4 only for bf16's two MoE
+splits.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_distributed import checks
+from test_network import rel_err
+
+from nemo3.engines.network.loading import load, load_rank
+from nemo3.engines.network.parallel import Parallel
+from nemo3.engines.runtime.factory import StackOptions, load_server, open_scheduler
+from nemo3.engines.runtime.launcher import launch
+from nemo3.engines.runtime.requests import FinishReason, GenerationParams
+from nemo3.export.builtin import BUILTIN_DIR
+from nemo3.export.rank_writer import write_ranks
+from nemo3.pipeline import BuildOptions, run_stages
+from nemo3.quant import nvfp4
+
+pytestmark = pytest.mark.skipif(not (BUILTIN_DIR / "model.safetensors").exists(),
+                                reason="the built-in model has not been trained into export/builtin/ yet")
+
+PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):"]
+GREEDY = GenerationParams(max_tokens=12)
+SERVE = dict(max_sequences=4, max_length=256)  # small state pools: the tests start many stacks
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """name -> build folder: "{precision}-tp{N}[-{moe}]", built lazily, each once per module."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            precision, tp, *moe = name.split("-")
+            out = tmp_path_factory.mktemp(name)
+            run_stages(BuildOptions(output=out, precision=precision, tp=int(tp[2:]), moe_parallel=(moe or ["ep"])[0],
+                                    calib_samples=8, calib_seq_len=64), ["read", "quantize", "shard"],
+                       log=lambda _: None)
+            made[name] = out
+        return made[name]
+
+    return get
+
+
+def no_process_left() -> bool:
+    return not multiprocessing.active_children()
+
+
+# ---- quantized rank weights ----------------------------------------------------------------------------------
+def rank_checks(ranks: str, moe: str, out_file: str) -> None:
+    model = load_rank(ranks, Parallel.from_process_group(moe), "cpu", torch.float32)
+    results = checks(model)
+    if model.parallel.rank == 0:
+        save_file(results, out_file)
+
+
+def with_nvfp4_lm_head(checkpoint, folder):
+    """A copy of a quantized checkpoint whose lm_head is NVFP4 too (no recipe quantizes it)."""
+    shutil.copytree(checkpoint, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    path = folder / index["weight_map"]["lm_head.weight"]
+    tensors = load_file(path)
+    q = nvfp4.quantize(tensors["lm_head.weight"].float())
+    tensors.update({"lm_head.weight": q.packed, "lm_head.weight_scale": q.block_scale,
+                    "lm_head.weight_scale_2": q.global_scale})
+    save_file(tensors, path, metadata={"format": "pt"})
+    index["weight_map"].update({f"lm_head.{s}": path.name for s in ("weight_scale", "weight_scale_2")})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("case", ["nvfp4", "fp8", "nvfp4-lm_head"])
+def test_quantized_ranks_give_the_logits_of_tp1(builds, case, tmp_path):
+    checkpoint = builds(f"{case.split('-')[0]}-tp2") / "checkpoint"
+    if case == "nvfp4-lm_head":
+        checkpoint = with_nvfp4_lm_head(checkpoint, tmp_path / "checkpoint")
+    want = checks(load(checkpoint))
+    for moe in ("ep", "tp"):
+        write_ranks(checkpoint, tmp_path / f"ranks_{moe}", 2, moe)
+        launch(rank_checks, 2, "gloo", args=(str(tmp_path / f"ranks_{moe}"), moe, str(tmp_path / "rank0.safetensors")))
+        got = load_file(tmp_path / "rank0.safetensors")
+        errors = {key: rel_err(got[key], value) for key, value in want.items()}
+        assert max(errors.values()) <= 1e-4, (moe, errors)
+
+
+# ---- the serving stack ------------------------------------------------------------------------------------------
+def tp1_texts(build, k: int) -> list[str]:
+    scheduler = open_scheduler(build / "checkpoint", StackOptions(num_speculative_tokens=k, **SERVE))
+    return [c.text for c in scheduler.generate(PROMPTS, GREEDY)]
+
+
+def concurrent_texts(server, k: int) -> list[str]:
+    """Every prompt streamed on its own thread at once (they batch together)."""
+    params = GenerationParams(max_tokens=GREEDY.max_tokens, num_speculative_tokens=k)
+    texts = {}
+
+    def run(i):
+        texts[i] = "".join(d.text for d in server.stream(PROMPTS[i], params, f"k{k}-{i}"))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [texts.get(i) for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("name", ["bf16-tp2", "nvfp4-tp2", "bf16-tp4-ep", "bf16-tp4-tp"])
+def test_served_text_equals_tp1(builds, name):
+    build, tp = builds(name), int(name.split("-")[1][2:])
+    server = load_server(build, "cpu", tp, **SERVE)
+    try:
+        for k in (0, 2):
+            assert concurrent_texts(server, k) == tp1_texts(build, k), k
+        assert server.engine.slots.in_use == 0
+    finally:
+        server.close()
+    assert no_process_left()
+
+
+def test_generate_serves_a_tp_build(builds):
+    from click.testing import CliRunner
+
+    from nemo3.cli.main import main
+
+    build = builds("nvfp4-tp2")
+    result = CliRunner().invoke(main, ["generate", "--build", str(build), PROMPTS[0], "--max-tokens", "12",
+                                       "--mtp", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output == PROMPTS[0] + tp1_texts(build, 2)[0] + "\n"
+    assert no_process_left()
+
+
+def test_kserve_server_streams_the_text_of_tp1(builds, tmp_path):
+    from nemo3.triton_repo.client import RequestOptions, TextClient
+    from nemo3.triton_repo.generate import RepositoryOptions, write_repository
+    from nemo3.triton_repo.kserve_test_server import KServeTestServer
+
+    build = builds("bf16-tp2")
+    write_repository(tmp_path / "repo", RepositoryOptions(device="cpu", tp=2, build_dir=str(build)))
+    with KServeTestServer(tmp_path / "repo") as server:
+        client = TextClient(server.url)
+        for k in (0, 2):
+            got = [r.text for r in client.generate_many(PROMPTS, RequestOptions(max_tokens=GREEDY.max_tokens,
+                                                                                 num_speculative_tokens=k))]
+            assert got == tp1_texts(build, k), k
+    assert no_process_left()
+
+
+# ---- failures ---------------------------------------------------------------------------------------------------
+def worker_pid(server) -> int:
+    return server.engine.executor.workers.processes[0].pid
+
+
+def test_a_killed_worker_fails_the_streams_and_leaves_no_process(builds):
+    server = load_server(builds("bf16-tp2"), "cpu", 2, **SERVE)
+    long = GenerationParams(max_tokens=200, ignore_eos=True)
+    streams = [server.stream(p, long, f"r{i}") for i, p in enumerate(PROMPTS)]
+    assert not next(streams[0]).finished
+    os.kill(worker_pid(server), signal.SIGKILL)
+    for stream in streams:
+        with pytest.raises(RuntimeError, match=r"^nemo3 engine stopped: RankFailure: rank 1 of 2 exited "
+                                               r"\(exit code -9\)$"):
+            list(stream)
+    assert not server.ready()
+    with pytest.raises(RuntimeError, match="rank 1 of 2 exited"):  # later requests fail at once
+        list(server.stream(PROMPTS[0], GREEDY, "after"))
+    server.close()
+    assert no_process_left()
+
+
+def test_a_hung_worker_is_detected_by_the_timeout(builds):
+    server = load_server(builds("bf16-tp2"), "cpu", 2, rank_timeout_s=3, **SERVE)
+    stream = server.stream(PROMPTS[0], GenerationParams(max_tokens=200, ignore_eos=True), "hung")
+    next(stream)
+    os.kill(worker_pid(server), signal.SIGSTOP)
+    with pytest.raises(RuntimeError, match=r"^nemo3 engine stopped: RankFailure: .*[Tt]imed out"):
+        list(stream)
+    assert not server.ready()
+    server.close()  # kills the stopped worker
+    assert no_process_left()
+
+
+def test_hundred_requests_with_cancellations_leak_nothing(builds):
+    server = load_server(builds("bf16-tp2"), "cpu", 2, **SERVE)
+    params = GenerationParams(max_tokens=8, ignore_eos=True)
+    reasons = {}
+
+    def client(first: int):
+        for i in range(first, 100, 4):
+            stream = server.stream([5 + i % 7, 9, 17], params, f"q{i}")
+            delta = next(stream)
+            if i % 3 == 0 and not delta.finished:
+                server.cancel(f"q{i}")
+            elif i % 5 == 0 and not delta.finished:
+                stream.close()  # the client went away
+                reasons[i] = FinishReason.CANCELLED
+                continue
+            last = delta if delta.finished else list(stream)[-1]
+            reasons[i] = last.finish_reason
+
+    threads = [threading.Thread(target=client, args=(first,)) for first in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(reasons) == 100
+    assert FinishReason.CANCELLED in reasons.values() and FinishReason.LENGTH in reasons.values()
+    for _ in range(100):  # an abandoned stream's cancellation reaches the engine thread asynchronously
+        if server.engine.slots.in_use == 0:
+            break
+        threading.Event().wait(0.02)
+    assert server.engine.slots.in_use == 0
+    assert server.ready()
+    server.close()
+    assert no_process_left()

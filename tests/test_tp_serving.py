@@ -147,6 +147,30 @@ def test_generate_serves_a_tp_build(builds):
     assert no_process_left()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_stopping_generate_leaves_no_process(builds, sig):
+    """Ctrl-C on `nemo3 generate` (SIGINT to the leader alone: its workers stop when it closes their pipes), or
+    the leader killed outright (the workers' pipes close with it): its process group empties."""
+    import subprocess
+    import sys
+
+    nemo3 = [sys.executable, "-c", "from nemo3.cli.main import main; main()"]
+    run = subprocess.Popen(nemo3 + ["generate", "--build", str(builds("bf16-tp2")), PROMPTS[0], "--max-tokens", "1000"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    assert run.stdout.read(len(PROMPTS[0]) + 1)  # serving: the prompt and a first token are out
+    os.kill(run.pid, sig)
+    run.communicate(timeout=60)
+    assert run.returncode == (1 if sig == signal.SIGINT else -sig)  # (click: "Aborted!")
+    for _ in range(100):  # the workers see their pipe close and exit
+        try:
+            os.killpg(run.pid, 0)
+        except ProcessLookupError:
+            break
+        threading.Event().wait(0.1)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.pid, 0)
+
+
 def test_kserve_server_streams_the_text_of_tp1(builds, tmp_path):
     from nemo3.triton_repo.client import RequestOptions, TextClient
     from nemo3.triton_repo.generate import RepositoryOptions, write_repository

@@ -88,6 +88,9 @@ class ReverseEngine:
         event.set()
         return True
 
+    def ready(self):
+        return not self.closed
+
     def close(self):
         self.closed = True
 

@@ -27,8 +27,13 @@ of `Server`:
         Thread-safe. The request's stream ends soon with a final delta whose finish_reason is
         CANCELLED and its state is freed. False if the id is unknown or already finished.
 
+    engine.ready() -> bool
+        False once the engine can no longer serve (its thread stopped; a tensor-parallel rank exited or did
+        not answer in time): streams in flight have failed with a one-line RuntimeError, and every later
+        stream fails with it at once.
+
     engine.close() -> None
-        Stop the ranks and free the memory (Triton's `finalize`).
+        Stop the ranks (no worker process is left behind) and free the memory (Triton's `finalize`).
 
 `GenerationParams`, `Delta` and `FinishReason` are the runtime's own request types
 (`nemo3.engines.runtime.requests`), so the engine passes them through without translation.
@@ -55,6 +60,8 @@ class Server(Protocol):
     def stream(self, prompt: str, params: GenerationParams, request_id: str) -> Iterator[Delta]: ...
 
     def cancel(self, request_id: str) -> bool: ...
+
+    def ready(self) -> bool: ...
 
     def close(self) -> None: ...
 

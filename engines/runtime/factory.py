@@ -32,6 +32,7 @@ from .serving import ThreadedServer
 from .text import TextCodec
 
 DEFAULT_MTP_DRAFT_TOKENS = 2  # draft length when the model has an MTP head and the caller does not say
+RANK_TIMEOUT_S = 60.0  # tensor-parallel builds: how long a rank waits for the others at one collective
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,8 @@ class StackOptions:
     # False: eager; None: compiled on CUDA (CUDA graphs), eager on CPU (compiling costs tens of seconds per shape)
     compile: bool | None = None
     # tensor-parallel builds: how long a rank waits for the others at one collective before the stack fails
-    # (a rank that hangs); the first call of a shape must finish within it too
-    rank_timeout_s: float = 60.0
+    # (a rank that hangs)
+    rank_timeout_s: float = RANK_TIMEOUT_S
 
 
 def open_scheduler(path: str | Path | None = None, options: StackOptions = StackOptions()) -> Scheduler:

@@ -121,7 +121,10 @@ class Workers:
                 raise RuntimeError(f"ranks {sorted(waiting)} of {self.tp} did not get {what} within {timeout:.0f} s")
             objects = [self.connections[r - 1] for r in waiting] + [self.processes[r - 1].sentinel for r in waiting]
             for ready in mpc.wait(objects, left):
-                rank = next(r for r in waiting if ready in (self.connections[r - 1], self.processes[r - 1].sentinel))
+                rank = next((r for r in waiting if ready in (self.connections[r - 1], self.processes[r - 1].sentinel)),
+                            None)
+                if rank is None:  # (both ends of a rank that just got through)
+                    continue
                 got = self._receive(rank, self.connections[rank - 1]) if ready is self.connections[rank - 1] else None
                 if got == message:
                     waiting.discard(rank)

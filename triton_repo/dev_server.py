@@ -1,205 +1,53 @@
-"""An in-process KServe v2 gRPC server that serves a Triton model repository without Triton.
+"""`nemo3 serve`: a KServe v2 gRPC development server for a generated model repository, where Triton is
+not installed. It is NOT Triton Inference Server: no GPU tensors, batching, instance groups, HTTP,
+shared memory or metrics; deploy with Triton (the repository's README.md).
 
-Built on tritonclient's `GRPCInferenceServiceServicer`, so any KServe v2 / Triton gRPC client talks
-to it. It loads every model of a repository (each config.pbtxt through the validator's parser):
-Python-backend models run their `<version>/model.py` with `python_backend_stub` standing in for
-`triton_python_backend_utils`; ensembles run their steps in dependency order, every response of a
-decoupled step flowing on through the later steps. Like Triton it checks request inputs against
-the model config, reports unknown models, marks a stream's requests cancelled when the client
-cancels the stream or its deadline passes, and sends an empty final response only to requests that
-asked for one. One instance per model (instance_group counts are ignored), CPU tensors only.
+Built on tritonclient's `GRPCInferenceServiceServicer`, so any KServe v2 / Triton gRPC client talks to
+it (nemo3 client, nemo3 bench --server, perf_analyzer, genai-perf). It loads every model of the
+repository (each config.pbtxt through the validator's parser; models in dev_models.py) and answers as
+Triton does wherever a client can tell:
+- request inputs are checked against the model config; unknown models are reported;
+- an ensemble with a decoupled step is reported decoupled (dev_models.py);
+- a stream's requests are cancelled when the client cancels the stream or its deadline passes, and
+  an empty final response goes only to requests that asked for one;
+- unary ModelInfer answers non-decoupled models and refuses decoupled ones with Triton's error;
+- ServerMetadata lists the extensions implemented, `statistics` among them, and ModelStatistics
+  returns per-model counts (dev_stats.py).
 
-Implemented RPCs: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig,
-ModelStreamInfer. Used by the tests; usable by hand:
+RPCs: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig,
+ModelStatistics, ModelInfer, ModelStreamInfer.
 
-    with KServeTestServer("deploy/triton_repo") as server:
+    with DevServer("deploy/triton_repo") as server:
         print(server.url)   # 127.0.0.1:<free port>
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
 import grpc
-import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from .. import __version__
-from . import python_backend_stub as pb
+from .dev_models import ServedModel
+from .kserve_wire import decode, infer_response, wire_type
 from .validate import parse_model_config
 
-# deliver(outputs by name or None, error message or None, final)
-Deliver = Callable[[dict | None, str | None, bool], None]
+SERVER_NAME = "nemo3-dev-server (not Triton)"
+# Triton lists its extensions in ServerMetadata (core src/server.cc, InferenceServer::InferenceServer;
+# server src/grpc/grpc_server.cc copies them into the response): these are the ones implemented here.
+EXTENSIONS = ("model_configuration", "parameters", "statistics")
+# server src/grpc/infer_handler.cc, ModelInferHandler::Execute: TRITONSERVER_ERROR_UNSUPPORTED, which
+# src/grpc/grpc_utils.cc (GrpcStatusUtil::CodeToStatus) sends as UNIMPLEMENTED
+DECOUPLED_UNARY = "ModelInfer RPC doesn't support models with decoupled transaction policy"
 _CHECK = object()
 
 
-def wire_type(data_type: int) -> str:
-    """Triton config DataType -> KServe datatype ("TYPE_STRING" -> "BYTES", "TYPE_FP32" -> "FP32")."""
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    name = mc.DataType.Name(data_type).removeprefix("TYPE_")
-    return "BYTES" if name == "STRING" else name
-
-
-def _decode(tensor, raw: bytes | None) -> np.ndarray:
-    from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
-
-    shape = list(tensor.shape)
-    if tensor.datatype == "BYTES":
-        values = deserialize_bytes_tensor(raw) if raw is not None else np.array(tensor.contents.bytes_contents,
-                                                                                dtype=np.object_)
-        return values.reshape(shape)
-    dtype = triton_to_np_dtype(tensor.datatype)
-    if raw is not None:
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    contents = tensor.contents
-    field_ = {"BOOL": "bool_contents", "FP32": "fp32_contents", "FP64": "fp64_contents", "INT64": "int64_contents",
-              "UINT64": "uint64_contents", "UINT32": "uint_contents"}.get(tensor.datatype, "int_contents")
-    return np.array(getattr(contents, field_), dtype=dtype).reshape(shape)
-
-
-def _encode(array: np.ndarray) -> tuple[str, bytes]:
-    from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
-
-    array = np.asarray(array)
-    if array.dtype == np.object_ or array.dtype.kind in "SU":
-        return "BYTES", serialize_byte_tensor(array.astype(np.object_)).item()
-    return np_to_triton_dtype(array.dtype), np.ascontiguousarray(array).tobytes()
-
-
-class ServedModel:
-    """One loaded model: `infer(inputs, cancelled, deliver)` returns at once; responses go to `deliver`."""
-
-    def __init__(self, server: "KServeTestServer", model_dir: Path, config):
-        self.server, self.dir, self.config, self.name = server, model_dir, config, model_dir.name
-        self.decoupled = config.model_transaction_policy.decoupled
-        self.instance = None
-        if config.platform == "ensemble":
-            self.steps = self._step_order()
-        else:
-            self._load_python()
-
-    def _step_order(self) -> list:
-        """Ensemble steps in dependency order: a step comes after the steps producing what it reads."""
-        ordered, ready = [], {t.name for t in self.config.input}
-        pending = list(self.config.ensemble_scheduling.step)
-        while pending:
-            step = next((s for s in pending if set(s.input_map.values()) <= ready), pending[0])
-            pending.remove(step)
-            ordered.append(step)
-            ready |= set(step.output_map.values())
-        return ordered
-
-    def _load_python(self) -> None:
-        from google.protobuf import json_format
-
-        if self.config.backend != "python":
-            raise ValueError(f"{self.dir}: backend {self.config.backend!r}: only python models and ensembles "
-                             "are served")
-        versions = sorted((p for p in self.dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-        if not versions:
-            raise FileNotFoundError(f"{self.dir}: no version folder")
-        path = versions[-1] / (self.config.default_model_filename or "model.py")
-        pb.install()
-        spec = importlib.util.spec_from_file_location(f"triton_model_{self.name}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        self.instance = module.TritonPythonModel()
-        if hasattr(self.instance, "initialize"):
-            self.instance.initialize({
-                "model_config": json.dumps(json_format.MessageToDict(self.config, preserving_proto_field_name=True)),
-                "model_instance_kind": "CPU", "model_instance_name": f"{self.name}_0",
-                "model_instance_device_id": "0", "model_repository": str(self.dir),
-                "model_version": versions[-1].name, "model_name": self.name})
-
-    def check_inputs(self, inputs: dict[str, np.ndarray], datatypes: dict[str, str]) -> str | None:
-        """Triton's request checks: the error message, or None."""
-        declared = {t.name: t for t in self.config.input}
-        for name in inputs:
-            if name not in declared:
-                return f"[request id: <id_unknown>] unexpected inference input '{name}' for model '{self.name}'"
-            expected = wire_type(declared[name].data_type)
-            if datatypes.get(name, expected) != expected:
-                return (f"[request id: <id_unknown>] inference input '{name}' data-type is '{datatypes[name]}', "
-                        f"but model '{self.name}' expects '{expected}'")
-        missing = [n for n, t in declared.items() if not t.optional and n not in inputs]
-        if missing:
-            return f"[request id: <id_unknown>] expected {len(declared)} inputs but got {len(inputs)} inputs for " \
-                   f"model '{self.name}'. Got input(s) {sorted(inputs)}, but missing required input(s) {missing}."
-        return None
-
-    def infer(self, inputs: dict[str, np.ndarray], cancelled: threading.Event, deliver: Deliver) -> None:
-        if self.instance is None:
-            threading.Thread(target=self._run_ensemble, args=(inputs, cancelled, deliver), daemon=True).start()
-            return
-
-        def send(response, flags):
-            outputs = None if response is None else {t.name(): t.as_numpy() for t in response.output_tensors()}
-            error = response.error().message() if response is not None and response.has_error() else None
-            deliver(None if error else outputs, error, bool(flags & pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL))
-
-        request = pb.InferenceRequest([pb.Tensor(n, a) for n, a in inputs.items()], "",
-                                      pb.ResponseSender(send, cancelled), cancelled)
-        try:
-            responses = self.instance.execute([request])
-        except Exception as e:  # noqa: BLE001 - the model's failure is this request's error
-            deliver(None, f"{self.name}: {e}", True)
-            return
-        if not self.decoupled:
-            for response in responses or []:
-                send(response, pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-
-    def responses(self, inputs: dict[str, np.ndarray], cancelled: threading.Event) -> Iterator[dict]:
-        """Blocking view of `infer`: yields each response's outputs; raises RuntimeError on an error."""
-        problem = self.check_inputs(inputs, {name: _encode(array)[0] for name, array in inputs.items()})
-        if problem:
-            raise RuntimeError(problem)
-        box: queue.Queue = queue.Queue()
-        self.infer(inputs, cancelled, lambda outputs, error, final: box.put((outputs, error, final)))
-        while True:
-            outputs, error, final = box.get()
-            if error:
-                raise RuntimeError(error)
-            if outputs is not None:
-                yield outputs
-            if final:
-                return
-
-    def _run_ensemble(self, inputs: dict[str, np.ndarray], cancelled: threading.Event, deliver: Deliver) -> None:
-        steps, wanted = self.steps, [t.name for t in self.config.output]
-
-        def run(i: int, tensors: dict) -> Iterator[dict]:
-            if i == len(steps):
-                yield {name: tensors[name] for name in wanted if name in tensors}
-                return
-            step = steps[i]
-            model = self.server.models[step.model_name]
-            step_inputs = {key: tensors[value] for key, value in step.input_map.items() if value in tensors}
-            for outputs in model.responses(step_inputs, cancelled):
-                merged = dict(tensors)
-                merged.update({value: outputs[key] for key, value in step.output_map.items() if key in outputs})
-                yield from run(i + 1, merged)
-
-        try:
-            for outputs in run(0, inputs):
-                deliver(outputs, None, False)
-        except (RuntimeError, KeyError) as e:
-            deliver(None, str(e), True)
-            return
-        deliver(None, None, True)
-
-    def close(self) -> None:
-        if self.instance is not None and hasattr(self.instance, "finalize"):
-            self.instance.finalize()
-
-
-class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
+class DevServer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: str | Path, host: str = "127.0.0.1", port: int = 0, workers: int = 64):
         self.repository, self.host, self.port, self.workers = Path(repository), host, port, workers
         self.models: dict[str, ServedModel] = {}
@@ -209,17 +57,23 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def url(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self) -> "KServeTestServer":
+    def start(self) -> "DevServer":
+        if not self.repository.is_dir():
+            raise FileNotFoundError(f"{self.repository}: no such model repository")
         folders = sorted(p for p in self.repository.iterdir() if (p / "config.pbtxt").exists())
         configs = {p: parse_model_config(p / "config.pbtxt") for p in folders}
-        # composing models first, so an ensemble's steps exist when it is served
+        # composing models first, so an ensemble's steps exist when it is loaded
         for folder, config in sorted(configs.items(), key=lambda kv: kv[1].platform == "ensemble"):
-            self.models[folder.name] = ServedModel(self, folder, config)
+            self.models[folder.name] = ServedModel(folder, config, self.models)
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         self._server.start()
         return self
+
+    def wait(self) -> None:
+        """Block until the server stops."""
+        self._server.wait_for_termination()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -229,13 +83,13 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             model.close()
         self.models.clear()
 
-    def __enter__(self) -> "KServeTestServer":
+    def __enter__(self) -> "DevServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # ---- health and metadata ----------------------------------------------------------------------
+    # ---- health, metadata, statistics -------------------------------------------------------------
     def ServerLive(self, request, context):
         return service_pb2.ServerLiveResponse(live=True)
 
@@ -243,7 +97,7 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerReadyResponse(ready=True)
 
     def ServerMetadata(self, request, context):
-        return service_pb2.ServerMetadataResponse(name="nemo3-kserve-test-server", version=__version__)
+        return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
     def ModelReady(self, request, context):
         return service_pb2.ModelReadyResponse(ready=request.name in self.models)
@@ -265,7 +119,55 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelConfig(self, request, context):
         return service_pb2.ModelConfigResponse(config=self._model(request.name, context).config)
 
-    # ---- streaming inference ----------------------------------------------------------------------
+    def ModelStatistics(self, request, context):
+        # core src/tritonserver.cc, TRITONSERVER_ServerModelStatistics: every ready model when no name is
+        # given, else that model, or INVALID_ARG "requested model '<name>' is not available"
+        if request.name and request.name not in self.models:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requested model '{request.name}' is not available")
+        if request.version and request.version != "1":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"requested model version is not available for model '{request.name}'")
+        names = [request.name] if request.name else sorted(self.models)
+        return service_pb2.ModelStatisticsResponse(model_stats=[self.models[n].stats.message(n) for n in names])
+
+    # ---- inference ---------------------------------------------------------------------------------
+    def _prepare(self, request) -> tuple[ServedModel | None, dict | None, str | None]:
+        """(model, inputs, None), or an error message as Triton words it."""
+        model = self.models.get(request.model_name)
+        if model is None:
+            return None, None, f"Request for unknown model: '{request.model_name}' is not found"
+        raw = list(request.raw_input_contents)
+        try:
+            inputs = {t.name: decode(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)}
+        except ValueError as e:
+            return model, None, f"bad input tensor: {e}"
+        problem = model.check_inputs(inputs, {t.name: t.datatype for t in request.inputs})
+        if problem:
+            return model, None, problem.replace("<id_unknown>", request.id or "<id_unknown>")
+        return model, inputs, None
+
+    def ModelInfer(self, request, context):
+        model = self._model(request.model_name, context)
+        if model.decoupled:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, DECOUPLED_UNARY)
+        model, inputs, problem = self._prepare(request)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        box: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        model.infer(inputs, cancelled, lambda outputs, error, final: box.put((outputs, error, final)))
+        answer, error = {}, None
+        while True:  # a non-decoupled model sends one response, FINAL
+            outputs, message, final = box.get()
+            answer.update(outputs or {})
+            error = error or message
+            if final:
+                break
+        if error:
+            context.abort(grpc.StatusCode.INTERNAL, error)
+        return infer_response(model.name, request.id, answer, {o.name for o in request.outputs})
+
     def ModelStreamInfer(self, request_iterator, context):
         out: queue.Queue = queue.Queue()
         cancelled = threading.Event()  # the stream's requests are cancelled together, as in Triton
@@ -294,7 +196,7 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 state["reading"] = False
             out.put(_CHECK)
 
-        threading.Thread(target=read, name="kserve-stream-reader", daemon=True).start()
+        threading.Thread(target=read, name="dev-server-stream-reader", daemon=True).start()
         while True:
             item = out.get()
             if item is None:
@@ -320,17 +222,9 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
                                                                                      id=request.id)))
             return False
 
-        model = self.models.get(request.model_name)
-        if model is None:
-            return error(f"Request for unknown model: '{request.model_name}' is not found")
-        raw = list(request.raw_input_contents)
-        try:
-            inputs = {t.name: _decode(t, raw[i] if raw else None) for i, t in enumerate(request.inputs)}
-        except ValueError as e:
-            return error(f"bad input tensor: {e}")
-        problem = model.check_inputs(inputs, {t.name: t.datatype for t in request.inputs})
+        model, inputs, problem = self._prepare(request)
         if problem:
-            return error(problem.replace("<id_unknown>", request.id or "<id_unknown>"))
+            return error(problem)
         empty_final = request.parameters["triton_enable_empty_final_response"].bool_param \
             if "triton_enable_empty_final_response" in request.parameters else False
         requested = {o.name for o in request.outputs}
@@ -339,13 +233,7 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             if message is not None:
                 error(message)
             elif outputs is not None or (final and empty_final):
-                response = service_pb2.ModelInferResponse(model_name=model.name, model_version="1", id=request.id)
-                for name, array in (outputs or {}).items():
-                    if requested and name not in requested:
-                        continue
-                    datatype, data = _encode(array)
-                    response.outputs.add(name=name, datatype=datatype, shape=list(np.shape(array)))
-                    response.raw_output_contents.append(data)
+                response = infer_response(model.name, request.id, outputs or {}, requested)
                 response.parameters["triton_final_response"].bool_param = final
                 out.put(service_pb2.ModelStreamInferResponse(infer_response=response))
             if final:

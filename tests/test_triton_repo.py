@@ -227,6 +227,7 @@ def test_stage_writes_a_valid_repository_and_skips_when_unchanged(tmp_path):
                                                                 .read_bytes())
     readme = (repo / "README.md").read_text()
     assert f"tritonserver --model-repository={repo.resolve()} --grpc-port=8001" in readme
+    assert f"nemo3 serve {repo.resolve()} --port 8001" in readme
     assert "tensor parallel size 2 (instance 0: GPUs 0,1)" in readme
     logs = []
     run_stages(BuildContext(options), [triton_stage()], log=logs.append)

@@ -216,7 +216,8 @@ def test_server_not_listening_is_one_line():
 
 
 def test_cli_streams_and_reports_errors(server, engine):
-    result = CliRunner().invoke(cli, ["client", "--url", server.url, "--stats", "--min-tokens", "2", "alpha beta gamma"])
+    result = CliRunner().invoke(cli, ["client", "--url", server.url, "--stats", "--min-tokens", "2",
+                                      "alpha beta gamma"])
     assert result.exit_code == 0, result.output
     assert engine.seen["alpha beta gamma"][1].min_tokens == 2
     assert result.stdout == "gamma beta alpha\n"

@@ -38,8 +38,8 @@ from .kserve_wire import decode, infer_response, wire_type
 from .validate import parse_model_config
 
 SERVER_NAME = "nemo3-dev-server (not Triton)"
-# Triton lists its extensions in ServerMetadata (core src/server.cc, InferenceServer::InferenceServer;
-# server src/grpc/grpc_server.cc copies them into the response): these are the ones implemented here.
+# Triton lists its extensions in ServerMetadata (core src/server.cc, InferenceServer::InferenceServer; server
+# src/grpc/grpc_server.cc, OnExecuteServerMetadata, copies them into the response): the ones implemented here.
 EXTENSIONS = ("model_configuration", "parameters", "statistics")
 # server src/grpc/infer_handler.cc, ModelInferHandler::Execute: TRITONSERVER_ERROR_UNSUPPORTED, which
 # src/grpc/grpc_utils.cc (GrpcStatusUtil::CodeToStatus) sends as UNIMPLEMENTED

@@ -145,3 +145,15 @@ def test_serve_command_serves_until_interrupted(repo):
     finally:
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
+
+
+def test_serve_command_names_a_model_that_cannot_load(tmp_path):
+    from click.testing import CliRunner
+
+    from nemo3.cli.main import main as cli
+
+    (tmp_path / "empty").mkdir()
+    write_repository(tmp_path / "repo", RepositoryOptions(device="cpu", build_dir=str(tmp_path / "empty")))
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "repo"), "--port", "0"])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith(f"Error: {tmp_path / 'repo' / 'nemo3'}: nemo3: "), result.output

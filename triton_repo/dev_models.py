@@ -64,8 +64,6 @@ class ServedModel:
         return ordered
 
     def _load_python(self) -> None:
-        from google.protobuf import json_format
-
         if self.config.backend != "python":
             raise ValueError(f"{self.dir}: backend {self.config.backend!r}: only python models and ensembles "
                              "are served")
@@ -84,11 +82,19 @@ class ServedModel:
             raise ValueError(f"{path}: cannot import it here ({e})") from e
         self.instance = module.TritonPythonModel()
         if hasattr(self.instance, "initialize"):
+            self._initialize(versions[-1].name)
+
+    def _initialize(self, version: str) -> None:
+        from google.protobuf import json_format
+
+        try:
             self.instance.initialize({
                 "model_config": json.dumps(json_format.MessageToDict(self.config, preserving_proto_field_name=True)),
                 "model_instance_kind": "CPU", "model_instance_name": f"{self.name}_0",
                 "model_instance_device_id": "0", "model_repository": str(self.dir),
-                "model_version": versions[-1].name, "model_name": self.name})
+                "model_version": version, "model_name": self.name})
+        except pb.TritonModelException as e:  # Triton would mark the model unavailable with this message
+            raise ValueError(f"{self.dir}: {e}") from e
 
     def check_inputs(self, inputs: dict[str, np.ndarray], datatypes: dict[str, str]) -> str | None:
         """Triton's request checks: the error message, or None."""

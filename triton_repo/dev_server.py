@@ -62,9 +62,12 @@ class DevServer(service_pb2_grpc.GRPCInferenceServiceServicer):
             raise FileNotFoundError(f"{self.repository}: no such model repository")
         folders = sorted(p for p in self.repository.iterdir() if (p / "config.pbtxt").exists())
         configs = {p: parse_model_config(p / "config.pbtxt") for p in folders}
-        # composing models first, so an ensemble's steps exist when it is loaded
-        for folder, config in sorted(configs.items(), key=lambda kv: kv[1].platform == "ensemble"):
-            self.models[folder.name] = ServedModel(folder, config, self.models)
+        try:  # composing models first, so an ensemble's steps exist when it is loaded
+            for folder, config in sorted(configs.items(), key=lambda kv: kv[1].platform == "ensemble"):
+                self.models[folder.name] = ServedModel(folder, config, self.models)
+        except Exception:
+            self.stop()
+            raise
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")

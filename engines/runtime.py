@@ -192,8 +192,8 @@ class Engine:
     def _hold_back_stops(self, plan: list[tuple[Sequence, list[int], list[int]]], logits: torch.Tensor
                          ) -> torch.Tensor:
         """min_tokens: a logit row that chooses one of a request's first min_tokens output tokens cannot choose
-        a stop id (as TensorRT-LLM's min-length penalty masks the end id). Row i of a sequence chooses output
-        token len(output) + i, so a rejected draft is resampled without stop ids too."""
+        a stop id: EOS (TensorRT-LLM masks its end id so) and the request's stop token ids (as vLLM does). Row i
+        of a sequence chooses output token len(output) + i, so a rejected draft is resampled without them too."""
         rows, ids, at = [], [], 0
         for seq, _, seq_rows in plan:
             held = min(len(seq_rows), seq.params.min_tokens - len(seq.output))

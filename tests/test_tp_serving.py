@@ -172,18 +172,32 @@ def test_stopping_generate_leaves_no_process(builds, sig):
 
 
 def test_kserve_server_streams_the_text_of_tp1(builds, tmp_path):
-    from nemo3.triton_repo.client import RequestOptions, TextClient
+    """tritonclient -> `nemo3 serve`'s KServe server -> the generated ensemble -> model.py -> load_server(tp=2); a
+    worker killed afterwards makes the model not ready."""
+    from tritonclient.grpc import InferenceServerClient
+
+    from nemo3.triton_repo.client import ModelNotReady, RequestOptions, TextClient
+    from nemo3.triton_repo.dev_server import DevServer
     from nemo3.triton_repo.generate import RepositoryOptions, write_repository
-    from nemo3.triton_repo.kserve_test_server import KServeTestServer
 
     build = builds("bf16-tp2")
     write_repository(tmp_path / "repo", RepositoryOptions(device="cpu", tp=2, build_dir=str(build)))
-    with KServeTestServer(tmp_path / "repo") as server:
+    with DevServer(tmp_path / "repo") as server:
         client = TextClient(server.url)
         for k in (0, 2):
             got = [r.text for r in client.generate_many(PROMPTS, RequestOptions(max_tokens=GREEDY.max_tokens,
                                                                                  num_speculative_tokens=k))]
             assert got == tp1_texts(build, k), k
+        health = InferenceServerClient(server.url)
+        assert health.is_model_ready("ensemble")
+        os.kill(worker_pid(server.models["nemo3"].instance.engine), signal.SIGKILL)
+        for _ in range(100):  # the worker exits and is reaped
+            if not health.is_model_ready("ensemble"):
+                break
+            threading.Event().wait(0.05)
+        assert not health.is_model_ready("nemo3") and not health.is_model_ready("ensemble")
+        with pytest.raises(ModelNotReady):
+            TextClient(server.url).generate_many(PROMPTS[:1], RequestOptions(max_tokens=4))
     assert no_process_left()
 
 

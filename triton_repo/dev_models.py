@@ -182,6 +182,12 @@ class ServedModel:
             return
         deliver(None, None, True)
 
+    def ready(self) -> bool:
+        """A Python model is ready unless its model.py says otherwise (`ready()`); an ensemble when its steps are."""
+        if self.instance is None:
+            return all(self.models[step.model_name].ready() for step in self.steps)
+        return self.instance.ready() if hasattr(self.instance, "ready") else True
+
     def close(self) -> None:
         if self.instance is not None and hasattr(self.instance, "finalize"):
             self.instance.finalize()

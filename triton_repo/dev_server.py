@@ -103,7 +103,7 @@ class DevServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
     def ModelReady(self, request, context):
-        return service_pb2.ModelReadyResponse(ready=request.name in self.models)
+        return service_pb2.ModelReadyResponse(ready=request.name in self.models and self.models[request.name].ready())
 
     def _model(self, name: str, context) -> ServedModel:
         if name not in self.models:

@@ -16,6 +16,10 @@ num_speculative_tokens. Each request is served on its own thread: with `stream` 
 delta becomes a response, otherwise one response carries the whole text; the last response has
 the FINAL flag and the counts. A watcher thread cancels in the runtime every request Triton marks
 cancelled (client gone, stream cancelled, deadline passed).
+
+`ready()` says whether the engine can still serve (False once a tensor-parallel rank died or hung: every
+request then fails with that one line). Triton's Python backend has no hook through which a model reports
+its readiness; `nemo3 serve` (triton_repo/dev_server.py) answers ModelReady with it.
 """
 
 from __future__ import annotations
@@ -87,6 +91,9 @@ class TritonPythonModel:
         for request in requests:
             threading.Thread(target=self._serve, args=(request,), name="nemo3-request", daemon=True).start()
         return None
+
+    def ready(self) -> bool:
+        return self.engine.ready()
 
     def finalize(self):
         self.stopping.set()

@@ -63,9 +63,12 @@ def no_process_left() -> bool:
 
 
 # ---- quantized rank weights ----------------------------------------------------------------------------------
-def rank_checks(ranks: str, moe: str, out_file: str) -> None:
-    model = load_rank(ranks, Parallel.from_process_group(moe), "cpu", torch.float32)
-    results = checks(model)
+def rank_checks(ranks: dict[str, str], out_file: str) -> None:
+    """On every rank: the checks of test_distributed.py for the rank's quantized weights, both MoE splits."""
+    results = {}
+    for moe, folder in ranks.items():
+        model = load_rank(folder, Parallel.from_process_group(moe), "cpu", torch.float32)
+        results.update({f"{moe}.{key}": value for key, value in checks(model).items()})
     if model.parallel.rank == 0:
         save_file(results, out_file)
 
@@ -91,12 +94,13 @@ def test_quantized_ranks_give_the_logits_of_tp1(builds, case, tmp_path):
     if case == "nvfp4-lm_head":
         checkpoint = with_nvfp4_lm_head(checkpoint, tmp_path / "checkpoint")
     want = checks(load(checkpoint))
-    for moe in ("ep", "tp"):
-        write_ranks(checkpoint, tmp_path / f"ranks_{moe}", 2, moe)
-        launch(rank_checks, 2, "gloo", args=(str(tmp_path / f"ranks_{moe}"), moe, str(tmp_path / "rank0.safetensors")))
-        got = load_file(tmp_path / "rank0.safetensors")
-        errors = {key: rel_err(got[key], value) for key, value in want.items()}
-        assert max(errors.values()) <= 1e-4, (moe, errors)
+    ranks = {moe: str(tmp_path / f"ranks_{moe}") for moe in ("ep", "tp")}
+    for moe, folder in ranks.items():
+        write_ranks(checkpoint, folder, 2, moe)
+    launch(rank_checks, 2, "gloo", args=(ranks, str(tmp_path / "rank0.safetensors")))
+    got = load_file(tmp_path / "rank0.safetensors")
+    errors = {f"{moe}.{key}": rel_err(got[f"{moe}.{key}"], value) for moe in ranks for key, value in want.items()}
+    assert max(errors.values()) <= 1e-4, errors
 
 
 # ---- the serving stack ------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ A serving process instead stays rank 0 and starts the others as workers it talks
 runs fn(connection, *args) on ranks 1..tp-1 (child processes, spawn), joins their process group as
 rank 0 here, and returns once every worker reported that fn is ready to serve (`READY`, sent by fn)
 or raises with the first failing rank's one-line error. `connection` is the worker's end of a pipe
-to this process; a worker whose pipe closes (this process exited) stops. `timeout` bounds every
-collective: a rank that hangs makes the others' collectives raise after it.
+to this process; a worker whose pipe closes (this process exited) stops. Workers run as many torch
+threads as this process. `timeout` bounds every collective: a rank that hangs makes the others'
+collectives raise after it.
 """
 
 from __future__ import annotations
@@ -186,14 +187,17 @@ def start_workers(fn: Callable, tp: int, backend: str, args: tuple = (), timeout
     for rank in range(1, tp):
         mine, theirs = context.Pipe()
         processes.append(context.Process(target=_worker_rank, name=f"nemo3-rank{rank}", daemon=True,
-                                         args=(rank, fn, tp, backend, port, timeout, args, theirs)))
+                                         args=(rank, fn, tp, backend, port, timeout, torch.get_num_threads(),
+                                               args, theirs)))
         connections.append(mine)
         processes[-1].start()
         theirs.close()
     workers = Workers(processes, connections)
     try:
         workers.wait_for(_STARTED, ready_timeout, "started")
-        _share_cores(tp, backend)  # (this process keeps its environment: it is not a torchrun rank)
+        loopback = _loopback_interface()  # (no RANK etc. here: this process is not a torchrun rank)
+        if backend == "gloo" and loopback:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
         if backend == "nccl":
             torch.cuda.set_device(0)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", world_size=tp, rank=0,
@@ -208,25 +212,21 @@ def start_workers(fn: Callable, tp: int, backend: str, args: tuple = (), timeout
 def _set_rank_environment(rank: int, tp: int, port: int, backend: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(tp), LOCAL_WORLD_SIZE=str(tp),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    _share_cores(tp, backend)
-
-
-def _share_cores(tp: int, backend: str) -> None:
-    """gloo over the loopback interface; the cores shared between the ranks (as torchrun does)."""
     loopback = _loopback_interface()
     if backend == "gloo" and loopback:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    if "OMP_NUM_THREADS" not in os.environ:
+    if "OMP_NUM_THREADS" not in os.environ:  # share the cores between the ranks, as torchrun does
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
 
 
-def _worker_rank(rank: int, fn: Callable, tp: int, backend: str, port: int, timeout: timedelta, args: tuple,
-                 connection) -> None:
+def _worker_rank(rank: int, fn: Callable, tp: int, backend: str, port: int, timeout: timedelta, threads: int,
+                 args: tuple, connection) -> None:
     import torch.distributed as dist
 
     try:
         connection.send_bytes(_STARTED)
         _set_rank_environment(rank, tp, port, backend)
+        torch.set_num_threads(threads)  # as many as the leader's
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, init_method="env://", world_size=tp, rank=rank, timeout=timeout)

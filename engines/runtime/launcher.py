@@ -82,7 +82,7 @@ def launch(fn: Callable, tp: int, backend: str = "gloo", args: tuple = ()) -> No
 READY = b"ready"  # what a worker sends when it can serve
 _STARTED, _FAILED = b"started", b"failed:"  # (worker -> leader, before the rendezvous / with a one-line error)
 STOP_GRACE_S = 5.0  # how long close() waits for a worker to exit before killing it
-DEATH_WAIT_S = 1.0  # how long a failed collective waits to see whether a worker's exit caused it
+DEATH_WAIT_S = 5.0  # how long a failed collective waits to see whether a worker's exit caused it
 
 
 class Workers:

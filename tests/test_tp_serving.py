@@ -210,6 +210,16 @@ def worker_pid(server) -> int:
     return server.engine.executor.workers.processes[0].pid
 
 
+def test_a_worker_that_cannot_load_is_a_one_line_error(builds, tmp_path):
+    broken = tmp_path / "build"
+    shutil.copytree(builds("bf16-tp2"), broken)
+    (broken / "ranks" / "rank1" / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(RuntimeError, match=r"^rank 1 of 2 exited \(CheckpointError: .*rank1/model.safetensors: "
+                                           r"truncated or corrupt safetensors file"):
+        load_server(broken, "cpu", 2, **SERVE)
+    assert no_process_left()
+
+
 def test_a_killed_worker_fails_the_streams_and_leaves_no_process(builds):
     server = load_server(builds("bf16-tp2"), "cpu", 2, **SERVE)
     long = GenerationParams(max_tokens=200, ignore_eos=True)

@@ -92,11 +92,12 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
                             timeout=timedelta(seconds=options.rank_timeout_s))
     try:
         model = load_rank(ranks, Parallel.from_process_group(moe), options.device, options.dtype)
-        return DistributedExecutor(TorchExecutor(model, options.max_sequences, options.max_length, compile=False),
-                                   workers)
+        local = TorchExecutor(model, options.max_sequences, options.max_length, compile=False)
     except BaseException:
         workers.close()
         raise
+    workers.wait_ready()
+    return DistributedExecutor(local, workers)
 
 
 def load_server(build_dir: str | Path, device: str = "cpu", tp: int = 1, **options) -> ThreadedServer:

@@ -21,10 +21,12 @@ failed rank, follow from it), chained to the traceback spawn reports.
 A serving process instead stays rank 0 and starts the others as workers it talks to:
 
     workers = start_workers(fn, tp=4, backend="gloo", args=(build,), timeout=timedelta(seconds=60))
+    ...                      # rank 0's own preparation (loading its weights), while the workers prepare theirs
+    workers.wait_ready()
 
-runs fn(connection, *args) on ranks 1..tp-1 (child processes, spawn), joins their process group as
-rank 0 here, and returns once every worker reported that fn is ready to serve (`READY`, sent by fn)
-or raises with the first failing rank's one-line error. `connection` is the worker's end of a pipe
+runs fn(connection, *args) on ranks 1..tp-1 (child processes, spawn) and joins their process group as
+rank 0 here; `wait_ready` returns once every worker reported that fn is ready to serve (`READY`, sent
+by fn). Either raises with the first failing rank's one-line error. `connection` is the worker's end of a pipe
 to this process; a worker whose pipe closes (this process exited) stops. Workers run as many torch
 threads as this process. `timeout` bounds every collective: a rank that hangs makes the others'
 collectives raise after it.
@@ -82,6 +84,8 @@ def launch(fn: Callable, tp: int, backend: str = "gloo", args: tuple = ()) -> No
 READY = b"ready"  # what a worker sends when it can serve
 _STARTED, _FAILED = b"started", b"failed:"  # (worker -> leader, before the rendezvous / with a one-line error)
 STOP_GRACE_S = 5.0  # how long close() waits for a worker to exit before killing it
+START_TIMEOUT_S = 120.0  # for a worker to start (import torch and nemo3)
+READY_TIMEOUT_S = 3600.0  # for a worker to be ready to serve (load its weights)
 DEATH_WAIT_S = 5.0  # how long a failed collective waits to see whether a worker's exit caused it
 
 
@@ -133,6 +137,15 @@ class Workers:
                     self.processes[rank - 1].join(STOP_GRACE_S)
                     raise RuntimeError(self.failure() or f"rank {rank} of {self.tp} stopped before {what}")
 
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Wait until every worker sent READY; on failure (or after `timeout` seconds) stop them all and raise a
+        RuntimeError naming the first rank that failed."""
+        try:
+            self.wait_for(READY, timeout, "ready")
+        except BaseException:
+            self.close()
+            raise
+
     def close(self) -> None:
         """Stop the workers (they exit when their pipe closes; killed if they do not within STOP_GRACE_S) and
         leave the process group. Leaves no process behind."""
@@ -169,11 +182,10 @@ class Workers:
             pass
 
 
-def start_workers(fn: Callable, tp: int, backend: str, args: tuple = (), timeout: timedelta = TIMEOUT,
-                  ready_timeout: float = 600.0) -> Workers:
-    """Start ranks 1..tp-1 running fn(connection, *args), join their process group as rank 0 and wait (up to
-    `ready_timeout` seconds) until each worker sent READY (module docstring). On failure, every started
-    process is stopped and a RuntimeError names the first failing rank and its error."""
+def start_workers(fn: Callable, tp: int, backend: str, args: tuple = (), timeout: timedelta = TIMEOUT) -> Workers:
+    """Start ranks 1..tp-1 running fn(connection, *args) and join their process group as rank 0 (module
+    docstring). On failure, every started process is stopped and a RuntimeError names the first failing rank
+    and its error."""
     import multiprocessing as mp
 
     import torch.distributed as dist
@@ -194,7 +206,7 @@ def start_workers(fn: Callable, tp: int, backend: str, args: tuple = (), timeout
         theirs.close()
     workers = Workers(processes, connections)
     try:
-        workers.wait_for(_STARTED, ready_timeout, "started")
+        workers.wait_for(_STARTED, START_TIMEOUT_S, "started")
         loopback = _loopback_interface()  # (no RANK etc. here: this process is not a torchrun rank)
         if backend == "gloo" and loopback:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
@@ -202,7 +214,6 @@ def start_workers(fn: Callable, tp: int, backend: str, args: tuple = (), timeout
             torch.cuda.set_device(0)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", world_size=tp, rank=0,
                                 timeout=timeout)
-        workers.wait_for(READY, ready_timeout, "ready")
     except BaseException:
         workers.close()
         raise

@@ -210,6 +210,13 @@ def worker_pid(server) -> int:
     return server.engine.executor.workers.processes[0].pid
 
 
+def test_serving_needs_the_tp_of_the_build(builds):
+    build = builds("bf16-tp2")
+    with pytest.raises(ValueError, match=rf"^tensor_parallel_size=1: {build} was built for --tp 2$"):
+        load_server(build, "cpu", 1)
+    assert no_process_left()
+
+
 def test_a_worker_that_cannot_load_is_a_one_line_error(builds, tmp_path):
     broken = tmp_path / "build"
     shutil.copytree(builds("bf16-tp2"), broken)

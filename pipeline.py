@@ -1,9 +1,13 @@
 """The build: a sequence of stages, each writing one folder of OUT/ atomically.
 
-Every stage writes into `OUT/.tmp-<stage>` and is renamed into place only when complete, so an
-interrupted build never leaves a half-written stage that a later run trusts. `OUT/build.json`
-records, per stage, the hash of everything the stage depends on (input fingerprint + options); a
-stage whose hash matches and whose folder exists is skipped.
+Before any stage runs, every stage checks the options against the model (`Stage.check`: --tp
+against the ModelSpec, the recipe against the model and --precision, ...), so a bad option fails
+in seconds, not after hours of quantization; and OUT/ must be a writable folder. Every stage
+writes into `OUT/.tmp-<stage>` and is renamed into place only when complete, so an interrupted
+build never leaves a half-written stage that a later run trusts (a rerun removes what an
+interrupted one left). `OUT/build.json` records, per stage, the hash of everything the stage
+depends on (input fingerprint + options); a stage whose hash matches and whose folder exists is
+skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +27,8 @@ from pathlib import Path
 from . import __version__
 
 PRECISIONS = ("bf16", "fp8", "nvfp4")
+DEFAULT_PRECISION = "nvfp4"
+TMP_PREFIX = ".tmp-"
 TARGETS = ("torch", "tensorrt", "trtllm")
 
 
@@ -33,7 +40,7 @@ class BuildError(RuntimeError):
 class BuildOptions:
     output: Path
     checkpoint: Path | None = None  # None: the built-in model
-    precision: str = "nvfp4"
+    precision: str | None = None  # None: what --recipe implies (quant/stage.py), nvfp4 without a recipe
     recipe: str | None = None  # None: the precision's default recipe
     tp: int = 1
     moe_parallel: str = "ep"
@@ -47,7 +54,9 @@ class BuildOptions:
         self.output = Path(self.output)
         if self.checkpoint is not None:
             self.checkpoint = Path(self.checkpoint)
-        if self.precision not in PRECISIONS:
+        if self.precision is None and self.recipe is None:
+            self.precision = DEFAULT_PRECISION
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise BuildError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.target not in TARGETS:
             raise BuildError(f"--target {self.target!r}: expected one of {', '.join(TARGETS)}")
@@ -68,6 +77,8 @@ class Stage:
     folder: str | None  # None: a stage that only checks and records (no folder of its own)
     depends_on: Callable[["BuildContext"], dict]  # everything whose change must redo the stage
     run: Callable[["BuildContext", Path | None], dict | None]  # returns a summary recorded in build.json
+    # checks the options against the model before any stage runs (may settle an option); returns a note or None
+    check: Callable[["BuildContext"], str | None] | None = None
 
 
 @dataclass
@@ -110,9 +121,28 @@ def _write_record(out: Path, record: dict) -> None:
     os.replace(tmp, out / "build.json")
 
 
+def prepare_output(out: Path) -> None:
+    """Make OUT/ a writable folder (one-line BuildError otherwise) and remove what interrupted runs left."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise BuildError(f"--output {out}: cannot write there ({e.strerror or type(e).__name__})") from None
+    for stale in out.glob(f"{TMP_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+
+
 def run_stages(ctx: BuildContext, stages: list[Stage], log: Callable[[str], None] = print) -> dict:
     out = ctx.out
-    out.mkdir(parents=True, exist_ok=True)
+    for stage in stages:  # every option against the model, before anything is written or computed
+        note = stage.check(ctx) if stage.check is not None else None
+        if note:
+            log(f"[{stage.name}] {note}")
+    prepare_output(out)
     previous = _read_record(out)
     ctx.record = {
         "nemo3_version": __version__,
@@ -131,7 +161,7 @@ def run_stages(ctx: BuildContext, stages: list[Stage], log: Callable[[str], None
             continue
         tmp = None
         if final is not None:
-            tmp = out / f".tmp-{stage.folder.replace('/', '_')}"
+            tmp = out / f"{TMP_PREFIX}{stage.folder.replace('/', '_')}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         log(f"[{stage.name}] running")

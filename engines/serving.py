@@ -13,10 +13,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from .requests import Delta, GenerationParams
 from .runtime import Engine
 
 _CLOSE = object()
+MAX_FAILED_STEPS = 3  # consecutive steps whose shared work raised before the engine reports not ready
 
 
 class ServingEngine:
@@ -58,6 +61,11 @@ class ServingEngine:
             self._inbox.put(("cancel", request_id))
         return known
 
+    def ready(self) -> bool:
+        """False once the engine cannot serve: its thread stopped, or its last MAX_FAILED_STEPS steps all
+        failed (a broken device, not a bad request); Triton's model readiness reports this."""
+        return self._thread.is_alive() and self._error is None and self.engine.failed_steps < MAX_FAILED_STEPS
+
     def close(self) -> None:
         self._inbox.put(_CLOSE)
         self._thread.join(timeout=30)
@@ -97,8 +105,8 @@ class ServingEngine:
             _, prompt, params, request_id = item
             try:
                 self.engine.add_request(prompt, params, request_id)
-            except ValueError as e:  # bad parameters: the caller's stream raises
-                self._send(request_id, e)
+            except Exception as e:  # noqa: BLE001 - a bad request: its caller's stream raises, the engine serves on
+                self._send(request_id, e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}"))
         else:
             self.engine.cancel(item[1])
 
@@ -134,6 +142,9 @@ def load_engine(build_dir: Path, device: str = "cpu", tp: int = 1, max_sequences
         raise FileNotFoundError(f"{folder}: no config.json (is {build_dir} a nemo3 build folder?)")
     if num_speculative_tokens is None:
         num_speculative_tokens = 2 if ModelSpec.from_file(folder).num_nextn_predict_layers else 0
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch {torch.__version__} sees no CUDA device here: serve on a GPU "
+                         "machine or set the model's config.pbtxt parameter device to \"cpu\"")
     if compile is None and not device.startswith("cuda"):
         compile = False
     return ServingEngine(Engine.from_checkpoint(folder, device=device, max_sequences=max_sequences,

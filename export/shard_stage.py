@@ -12,10 +12,18 @@ from pathlib import Path
 from ..pipeline import BuildContext, Stage
 from .checkpoint import CONFIG_FILE, open_checkpoint
 from .rank_writer import RANK_FORMAT, write_ranks
+from .sharding import check_tp
+from .stage import build_checkpoint
 
 
 def shard_stage() -> Stage:
-    return Stage(name="shard", folder="ranks", depends_on=_depends_on, run=_run)
+    return Stage(name="shard", folder="ranks", depends_on=_depends_on, run=_run, check=_check)
+
+
+def _check(ctx: BuildContext) -> None:
+    """--tp and --moe-parallel against the model, before any stage runs (the quantize stage checks the
+    quantized tensors' split too)."""
+    check_tp(build_checkpoint(ctx).spec, ctx.options.tp, ctx.options.moe_parallel)
 
 
 def shard_source(ctx: BuildContext) -> Path:

@@ -1,6 +1,8 @@
 """The build's precision stages: "quantize" (OUT/checkpoint/) and "report" (OUT/report/).
 
-quantize: the recipe is `load_recipe(--recipe or --precision)`. A recipe that quantizes something is
+quantize: the recipe is `load_recipe(--recipe or --precision)`; a --recipe without --precision sets the
+precision it implies (its narrowest format), and a --precision that disagrees with --recipe is refused
+before any stage runs. A recipe that quantizes something is
 calibrated with ModelOpt (quant/calibrate.py; on CUDA when there is one) on `--calib-data` or the
 built-in corpus's train split, and exported as a unified HF checkpoint (quant/export.py). A recipe
 that quantizes nothing (bf16) writes the input checkpoint in BF16 with hub names instead. Redone
@@ -42,8 +44,43 @@ def quantizes(recipe: Recipe) -> bool:
 
 
 # ---- quantize --------------------------------------------------------------------------------------------
+def implied_precision(recipe: Recipe, spec) -> str:
+    """The --precision a recipe amounts to: its narrowest format (nvfp4 before fp8 before bf16)."""
+    formats = set(recipe.assign(spec).values()) | {recipe.kv_cache}
+    return next((p for p in ("nvfp4", "fp8") if any(f.startswith(p) for f in formats)), BF16)
+
+
 def quantize_stage() -> Stage:
-    return Stage(name="quantize", folder=CHECKPOINT_FOLDER, depends_on=_quantize_inputs, run=_quantize)
+    return Stage(name="quantize", folder=CHECKPOINT_FOLDER, depends_on=_quantize_inputs, run=_quantize,
+                 check=_check)
+
+
+def _check(ctx: BuildContext) -> str | None:
+    """Before any stage runs: the recipe fits the model, --precision agrees with it (a --recipe alone sets
+    --precision to what it implies, and says so), the calibration options, and the quantized tensors split
+    over --tp."""
+    from ..export.planner import checkpoint_tensors
+    from ..export.sharding import check_tp
+    from ..export.stage import build_checkpoint
+
+    options, spec = ctx.options, build_checkpoint(ctx).spec
+    recipe = build_recipe(ctx)
+    implied = implied_precision(recipe, spec)
+    note = None
+    if options.precision is None:
+        options.precision = implied
+        note = f"--recipe {options.recipe} implies --precision {implied}"
+    elif options.recipe is not None and options.precision != implied:
+        raise BuildError(f"--precision {options.precision} conflicts with --recipe {options.recipe}, which builds "
+                         f"{implied}: drop --precision (the recipe implies it) or pass --precision {implied}")
+    if quantizes(recipe):
+        recipe.to_modelopt_quant_cfg(spec)
+        for flag, value, least in (("--calib-samples", options.calib_samples, 1),
+                                   ("--calib-seq-len", options.calib_seq_len, 2)):
+            if value < least:
+                raise BuildError(f"{flag} {value}: must be >= {least}")
+    check_tp(spec, options.tp, options.moe_parallel, checkpoint_tensors(spec, recipe.assign(spec), recipe.kv_cache))
+    return note
 
 
 def _calibration_inputs(ctx: BuildContext) -> dict:
@@ -87,11 +124,6 @@ def _quantize(ctx: BuildContext, tmp: Path | None) -> dict:
     from .data import calibration_windows
 
     options = ctx.options
-    for flag, value, least in (("--calib-samples", options.calib_samples, 1),
-                               ("--calib-seq-len", options.calib_seq_len, 2)):
-        if value < least:
-            raise BuildError(f"{flag} {value}: must be >= {least}")
-    recipe.to_modelopt_quant_cfg(source.spec)  # a recipe that does not fit the model fails before the data is read
     windows, data = calibration_windows(source.path, source.spec, options.calib_data, options.calib_samples,
                                         options.calib_seq_len)
     device = default_device()

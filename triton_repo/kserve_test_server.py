@@ -9,8 +9,8 @@ the model config, reports unknown models, marks a stream's requests cancelled wh
 cancels the stream or its deadline passes, and sends an empty final response only to requests that
 asked for one. One instance per model (instance_group counts are ignored), CPU tensors only.
 
-Implemented RPCs: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig,
-ModelStreamInfer. Used by the tests; usable by hand:
+Implemented RPCs: ServerLive, ServerReady, ServerMetadata, ModelReady (a Python model's `is_ready()`
+when it has one, as Triton's Python backend), ModelMetadata, ModelConfig, ModelStreamInfer. Used by the tests; usable by hand:
 
     with KServeTestServer("deploy/triton_repo") as server:
         print(server.url)   # 127.0.0.1:<free port>
@@ -194,6 +194,16 @@ class ServedModel:
             return
         deliver(None, None, True)
 
+    def ready(self) -> bool:
+        """As Triton's Python backend: the model's own `is_ready()` when it defines one (a failing check is
+        not ready), else ready once loaded."""
+        if self.instance is None or not hasattr(self.instance, "is_ready"):
+            return True
+        try:
+            return self.instance.is_ready() is True
+        except Exception:  # noqa: BLE001
+            return False
+
     def close(self) -> None:
         if self.instance is not None and hasattr(self.instance, "finalize"):
             self.instance.finalize()
@@ -215,7 +225,7 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         # composing models first, so an ensemble's steps exist when it is served
         for folder, config in sorted(configs.items(), key=lambda kv: kv[1].platform == "ensemble"):
             self.models[folder.name] = ServedModel(self, folder, config)
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers))
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kserve"))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         self._server.start()
@@ -246,7 +256,8 @@ class KServeTestServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerMetadataResponse(name="nemo3-kserve-test-server", version=__version__)
 
     def ModelReady(self, request, context):
-        return service_pb2.ModelReadyResponse(ready=request.name in self.models)
+        model = self.models.get(request.name)
+        return service_pb2.ModelReadyResponse(ready=model is not None and model.ready())
 
     def _model(self, name: str, context) -> ServedModel:
         if name not in self.models:

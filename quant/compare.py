@@ -123,7 +123,7 @@ def score(label: str, path: str, logprobs: torch.Tensor, reference: torch.Tensor
     nll = -logprobs.gather(-1, targets[..., None]).squeeze(-1)[keep].double()
     kl = (reference.exp() * (reference - logprobs)).sum(-1)[keep].double().clamp(min=0)
     top1 = (logprobs.argmax(-1) == reference.argmax(-1))[keep]
-    bad = int((~torch.isfinite(nll)).sum()) + int(torch.isnan(logprobs[keep]).any(-1).sum())
+    bad = int((~torch.isfinite(nll) | torch.isnan(logprobs[keep]).any(-1)).sum())
     if bad:  # NaN rows agree with NaN rows: no number of this build can be reported
         raise ValueError(f"{path}: NaN or inf log-probabilities at {bad} of {int(keep.sum())} held-out positions; "
                          "its weights overflow (no accuracy is reported for it)")

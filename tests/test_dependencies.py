@@ -1,0 +1,66 @@
+"""`pip install -e .` must give the default build (nvfp4: ModelOpt calibration and export, the Triton
+repository validated with Triton's protobuf) everything it imports: every third-party module those stages
+load must come from a distribution that nemo3's core requirements pull in (transitively, as pip would)."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import nemo3
+
+# imported by torch and ModelOpt only when installed (nemo3's `kernels` extra); absent, they do without it
+IMPORTED_IF_PRESENT = {"triton"}
+# what the default build's stages import, lazily, as they run (pipeline.build_stages and the stage functions)
+BUILD_IMPORTS = """
+import json, sys
+from nemo3.pipeline import BuildOptions, build_stages
+build_stages(BuildOptions(output="unused"))
+import nemo3.export.rank_writer, nemo3.quant.calibrate, nemo3.quant.compare, nemo3.quant.data, nemo3.quant.export
+import nemo3.engines.loading, nemo3.triton_repo.generate, nemo3.triton_repo.validate
+import modelopt.torch.quantization, modelopt.torch.export, modelopt.torch.export.convert_hf_config
+import tritonclient.grpc.model_config_pb2
+from transformers import NemotronHForCausalLM
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def core_closure() -> set[str]:
+    """The distributions `pip install -e .` installs: pyproject.toml's dependencies (this checkout's, not
+    whatever nemo3 metadata is installed) and theirs, recursively, with the extras they ask for."""
+    import tomllib
+
+    project = tomllib.loads((Path(nemo3.__file__).parent / "pyproject.toml").read_text())["project"]
+    seen, todo = set(), [(req.name, tuple(sorted(req.extras))) for req in map(Requirement, project["dependencies"])]
+    while todo:
+        name, wanted = todo.pop()
+        key = (canonicalize_name(name), wanted)
+        if key in seen:
+            continue
+        seen.add(key)
+        for line in md.requires(name) or []:
+            req = Requirement(line)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("",) + wanted):
+                todo.append((req.name, tuple(sorted(req.extras))))
+    return {name for name, _ in seen}
+
+
+def test_the_default_build_needs_only_core_dependencies():
+    loaded = json.loads(subprocess.run([sys.executable, "-c", BUILD_IMPORTS], check=True, capture_output=True,
+                                       text=True).stdout.strip().splitlines()[-1])
+    providers = md.packages_distributions()
+    core = core_closure()
+    missing = {}
+    for module in loaded:
+        if module in sys.stdlib_module_names or module in IMPORTED_IF_PRESENT | {"nemo3"} or module not in providers:
+            continue
+        dists = {canonicalize_name(d) for d in providers[module]}
+        if not dists & core:
+            missing[module] = sorted(dists)
+    assert not missing, f"imported by the default build, not installed by `pip install -e .`: {missing}"

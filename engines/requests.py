@@ -10,7 +10,8 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-from .sampling import SamplingParams, check_integer
+from .checks import check_integer
+from .sampling import SamplingParams
 
 MAX_SPECULATIVE_TOKENS = 16  # MTP draft length; acceptance falls off long before
 

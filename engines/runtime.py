@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
+from .checks import check_integer
 from .executor import Executor, RaggedBatch
 from .requests import Delta, FinishReason, GenerationParams, new_request_id
-from .sampling import check_integer, distribution, sample
+from .sampling import distribution, sample
 from .sequence import Sequence
 from .slots import SlotPool
 from .speculative import accept, draft

@@ -7,34 +7,13 @@ the same distribution for the target model, so sampling with and without MTP dra
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 
 import torch
 
+from .checks import check_integer, check_number
+
 MAX_SEED = 2**64 - 1  # a torch.Generator seed (TensorRT-LLM's `seed` input is UINT64 too)
-
-
-def check_integer(name: str, value, minimum: int | None = None, maximum: int | None = None) -> None:
-    """ValueError naming the request field unless `value` is an integer (not a bool) within the bounds."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}={value!r}: must be an integer")
-    _check_range(name, value, minimum, maximum)
-
-
-def check_number(name: str, value, minimum: float | None = None, maximum: float | None = None) -> None:
-    """ValueError naming the request field unless `value` is a finite real number within the bounds."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r}: must be a finite number")
-    _check_range(name, value, minimum, maximum)
-
-
-def _check_range(name: str, value, minimum, maximum) -> None:
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name}={value!r}: must be >= {minimum}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name}={value!r}: must be <= {maximum}")
 
 
 @dataclass(frozen=True)
@@ -49,7 +28,7 @@ class SamplingParams:
         check_integer("top_k", self.top_k, minimum=0)
         check_number("top_p", self.top_p, minimum=0, maximum=1)
         if self.top_p == 0:
-            raise ValueError("top_p=0: must be in (0, 1]")
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
         if self.seed is not None:
             check_integer("seed", self.seed, minimum=0, maximum=MAX_SEED)
 

@@ -10,7 +10,8 @@ cancels the stream or its deadline passes, and sends an empty final response onl
 asked for one. One instance per model (instance_group counts are ignored), CPU tensors only.
 
 Implemented RPCs: ServerLive, ServerReady, ServerMetadata, ModelReady (a Python model's `is_ready()`
-when it has one, as Triton's Python backend), ModelMetadata, ModelConfig, ModelStreamInfer. Used by the tests; usable by hand:
+when it has one, as Triton's Python backend), ModelMetadata, ModelConfig, ModelStreamInfer. Used by
+the tests; usable by hand:
 
     with KServeTestServer("deploy/triton_repo") as server:
         print(server.url)   # 127.0.0.1:<free port>

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -34,8 +35,7 @@ print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
 def core_closure() -> set[str]:
     """The distributions `pip install -e .` installs: pyproject.toml's dependencies (this checkout's, not
     whatever nemo3 metadata is installed) and theirs, recursively, with the extras they ask for."""
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11 reads pyproject.toml")
     project = tomllib.loads((Path(nemo3.__file__).parent / "pyproject.toml").read_text())["project"]
     seen, todo = set(), [(req.name, tuple(sorted(req.extras))) for req in map(Requirement, project["dependencies"])]
     while todo:

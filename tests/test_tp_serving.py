@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(not (BUILTIN_DIR / "model.safetensors").exists()
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):"]
 GREEDY = GenerationParams(max_tokens=12)
-SERVE = dict(max_sequences=4, max_length=256)  # small state pools: the tests start many stacks
+SERVE = {"max_sequences": 4, "max_length": 256}  # small state pools: the tests start many stacks
 
 
 @pytest.fixture(scope="module")

@@ -102,9 +102,10 @@ def _assemble(spec: ModelSpec, parallel: Parallel, names: list[str], read: Calla
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with torch.device("meta"):
         model = Model(spec, parallel)
-    # a rank's checkpoint holds its parts: its quantized layers are checked against the rank's shapes
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()} if parallel.sharded else None
-    stored_as_is = install_quant_linears(model, quantized, expected) if quantized is not None else set()
+    stored_as_is = set()
+    if quantized is not None:  # a rank's checkpoint holds its parts: its layers are checked against the rank's shapes
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()} if parallel.sharded else None
+        stored_as_is = install_quant_linears(model, quantized, expected)
     wanted, present = set(model.state_dict()), set(names)
     if wanted != present:
         missing, extra = sorted(wanted - present), sorted(present - wanted)

@@ -244,7 +244,7 @@ def _worker_rank(rank: int, fn: Callable, tp: int, backend: str, port: int, time
         fn(connection, *args)
     except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the leader reports it
         pass
-    except BaseException as e:
+    except BaseException as e:  # noqa: BLE001 - whatever stops the rank is reported to the leader in one line
         try:
             connection.send_bytes(_FAILED + _one_line(e).encode())
         except OSError:  # the leader is gone

@@ -48,5 +48,5 @@ def triton_stage() -> Stage:
 def _run(ctx: BuildContext, tmp: Path | None) -> dict:
     opts = repository_options(ctx)
     models = write_repository(tmp, opts, final=ctx.out / FOLDER)
-    report = check_repository(tmp, label=FOLDER)
+    report = check_repository(tmp, label=FOLDER, complete=False)  # TensorRT-LLM's model.py is copied later
     return {"target": opts.target, "models": models, "tp": opts.tp, "notes": report.notes}

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..pipeline import BuildContext, BuildError, Stage
 from .compare import CompareOptions, compare, format_table
-from .recipes import BF16, Recipe, layer_of, load_recipe
+from .recipes import Recipe, layer_of, load_recipe
 
 CHECKPOINT_FOLDER = "checkpoint"
 REPORT_FOLDER = "report"
@@ -34,11 +34,6 @@ def build_recipe(ctx: BuildContext) -> Recipe:
     if "recipe" not in ctx.cache:
         ctx.cache["recipe"] = load_recipe(ctx.options.recipe or ctx.options.precision)
     return ctx.cache["recipe"]
-
-
-def quantizes(recipe: Recipe) -> bool:
-    """Whether `recipe` quantizes anything (layers or the KV cache)."""
-    return recipe.kv_cache != BF16 or any(rule.format != BF16 for rule in recipe.layers)
 
 
 # ---- quantize --------------------------------------------------------------------------------------------
@@ -61,7 +56,7 @@ def _quantize_inputs(ctx: BuildContext) -> dict:
     recipe = build_recipe(ctx)
     inputs = {"checkpoint": build_checkpoint(ctx).fingerprint(), "precision": ctx.options.precision,
               "recipe": recipe.to_dict()}
-    if quantizes(recipe):
+    if recipe.quantizes():
         import importlib.metadata as md
 
         inputs["calibration"] = _calibration_inputs(ctx)
@@ -79,7 +74,7 @@ def _quantize(ctx: BuildContext, tmp: Path | None) -> dict:
         raise BuildError(f"{source.path}: the checkpoint is already quantized (hf_quant_config.json); "
                          "build from its BF16 checkpoint")
     formats = _format_counts(recipe, source.spec)
-    if not quantizes(recipe):
+    if not recipe.quantizes():
         return {"recipe": recipe.name, "formats": formats, **export_unquantized(source, tmp)}
     import torch
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,3 +424,40 @@ def test_calibration_windows_from_text_and_jsonl(tiny_folder, tmp_path):
         calibration_windows(tiny_folder, spec, jsonl, samples=1, seq_len=4096)
     windows, source = calibration_windows(tiny_folder, spec, None, samples=2, seq_len=64)
     assert windows.shape == (2, 64) and "train split" in source
+
+
+# ---- hf_quant_config.json as NVIDIA publishes it ---------------------------------------------------------
+PUBLISHED_SUPER = Path(__file__).with_name("data") / "super_nvfp4_hf_quant_config.json"
+
+
+def layer_kind(module: str) -> str:
+    """`backbone.layers.1.mixer.experts.511.up_proj` -> `backbone.layers.N.mixer.experts.E.up_proj`."""
+    return re.sub(r"\.experts\.\d+\.", ".experts.E.", re.sub(r"^backbone\.layers\.\d+\.", "backbone.layers.N.", module))
+
+
+def test_hf_quant_config_has_the_published_super_nvfp4_structure(exported):
+    """tests/data/super_nvfp4_hf_quant_config.json is the structure of nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4's
+    hf_quant_config.json, written from its documented form (ModelOpt's Super recipe header, and the excerpts that
+    TensorRT-LLM, vLLM and SGLang test their loaders with): MIXED_PRECISION, FP8 KV cache, and `quantized_layers`
+    naming every routed expert's up_proj and down_proj (NVFP4, group 16), the shared experts and the Mamba
+    in/out projections (FP8). A build with NVIDIA's Super layout writes the same structure, for every expert
+    of every MoE layer."""
+    if exported["recipe"].name not in ("nvfp4", "nvfp4-mse"):
+        pytest.skip("the Super layout")
+    published = json.loads(PUBLISHED_SUPER.read_text())
+    ours = json.loads((exported["out"] / QUANT_CONFIG_FILE).read_text())
+    assert set(ours) == set(published) | {"nemo3"} and ours["producer"]["name"] == published["producer"]["name"]
+    for key in ("quant_algo", "kv_cache_quant_algo"):
+        assert ours["quantization"][key] == published["quantization"][key]
+    kinds = {layer_kind(m): v for m, v in published["quantization"]["quantized_layers"].items()}
+    our_kinds = {}
+    for module, value in ours["quantization"]["quantized_layers"].items():
+        our_kinds.setdefault(layer_kind(module), []).append(value)
+    assert set(our_kinds) == set(kinds)
+    assert all(all(v == kinds[kind] for v in values) for kind, values in our_kinds.items())
+    spec = exported["source"].spec
+    expert_keys = {m for m in ours["quantization"]["quantized_layers"] if ".experts." in m}
+    assert expert_keys == {f"backbone.layers.{i}.mixer.experts.{e}.{proj}" for i in spec.layers_of("E")
+                           for e in range(spec.n_routed_experts) for proj in ("up_proj", "down_proj")}
+    config = json.loads((exported["out"] / "config.json").read_text())["quantization_config"]
+    assert {m for m in config["quantized_layers"] if ".experts." in m} == expert_keys

@@ -42,7 +42,8 @@ import yaml
 
 from ..export.names import LM_HEAD, expected_tensors
 from ..export.spec import ModelSpec
-from .modelopt_recipes import ModelOptRecipe, ModelOptRecipeError, is_modelopt_file, quantizer_attributes, read, shipped
+from .modelopt_recipes import (ModelOptRecipe, ModelOptRecipeError, is_modelopt_file, quantizer_attributes, read, shipped,
+                               summary)
 from .recipe_tables import ALIASES, BUILTIN
 
 NVFP4, NVFP4_W4A16, FP8, BF16 = "nvfp4", "nvfp4_w4a16", "fp8", "bf16"
@@ -355,8 +356,6 @@ def recipe_catalog() -> list[tuple[str, str, str]]:
     """(name, where it comes from, what it is) for every recipe `load_recipe` knows by name: nemo3's own
     tables, the aliases of NVIDIA's, and NVIDIA's Nemotron 3 recipes as the installed ModelOpt ships them
     (read as YAML only: ModelOpt is not imported)."""
-    from .modelopt_recipes import summary
-
     library = shipped()
     rows = [(r.name, "nemo3", r.description) for r in RECIPES.values()]
     rows += [(alias, f"alias of {target}", summary(library[target]) if target in library else "(ModelOpt not installed)")

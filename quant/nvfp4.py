@@ -42,13 +42,18 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 16
+from ..plugins.grouped_gemm import E2M1_VALUES as _E2M1
+from ..plugins.grouped_gemm import NVFP4_BLOCK, dequantize_nvfp4
+
+BLOCK = NVFP4_BLOCK
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 # E2M1 magnitudes by code & 7; codes 8..15 are the negatives
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-_MIDPOINTS_ROUNDING_UP = torch.tensor([0.75, 1.75, 3.5])  # ties that go up to the even codes 1.0, 2.0, 4.0
+E2M1_VALUES = torch.tensor(_E2M1)
+# the midpoints between neighbouring E2M1 magnitudes, by the way a tie rounds (to the even code): down at
+# 0.25, 1.25, 2.5, 5 (to codes 0, 2, 4, 6), up at 0.75, 1.75, 3.5 (to codes 2, 4, 6)
+_MIDPOINTS_TIES_DOWN = (0.25, 1.25, 2.5, 5.0)
+_MIDPOINTS_TIES_UP = (0.75, 1.75, 3.5)
 _MIN_BLOCK_SCALE = 2.0**-9  # smallest E4M3 subnormal
 
 
@@ -114,9 +119,10 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None, block_sc
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Round already-scaled values to E2M1 codes (uint8 0..15, same shape), ties to even, saturating at 6."""
     a = x.float().abs()
-    magnitude = torch.bucketize(a, _MIDPOINTS.to(a.device))  # a tie lands on the smaller magnitude...
-    magnitude += torch.isin(a, _MIDPOINTS_ROUNDING_UP.to(a.device))  # ...unless the larger one is even
-    return magnitude.to(torch.uint8) | ((x < 0).to(torch.uint8) << 3)
+    # elementwise comparisons only (no lookup, no data-dependent shape): fuses into one loop when compiled
+    magnitude = sum((a > m).to(torch.uint8) for m in _MIDPOINTS_TIES_DOWN)
+    magnitude = magnitude + sum((a >= m).to(torch.uint8) for m in _MIDPOINTS_TIES_UP)
+    return magnitude | ((x < 0).to(torch.uint8) << 3)
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -132,13 +138,9 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """packed [..., K/2], block_scale [..., K/16], global_scale scalar -> [..., K] in `dtype`."""
-    codes = unpack(packed).long()
-    values = E2M1_VALUES.to(packed.device)[codes & 7]
-    values = torch.where(codes >= 8, -values, values)
-    step = (block_scale.float() * torch.as_tensor(global_scale, device=packed.device).float()).unsqueeze(-1)
-    out = values.reshape(*codes.shape[:-1], -1, BLOCK) * step
-    return out.reshape(codes.shape).to(dtype)
+    """packed [..., K/2], block_scale [..., K/16], global_scale scalar -> [..., K] in `dtype` (the decoder the
+    GEMM kernels' reference uses, plugins/grouped_gemm.py)."""
+    return dequantize_nvfp4(packed, block_scale, global_scale, dtype)
 
 
 def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "activation") -> torch.Tensor:
@@ -146,10 +148,17 @@ def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "acti
 
     Same shape and dtype as `x`. Block scales are dynamic: `e4m3(min(block_amax / (6 g), 448)) * g`,
     replaced by 1.0 below 1e-5 (so a block that small flushes to zero); values are rounded like
-    weights and the sign follows `x >= 0`.
+    weights and the sign follows `x >= 0`. `global_scale` is one scalar, or one per row: shape
+    x.shape[:-1] (routed experts, each pair quantized with its expert's scale). Branch-free, with no
+    host reads: it runs inside compiled graphs.
     """
     _check_blocks(x, name)
-    g = torch.as_tensor(global_scale, device=x.device).float().reshape(())
+    g = torch.as_tensor(global_scale, device=x.device).float()
+    if g.dim():  # one scale per row: broadcast over the row's blocks and their elements
+        if g.shape != x.shape[:-1]:
+            raise ValueError(f"{name}: per-row global scales of shape {tuple(g.shape)} for an activation of "
+                             f"shape {tuple(x.shape)}")
+        g = g[..., None, None]
     g = torch.where(g > 0, g, torch.full_like(g, 1e-12))
     blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
     magnitude = blocks.abs()

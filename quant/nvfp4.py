@@ -42,18 +42,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plugins.grouped_gemm import E2M1_VALUES as _E2M1
 from ..plugins.grouped_gemm import NVFP4_BLOCK, dequantize_nvfp4
 
 BLOCK = NVFP4_BLOCK
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
-# E2M1 magnitudes by code & 7; codes 8..15 are the negatives
-E2M1_VALUES = torch.tensor(_E2M1)
-# the midpoints between neighbouring E2M1 magnitudes, by the way a tie rounds (to the even code): down at
-# 0.25, 1.25, 2.5, 5 (to codes 0, 2, 4, 6), up at 0.75, 1.75, 3.5 (to codes 2, 4, 6)
-_MIDPOINTS_TIES_DOWN = (0.25, 1.25, 2.5, 5.0)
-_MIDPOINTS_TIES_UP = (0.75, 1.75, 3.5)
+# (midpoint between neighbouring E2M1 magnitudes, whether a tie there rounds up (to the even code), the step
+# to the next magnitude): a magnitude is the sum of the steps of the midpoints it passes
+_MIDPOINTS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5), (2.5, False, 1.0),
+              (3.5, True, 1.0), (5.0, False, 2.0))
 _MIN_BLOCK_SCALE = 2.0**-9  # smallest E4M3 subnormal
 
 
@@ -118,11 +115,15 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None, block_sc
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Round already-scaled values to E2M1 codes (uint8 0..15, same shape), ties to even, saturating at 6."""
-    a = x.float().abs()
-    # elementwise comparisons only (no lookup, no data-dependent shape): fuses into one loop when compiled
-    magnitude = sum((a > m).to(torch.uint8) for m in _MIDPOINTS_TIES_DOWN)
-    magnitude = magnitude + sum((a >= m).to(torch.uint8) for m in _MIDPOINTS_TIES_UP)
+    magnitude = sum(passed.to(torch.uint8) for passed, _ in _past_midpoints(x.float().abs()))
     return magnitude | ((x < 0).to(torch.uint8) << 3)
+
+
+def _past_midpoints(a: torch.Tensor):
+    """(a has passed the midpoint, the step it adds) for each E2M1 midpoint, a >= 0 already scaled: elementwise
+    comparisons only (no lookup, no data-dependent shape), which a compiled graph fuses into one vector loop."""
+    for midpoint, tie_up, step in _MIDPOINTS:
+        yield (a >= midpoint) if tie_up else (a > midpoint), step
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -165,7 +166,8 @@ def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "acti
     block_amax = magnitude.amax(dim=-1, keepdim=True)
     scale = (block_amax / (E2M1_MAX * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float() * g
     scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
-    rounded = E2M1_VALUES.to(x.device)[e2m1_codes(magnitude / scale).long()] * scale
+    scaled = magnitude / scale
+    rounded = sum(torch.where(passed, step, 0.0) for passed, step in _past_midpoints(scaled)) * scale
     out = torch.where(blocks >= 0, rounded, -rounded)
     return out.reshape(x.shape).to(x.dtype)
 

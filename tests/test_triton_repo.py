@@ -19,13 +19,13 @@ from nemo3.cli.main import main as cli
 from nemo3.pipeline import BuildOptions, run_stages
 from nemo3.triton_repo import generate as generate_module
 from nemo3.triton_repo.generate import HEADER, RepositoryOptions, write_repository
-from nemo3.triton_repo.validate import RepositoryError, check_repository, validate_repository
+from nemo3.triton_repo.validate import LLMAPI_SOURCE, RepositoryError, check_repository, validate_repository
 
 # TensorRT-LLM's text-level tensors (triton_backend/all_models/inflight_batcher_llm/ensemble/config.pbtxt)
 TRTLLM_ENSEMBLE = {"text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "stream": "TYPE_BOOL",
                    "temperature": "TYPE_FP32", "top_k": "TYPE_INT32", "top_p": "TYPE_FP32", "seed": "TYPE_UINT64",
                    "stop_words": "TYPE_STRING", "exclude_input_in_output": "TYPE_BOOL", "text_output": "TYPE_STRING",
-                   "num_input_tokens": "TYPE_INT32", "num_output_tokens": "TYPE_INT32"}
+                   "num_input_tokens": "TYPE_INT32", "num_output_tokens": "TYPE_INT32", "min_tokens": "TYPE_INT32"}
 # What TensorRT-LLM's LLM-API model.py / helpers.py read (triton_backend/all_models/llmapi/tensorrt_llm)
 TRTLLM_LLMAPI = {"text_input": "TYPE_STRING", "streaming": "TYPE_BOOL", "sampling_param_max_tokens": "TYPE_INT32",
                  "sampling_param_temperature": "TYPE_FP32", "sampling_param_top_k": "TYPE_INT32",
@@ -80,15 +80,23 @@ def test_every_generated_config_parses_into_triton_model_config(tmp_path, checkp
     ours = tensors(ensemble)
     assert {name: ours[name] for name in TRTLLM_ENSEMBLE if name in ours} == \
            {name: t for name, t in TRTLLM_ENSEMBLE.items() if name in ours}
-    assert set(ours) >= set(TRTLLM_ENSEMBLE) - {"num_input_tokens", "num_output_tokens"}
+    assert set(ours) >= set(TRTLLM_ENSEMBLE) - {"num_input_tokens", "num_output_tokens", "min_tokens"}
+    # the LLM-API model reads no min_tokens: declared, it would be dropped silently (tensors.py)
+    assert ("min_tokens" in ours) == (target != "trtllm") and "min_length" not in ours
     if target == "trtllm":
         assert tensors(model) == TRTLLM_LLMAPI
     else:
         assert tensors(model) == ours and {"think_budget", "num_speculative_tokens", "acceptance_length"} <= set(ours)
-    report = validate_repository(repo)
+    report = validate_repository(repo, complete=False)
     assert report.errors == []
     assert report.notes == (["triton_repo/tensorrt_llm/1/model.py: not there yet; copy TensorRT-LLM's LLM-API "
                              "model.py and helpers.py into it (README.md)"] if target == "trtllm" else [])
+    if target == "trtllm":  # as a server would load it: TensorRT-LLM's model code is missing
+        version = repo / "tensorrt_llm" / "1"
+        assert validate_repository(repo).errors == [
+            f"triton_repo/tensorrt_llm/1: missing model.py and helpers.py (TensorRT-LLM's LLM-API Triton model, from "
+            f"the container's TensorRT-LLM release); copy them: cp {LLMAPI_SOURCE}/model.py {LLMAPI_SOURCE}/helpers.py "
+            f"{version}/"]
 
 
 def test_llmapi_model_yaml_uses_tensorrt_llm_argument_names(tmp_path, checkpoint_dir):
@@ -212,6 +220,23 @@ def test_validate_repo_command(tmp_path):
                                                    "no model.py for the python backend")
 
 
+def test_validate_repo_command_needs_tensorrt_llms_model_code(tmp_path, checkpoint_dir):
+    repo = generate(tmp_path, target="trtllm", checkpoint=checkpoint_dir)
+    version = repo / "tensorrt_llm" / "1"
+    bad = CliRunner().invoke(cli, ["validate-repo", str(repo)])
+    assert bad.exit_code == 1
+    assert (f"error: triton_repo/tensorrt_llm/1: missing model.py and helpers.py (TensorRT-LLM's LLM-API Triton "
+            f"model, from the container's TensorRT-LLM release); copy them: cp {LLMAPI_SOURCE}/model.py "
+            f"{LLMAPI_SOURCE}/helpers.py {version}/") in bad.stderr
+    (version / "model.py").write_text("# TensorRT-LLM's\n")
+    bad = CliRunner().invoke(cli, ["validate-repo", str(repo)])
+    assert bad.exit_code == 1 and "missing helpers.py" in bad.stderr and f"cp {LLMAPI_SOURCE}/helpers.py {version}/" \
+        in bad.stderr
+    (version / "helpers.py").write_text("# TensorRT-LLM's\n")
+    ok = CliRunner().invoke(cli, ["validate-repo", str(repo)])
+    assert ok.exit_code == 0 and ok.stdout == f"{repo}: ok (ensemble, tensorrt_llm)\n"
+
+
 def test_stage_writes_a_valid_repository_and_skips_when_unchanged(tmp_path):
     out = tmp_path / "out"
     options = BuildOptions(output=out, target="torch", tp=2)
@@ -224,6 +249,7 @@ def test_stage_writes_a_valid_repository_and_skips_when_unchanged(tmp_path):
                                                                 .read_bytes())
     readme = (repo / "README.md").read_text()
     assert f"tritonserver --model-repository={repo.resolve()} --grpc-port=8001" in readme
+    assert f"nemo3 serve {repo.resolve()} --port 8001" in readme
     assert "tensor parallel size 2 (instance 0: GPUs 0,1)" in readme
     logs = []
     run_stages(options, ["triton_repo"], log=logs.append)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..executors.base import Executor, RaggedBatch
+from .checks import check_integer
 from .requests import Delta, FinishReason, GenerationParams, new_request_id
 from .sampling import distribution, sample
 from .sequence import Sequence
@@ -52,13 +53,20 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
         self._finished: list[Delta] = []  # cancellations and refusals, reported by the next step
+        self.failed_steps = 0  # consecutive steps whose shared work raised (0 after a good step)
         executor.warm_up(1 + num_speculative_tokens)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: GenerationParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or GenerationParams()
+        if not isinstance(params, GenerationParams):
+            raise ValueError(f"params: expected GenerationParams, got {type(params).__name__}")
         ids = self.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.executor.spec.vocab_size
+        for name, tokens in (("prompt", ids), ("stop_token_ids", params.stop_token_ids)):
+            for token in tokens:
+                check_integer(f"{name} token id", token, minimum=0, maximum=vocab - 1)
         request_id = request_id or new_request_id()
         k = self.default_k if params.num_speculative_tokens is None else params.num_speculative_tokens
         if k and not self.executor.has_mtp:
@@ -68,7 +76,7 @@ class Scheduler:
                              f"({self.executor.spec.mtp_pattern!r}) would need MTP state rollback; not supported")
         seq = Sequence(request_id, ids, params, k, params.sampling.generator())
         seq.in_think = self.codec.thinking_after(ids)
-        self._detok[request_id] = Detokenizer(self.codec, params.stop)
+        self._detok[request_id] = Detokenizer(self.codec, params.stop, params.min_tokens)
         # the state must hold the prompt, the output and the drafts of the last verify
         need = len(ids) + params.max_tokens + k
         if not ids:
@@ -105,6 +113,9 @@ class Scheduler:
 
     # ---- one scheduler step --------------------------------------------------------------------
     def step(self) -> list[Delta]:
+        """One scheduler step. A request never takes the engine down: an exception while serving one sequence
+        (sampling) fails that request; one in the shared work (the forward, state commits, MTP drafting) fails
+        the requests of this step. Either way they end with FinishReason.ERROR and their slots are free."""
         deltas, self._finished = self._finished, []
         while self.waiting and self.slots.free:
             seq = self.waiting.popleft()
@@ -113,15 +124,37 @@ class Scheduler:
         if not self.running:
             return deltas
         plan = self._plan()
+        try:
+            new = self._forward(plan)
+        except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine serves on
+            self.failed_steps += 1
+            return deltas + [self._fail(seq, e) for seq, _, _ in plan]
+        for seq, emitted in new:
+            deltas.append(self._fail(seq, emitted) if isinstance(emitted, Exception) else self._delta(seq, emitted))
+            if seq.finished:
+                self._finish(seq, seq.finish_reason)
+        drafting = [seq for seq, emitted in new if seq.mtp_k and not seq.finished]
+        try:
+            self._draft(drafting)
+        except Exception as e:  # noqa: BLE001
+            self.failed_steps += 1
+            return deltas + [self._fail(seq, e) for seq in drafting]
+        self.failed_steps = 0
+        return deltas
+
+    def _forward(self, plan: list[tuple[Sequence, list[int], list[int]]]) -> list[tuple[Sequence, list[int] | Exception]]:
+        """The executor forward over the plan, then each finishing row's tokens (or the exception choosing them
+        raised); commits the Mamba states of verified drafts."""
         batch = RaggedBatch.build([(tokens, seq.computed, seq.slot) for seq, tokens, _ in plan],
                                   [row for _, _, rows in plan for row in rows],
                                   keep_steps=any(seq.drafts for seq, _, _ in plan))
         out = self.executor.forward(batch)
-        argmax = out.logits.argmax(-1).tolist()  # greedy choices and verifies, read back in one transfer
+        all_logits = self._hold_back_stops(plan, out.logits)
+        argmax = all_logits.argmax(-1).tolist()  # greedy choices and verifies, read back in one transfer
         now = time.perf_counter()
         logit_at, commits, new = 0, [], []
         for (seq, tokens, rows), start in zip(plan, batch.query_start.tolist()):
-            logits = out.logits[logit_at:logit_at + len(rows)]
+            logits = all_logits[logit_at:logit_at + len(rows)]
             best = argmax[logit_at:logit_at + len(rows)]
             logit_at += len(rows)
             hidden = out.hidden[start:start + len(tokens)]
@@ -129,7 +162,11 @@ class Scheduler:
                 seq.computed += len(tokens)
                 seq.mtp_hidden.extend(hidden) if seq.mtp_k else None
                 continue
-            emitted = self._choose(seq, logits, best)
+            try:
+                emitted = self._choose(seq, logits, best)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                new.append((seq, e))
+                continue
             emitted = self._apply_limits(seq, emitted)
             processed = len(tokens) if seq.prefilling else len(emitted)  # inputs whose state is kept
             if seq.drafts:
@@ -143,12 +180,15 @@ class Scheduler:
             new.append((seq, emitted))
         if commits:
             self.executor.commit_steps([s for s, _ in commits], [k for _, k in commits])
-        for seq, emitted in new:
-            deltas.append(self._delta(seq, emitted))
-            if seq.finished:
-                self._finish(seq, seq.finish_reason)
-        self._draft([seq for seq, _ in new if seq.mtp_k and not seq.finished])
-        return deltas
+        return new
+
+    def _fail(self, seq: Sequence, error: Exception) -> Delta:
+        """End a request whose step raised: its final delta carries the error in one line; its slot is freed."""
+        message = (str(error).strip().splitlines() or [""])[0]
+        self._finish(seq, FinishReason.ERROR)
+        self._detok.pop(seq.request_id, None)
+        stats = {**seq.stats(), "error": f"{type(error).__name__}: {message}" if message else type(error).__name__}
+        return Delta(seq.request_id, [], "", True, FinishReason.ERROR, stats)
 
     def _plan(self) -> list[tuple[Sequence, list[int], list[int]]]:
         """(sequence, its new tokens, rows whose logits are needed) for this step, within the token budget."""
@@ -170,6 +210,27 @@ class Scheduler:
             budget -= len(tokens)
         return plan
 
+    def _stop_ids(self, params: GenerationParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.codec.eos_ids)
+
+    def _hold_back_stops(self, plan: list[tuple[Sequence, list[int], list[int]]], logits: torch.Tensor
+                         ) -> torch.Tensor:
+        """min_tokens: a logit row that chooses one of a request's first min_tokens output tokens cannot choose
+        a stop id: EOS (TensorRT-LLM masks its end id so) and the request's stop token ids (as vLLM does). Row i
+        of a sequence chooses output token len(output) + i, so a rejected draft is resampled without them too."""
+        rows, ids, at = [], [], 0
+        for seq, _, seq_rows in plan:
+            held = min(len(seq_rows), seq.params.min_tokens - len(seq.output))
+            stops = sorted(self._stop_ids(seq.params)) if held > 0 else []
+            for i in range(held if stops else 0):
+                rows += [at + i] * len(stops)
+                ids += stops
+            at += len(seq_rows)
+        if not rows:
+            return logits
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+        return logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
     def _choose(self, seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> list[int]:
         """Tokens produced by this step's logits (and their argmax): one sample, or the outcome of verifying
         the drafts."""
@@ -185,7 +246,7 @@ class Scheduler:
     def _apply_limits(self, seq: Sequence, emitted: list[int]) -> list[int]:
         """Reasoning budget, EOS / stop ids and max_tokens, token by token; may shorten `emitted`."""
         params, codec, kept = seq.params, self.codec, []
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else codec.eos_ids)
+        stop_ids = self._stop_ids(params)
         for token in emitted:
             if seq.in_think and params.think_budget is not None and seq.think_tokens >= params.think_budget \
                     and codec.think_end is not None:

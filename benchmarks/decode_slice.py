@@ -4,11 +4,11 @@
 
 The slice has the real Nemotron 3 Nano 30B-A3B dimensions (DESIGN.md, "Real shapes": hidden 2688, 128 experts
 top-6, Mamba 64x64 state 128, 32/2 attention heads) and the first layers of its pattern (`--pattern`, default
-MEMEM*: 3 Mamba, 2 MoE, 1 attention), with random weights. Each precision applies its built-in recipe
-(quant/recipe_tables.py) to those weights with our own numerics (nvfp4: routed experts NVFP4, shared experts and
-Mamba projections FP8 W8A8, FP8 KV cache; fp8: every backbone linear layer FP8 W8A8): NVFP4 weights stay packed
-and run through the W4A16 grouped GEMM (plugins/grouped_gemm.py; W4A4 activations quantize-dequantize first, as
-Hopper has no FP4 tensor cores), FP8 layers through torch._scaled_mm. The timed call is the compiled decode step
+MEMEM*: 3 Mamba, 2 MoE, 1 attention), with random weights. Each precision quantizes those weights with our own
+numerics (nvfp4: NVIDIA's checkpoint layout as Hopper runs it: routed experts NVFP4 weight-only, shared experts
+and Mamba projections FP8 W8A8, FP8 KV cache; fp8 or any other nemo3 recipe name: that recipe's table): NVFP4
+weights stay packed and run through the W4A16 grouped GEMM (plugins/grouped_gemm.py; W4A4 activations would
+quantize-dequantize first, as Hopper has no FP4 tensor cores), FP8 layers through torch._scaled_mm. The timed call is the compiled decode step
 of the runtime (engines/executors/compiled_step.py: one CUDA graph over the backbone, lm_head excluded, every row
 continuing a sequence of `--past` tokens); it prints one Markdown row per precision and batch with tokens/s and
 the ratio to bf16. The issue's goal: nvfp4 >= 1.8x and fp8 >= 1.5x bf16 at batch 1 and 64. Without CUDA it says
@@ -31,7 +31,7 @@ from nemo3.engines.network.quant_linear import QuantLinear, prepare_quant_linear
 from nemo3.export.spec import ModelSpec
 from nemo3.quant import fp8, nvfp4
 from nemo3.quant.layout import BF16, FP8, NVFP4, OUTPUT_SCALES, LinearLayout
-from nemo3.quant.recipes import NVFP4_W4A16, RECIPES
+from nemo3.quant.recipes import NVFP4_W4A16, Recipe, Rule, load_recipe
 
 NANO = dict(model_type="nemotron_h", vocab_size=131072, hidden_size=2688, num_attention_heads=32,
             num_key_value_heads=2, head_dim=128, attention_bias=False, mamba_num_heads=64, mamba_head_dim=64,
@@ -41,6 +41,11 @@ NANO = dict(model_type="nemotron_h", vocab_size=131072, hidden_size=2688, num_at
             topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, mlp_hidden_act="relu2", mlp_bias=False,
             num_nextn_predict_layers=0, layer_norm_epsilon=1e-5, tie_word_embeddings=False)
 ACTIVATION_AMAX = 8.0  # calibrated input / K / V amax the random slice is given
+# the layer formats of NVIDIA's Nemotron 3 NVFP4 checkpoints, as Hopper runs them (routed experts NVFP4 weight-only)
+NVFP4_HOPPER = Recipe("nvfp4", layers=(Rule("backbone.layers.*.mixer.experts.*", NVFP4_W4A16),
+                                       Rule("backbone.layers.*.mixer.shared_experts.*", FP8),
+                                       Rule("backbone.layers.*.mixer.in_proj", FP8),
+                                       Rule("backbone.layers.*.mixer.out_proj", FP8)), kv_cache=FP8)
 
 
 def random_slice(config: dict, device: str) -> Model:
@@ -66,7 +71,7 @@ def random_slice(config: dict, device: str) -> Model:
 def apply_recipe(model: Model, recipe_name: str) -> None:
     """Replace each linear layer the recipe quantizes by a QuantLinear holding its weight quantized (and K/V scales
     for an FP8 KV cache), then prepare them and stack the experts as engines/network/loading.py does."""
-    recipe = RECIPES[recipe_name]
+    recipe = NVFP4_HOPPER if recipe_name == "nvfp4" else load_recipe(recipe_name)
     for layer, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or not layer.startswith("backbone."):
             continue

@@ -109,7 +109,8 @@ def tile_map(row_expert: torch.Tensor, n_experts: int, block_m: int):
     R = row_expert.shape[0]
     key = torch.where(row_expert < 0, n_experts, row_expert).long()
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=n_experts + 1)[:n_experts]
+    counts = torch.zeros(n_experts + 1, dtype=torch.long, device=key.device)
+    counts = counts.scatter_add_(0, key, torch.ones_like(key))[:n_experts]  # (bincount reads its max on the host)
     first_row = torch.cumsum(counts, 0) - counts
     tiles = (counts + block_m - 1) // block_m
     last_tile = torch.cumsum(tiles, 0)

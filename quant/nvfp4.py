@@ -42,11 +42,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..plugins.grouped_gemm import E2M1_VALUES as _E2M1
 from ..plugins.grouped_gemm import NVFP4_BLOCK, dequantize_nvfp4
 
 BLOCK = NVFP4_BLOCK
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
+E2M1_VALUES = torch.tensor(_E2M1)  # magnitudes by code & 7; codes 8..15 are the negatives
 # (midpoint between neighbouring E2M1 magnitudes, whether a tie there rounds up (to the even code), the step
 # to the next magnitude): a magnitude is the sum of the steps of the midpoints it passes
 _MIDPOINTS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5), (2.5, False, 1.0),

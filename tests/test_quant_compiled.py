@@ -55,14 +55,14 @@ def quantized_builtin(request, tmp_path_factory):
     """The built-in model's checkpoint quantized with a recipe (calibrated on a few random windows)."""
     from nemo3.quant.calibrate import calibrate
     from nemo3.quant.export import export_quantized
-    from nemo3.quant.recipes import RECIPES
+    from nemo3.quant.recipes import load_recipe
 
     if not (BUILTIN_DIR / "model.safetensors").exists():
         pytest.skip("the built-in model is not trained yet")
     source = open_checkpoint(BUILTIN_DIR)
     out = tmp_path_factory.mktemp(request.param) / "checkpoint"
     windows = random_windows(source.spec.vocab_size, count=2, length=32)
-    export_quantized(calibrate(BUILTIN_DIR, RECIPES[request.param], windows, progress=False), source, out,
+    export_quantized(calibrate(BUILTIN_DIR, load_recipe(request.param), windows, progress=False), source, out,
                      {"recipe": request.param})
     return out
 

@@ -117,13 +117,28 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None, block_sc
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Round already-scaled values to E2M1 codes (uint8 0..15, same shape), ties to even, saturating at 6."""
-    magnitude = sum(passed.to(torch.uint8) for passed, _ in _past_midpoints(x.float().abs()))
-    return magnitude | ((x < 0).to(torch.uint8) << 3)
+    return _magnitude_index(x.float().abs()) | ((x < 0).to(torch.uint8) << 3)
+
+
+def _magnitude_index(a: torch.Tensor) -> torch.Tensor:
+    """Index (uint8 0..7) of the E2M1 magnitude nearest to each a >= 0 (already scaled), ties to the even index."""
+    if torch.compiler.is_compiling():  # comparisons only: fused into the graph's vector loop
+        return sum(passed.to(torch.uint8) for passed, _ in _past_midpoints(a))
+    # eagerly, two library calls instead of seven comparisons: a tie lands on the lower index, unless it rounds up
+    index = torch.bucketize(a, torch.tensor([m for m, _, _ in _MIDPOINTS], device=a.device))
+    index += torch.isin(a, torch.tensor([m for m, up, _ in _MIDPOINTS if up], device=a.device))
+    return index.to(torch.uint8)
+
+
+def _rounded_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """The E2M1 magnitude nearest to each a >= 0 (fp32), as `_magnitude_index` picks it."""
+    if torch.compiler.is_compiling():
+        return sum(torch.where(passed, step, 0.0) for passed, step in _past_midpoints(a))
+    return E2M1_VALUES.to(a.device)[_magnitude_index(a).long()]
 
 
 def _past_midpoints(a: torch.Tensor):
-    """(a has passed the midpoint, the step it adds) for each E2M1 midpoint, a >= 0 already scaled: elementwise
-    comparisons only (no lookup, no data-dependent shape), which a compiled graph fuses into one vector loop."""
+    """(a has passed the midpoint, the step to the next magnitude) for each E2M1 midpoint."""
     for midpoint, tie_up, step in _MIDPOINTS:
         yield (a >= midpoint) if tie_up else (a > midpoint), step
 
@@ -168,8 +183,7 @@ def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "acti
     block_amax = magnitude.amax(dim=-1, keepdim=True)
     scale = (block_amax / (E2M1_MAX * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float() * g
     scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
-    scaled = magnitude / scale
-    rounded = sum(torch.where(passed, step, 0.0) for passed, step in _past_midpoints(scaled)) * scale
+    rounded = _rounded_magnitude(magnitude / scale) * scale
     out = torch.where(blocks >= 0, rounded, -rounded)
     return out.reshape(x.shape).to(x.dtype)
 

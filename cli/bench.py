@@ -26,7 +26,7 @@ from .common import one_line_errors
               help="torch intra-op threads for every run (CPU: tiny models are overhead-bound; more threads add "
                    "OpenMP synchronization).")
 @click.option("--compile/--eager", "compile_steps", default=True, show_default=True,
-              help="Run decode steps of unquantized builds compiled (inductor on CPU, CUDA graphs on GPU; each "
+              help="Run decode steps compiled, quantized builds included (inductor on CPU, CUDA graphs on GPU; each "
                    "step shape compiles once, before timing) or eagerly.")
 @click.option("--server", default=None, help="Benchmark a running Triton server (host:port) instead.")
 @click.option("--model-name", default="nemo3", show_default=True, help="Model name on --server.")

@@ -55,6 +55,7 @@ class Result:
     tpot_s: list[float] = field(default_factory=list)  # per request: (last - first token time) / (tokens - 1)
     acceptance_length: float | None = None
     executor: str = "eager"  # how decode steps ran: "eager", "compiled"; transformers: "generate()"
+    weight_bytes: int | None = None  # resident weight memory of the served model (engines/network/quant_linear.py)
 
     @property
     def tokens_per_s(self) -> float:
@@ -66,7 +67,8 @@ class Result:
                 "ttft_p50_ms": _ms(_percentile(self.ttft_s, 50)),
                 "tpot_ms": _ms(statistics.mean(self.tpot_s) if self.tpot_s else None),
                 "itl_p50_ms": _ms(_percentile(self.itl_s, 50)), "itl_p99_ms": _ms(_percentile(self.itl_s, 99)),
-                "acceptance_length": None if self.acceptance_length is None else round(self.acceptance_length, 3)}
+                "acceptance_length": None if self.acceptance_length is None else round(self.acceptance_length, 3),
+                "weight_mb": None if self.weight_bytes is None else round(self.weight_bytes / 2**20, 2)}
 
 
 def _percentile(values: list[float], q: int) -> float | None:
@@ -155,9 +157,10 @@ def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload,
 
 def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu", transformers_baseline: bool = True,
                   max_num_tokens: int = 512, compile: bool = True, log=print) -> dict:
-    """Each target, then transformers; `compile`: decode steps of unquantized builds run compiled (CUDA graphs
-    on GPU), compiled before the clock starts. Quantized builds (emulated by QuantLinear) always run eagerly."""
+    """Each target, then transformers; `compile`: decode steps run compiled (CUDA graphs on GPU), compiled before
+    the clock starts, quantized builds included. Each build's resident weight bytes are reported against bf16's."""
     from .executors.compiled_step import unsupported
+    from .network.quant_linear import resident_weight_bytes
     from .runtime.factory import StackOptions, open_scheduler
 
     results, prompts = [], None
@@ -178,6 +181,7 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         finally:
             engine.executor.close()  # (a --tp N build's worker ranks)
         results[-1].executor = "compiled" if compiled else "eager"
+        results[-1].weight_bytes = resident_weight_bytes(engine.executor.model)
         log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s ({results[-1].executor})")
     peer = None
     if transformers_baseline:
@@ -190,13 +194,15 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
     for row, r in zip(rows, results):
         row["vs_bf16"] = round(r.tokens_per_s / bf16.tokens_per_s, 3)
         row["vs_transformers"] = None if peer is None else round(r.tokens_per_s / peer.tokens_per_s, 3)
+        row["weight_vs_bf16"] = (None if r.weight_bytes is None or bf16.weight_bytes is None
+                                 else round(r.weight_bytes / bf16.weight_bytes, 3))
     return {"workload": asdict(workload), "device": device, "torch_threads": torch.get_num_threads(), "results": rows}
 
 
 def markdown_table(report: dict) -> str:
     cols = ["name", "executor", "output_tokens_per_s", "vs_bf16", "vs_transformers", "ttft_p50_ms", "tpot_ms", "itl_p50_ms",
             "itl_p99_ms",
-            "acceptance_length"]
+            "acceptance_length", "weight_mb", "weight_vs_bf16"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in report["results"]:
         lines.append("| " + " | ".join("" if row.get(c) is None else str(row[c]) for c in cols) + " |")

@@ -15,7 +15,7 @@ import math
 import re
 from pathlib import Path
 
-from .names import EMBEDDING, FINAL_NORM, LM_HEAD, expected_tensors
+from .names import EMBEDDING, FINAL_NORM, LM_HEAD, expected_tensors, fp32_tensors
 from .spec import ATTENTION, MAMBA, MLP, MOE, ModelSpec
 
 LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MOE: "moe", MLP: "mlp"}
@@ -73,7 +73,18 @@ def inspect_checkpoint(path: str | Path) -> dict:
     for name in ckpt.names():
         dtypes.setdefault(weight_group(spec, name), set()).add(str(ckpt.dtype(name)).removeprefix("torch."))
     return {"checkpoint": str(ckpt.path), "fingerprint": ckpt.fingerprint(), **describe_spec(spec),
-            "dtypes": {group: sorted(d) for group, d in dtypes.items()}}
+            "dtypes": {group: sorted(d) for group, d in dtypes.items()}, "weight_bytes": weight_bytes(ckpt)}
+
+
+def weight_bytes(ckpt) -> dict:
+    """Bytes of the weights as stored (what a GPU keeps resident: NVFP4 and FP8 weights stay packed there) and
+    as a BF16 model of the same config holds them (fp32 router biases in fp32 in both)."""
+    import torch
+
+    stored = sum(math.prod(ckpt.shape(name)) * ckpt.dtype(name).itemsize for name in ckpt.names())
+    bf16 = sum(math.prod(shape) * (4 if fp32_tensors(name) else torch.bfloat16.itemsize)
+               for name, shape in expected_tensors(ckpt.spec).items())
+    return {"stored": stored, "bf16": bf16, "vs_bf16": round(stored / bf16, 3)}
 
 
 def read_summary(ckpt) -> dict:
@@ -135,6 +146,9 @@ def format_report(report: dict) -> str:
         ("kv / token", f"{_bytes(state['kv_per_token_bf16'])} (bf16), {_bytes(state['kv_per_token_fp8'])} (fp8)"),
     ]
     rows += [(f"dtype {group}", ", ".join(dtypes)) for group, dtypes in report["dtypes"].items()]
+    weights = report["weight_bytes"]
+    rows.append(("weights resident", f"{_bytes(weights['stored'])} as stored (GPU), {weights['vs_bf16']}x the "
+                                     f"{_bytes(weights['bf16'])} of bf16"))
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
 

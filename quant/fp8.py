@@ -27,24 +27,38 @@ def scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [...] (float) -> float8_e4m3fn [...], saturating; a zero scale gives zeros."""
-    scale = torch.as_tensor(scale, device=x.device).float().reshape(())
-    if scale == 0:
-        return torch.zeros(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    return (x / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    """x [...] (float) -> float8_e4m3fn [...], saturating; a zero scale gives zeros.
+
+    `scale` is one scalar, or one per row (shape x.shape[:-1]: routed experts, each (token, expert) pair
+    quantized with its expert's scale; the quotient is then computed in fp32). Branch-free, with no host
+    reads: it runs inside compiled graphs.
+    """
+    scale = _broadcast(torch.as_tensor(scale, device=x.device).float(), x)
+    q = torch.where(scale == 0, torch.zeros_like(x), x / scale)
+    return q.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """float8_e4m3fn [...] -> `dtype` [...]: the product in fp32, rounded once to `dtype`.
+    """float8_e4m3fn [...] -> `dtype` [...]: the product in fp32, rounded once to `dtype` (scale as in `quantize`).
 
     (ModelOpt's `FP8QTensor.dequantize` multiplies in `dtype`, rounding the scale to bf16 first.)
     """
-    return (q.float() * torch.as_tensor(scale, device=q.device).float()).to(dtype)
+    return (q.float() * _broadcast(torch.as_tensor(scale, device=q.device).float(), q)).to(dtype)
 
 
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize an activation or K/V tensor with its static calibrated scale; x's shape and dtype."""
+    """Quantize-dequantize an activation or K/V tensor with its static calibrated scale (one, or one per row);
+    x's shape and dtype."""
     return dequantize(quantize(x, scale), scale, x.dtype)
+
+
+def _broadcast(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A 0-dim (or one-element) scale as 0-dim, a per-row scale [x.shape[:-1]] as [..., 1]."""
+    if scale.numel() == 1 and scale.dim() <= 1:
+        return scale.reshape(())
+    if scale.shape != x.shape[:-1]:
+        raise ValueError(f"fp8: per-row scales of shape {tuple(scale.shape)} for a tensor of shape {tuple(x.shape)}")
+    return scale[..., None]
 
 
 def quantize_weight(w: torch.Tensor, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:

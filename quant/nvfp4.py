@@ -42,13 +42,17 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 16
+from ..plugins.grouped_gemm import E2M1_VALUES as _E2M1
+from ..plugins.grouped_gemm import NVFP4_BLOCK, dequantize_nvfp4
+
+BLOCK = NVFP4_BLOCK
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
-# E2M1 magnitudes by code & 7; codes 8..15 are the negatives
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-_MIDPOINTS_ROUNDING_UP = torch.tensor([0.75, 1.75, 3.5])  # ties that go up to the even codes 1.0, 2.0, 4.0
+E2M1_VALUES = torch.tensor(_E2M1)  # magnitudes by code & 7; codes 8..15 are the negatives
+# (midpoint between neighbouring E2M1 magnitudes, whether a tie there rounds up (to the even code), the step
+# to the next magnitude): a magnitude is the sum of the steps of the midpoints it passes
+_MIDPOINTS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5), (2.5, False, 1.0),
+              (3.5, True, 1.0), (5.0, False, 2.0))
 _MIN_BLOCK_SCALE = 2.0**-9  # smallest E4M3 subnormal
 
 
@@ -113,10 +117,30 @@ def quantize(x: torch.Tensor, global_scale: torch.Tensor | None = None, block_sc
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Round already-scaled values to E2M1 codes (uint8 0..15, same shape), ties to even, saturating at 6."""
-    a = x.float().abs()
-    magnitude = torch.bucketize(a, _MIDPOINTS.to(a.device))  # a tie lands on the smaller magnitude...
-    magnitude += torch.isin(a, _MIDPOINTS_ROUNDING_UP.to(a.device))  # ...unless the larger one is even
-    return magnitude.to(torch.uint8) | ((x < 0).to(torch.uint8) << 3)
+    return _magnitude_index(x.float().abs()) | ((x < 0).to(torch.uint8) << 3)
+
+
+def _magnitude_index(a: torch.Tensor) -> torch.Tensor:
+    """Index (uint8 0..7) of the E2M1 magnitude nearest to each a >= 0 (already scaled), ties to the even index."""
+    if torch.compiler.is_compiling():  # comparisons only: fused into the graph's vector loop
+        return sum(passed.to(torch.uint8) for passed, _ in _past_midpoints(a))
+    # eagerly, two library calls instead of seven comparisons: a tie lands on the lower index, unless it rounds up
+    index = torch.bucketize(a, torch.tensor([m for m, _, _ in _MIDPOINTS], device=a.device))
+    index += torch.isin(a, torch.tensor([m for m, up, _ in _MIDPOINTS if up], device=a.device))
+    return index.to(torch.uint8)
+
+
+def _rounded_magnitude(a: torch.Tensor) -> torch.Tensor:
+    """The E2M1 magnitude nearest to each a >= 0 (fp32), as `_magnitude_index` picks it."""
+    if torch.compiler.is_compiling():
+        return sum(torch.where(passed, step, 0.0) for passed, step in _past_midpoints(a))
+    return E2M1_VALUES.to(a.device)[_magnitude_index(a).long()]
+
+
+def _past_midpoints(a: torch.Tensor):
+    """(a has passed the midpoint, the step to the next magnitude) for each E2M1 midpoint."""
+    for midpoint, tie_up, step in _MIDPOINTS:
+        yield (a >= midpoint) if tie_up else (a > midpoint), step
 
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
@@ -132,13 +156,9 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 def dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """packed [..., K/2], block_scale [..., K/16], global_scale scalar -> [..., K] in `dtype`."""
-    codes = unpack(packed).long()
-    values = E2M1_VALUES.to(packed.device)[codes & 7]
-    values = torch.where(codes >= 8, -values, values)
-    step = (block_scale.float() * torch.as_tensor(global_scale, device=packed.device).float()).unsqueeze(-1)
-    out = values.reshape(*codes.shape[:-1], -1, BLOCK) * step
-    return out.reshape(codes.shape).to(dtype)
+    """packed [..., K/2], block_scale [..., K/16], global_scale scalar -> [..., K] in `dtype` (the decoder the
+    GEMM kernels' reference uses, plugins/grouped_gemm.py)."""
+    return dequantize_nvfp4(packed, block_scale, global_scale, dtype)
 
 
 def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "activation") -> torch.Tensor:
@@ -146,17 +166,24 @@ def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "acti
 
     Same shape and dtype as `x`. Block scales are dynamic: `e4m3(min(block_amax / (6 g), 448)) * g`,
     replaced by 1.0 below 1e-5 (so a block that small flushes to zero); values are rounded like
-    weights and the sign follows `x >= 0`.
+    weights and the sign follows `x >= 0`. `global_scale` is one scalar, or one per row: shape
+    x.shape[:-1] (routed experts, each pair quantized with its expert's scale). Branch-free, with no
+    host reads: it runs inside compiled graphs.
     """
     _check_blocks(x, name)
-    g = torch.as_tensor(global_scale, device=x.device).float().reshape(())
+    g = torch.as_tensor(global_scale, device=x.device).float()
+    if g.dim():  # one scale per row: broadcast over the row's blocks and their elements
+        if g.shape != x.shape[:-1]:
+            raise ValueError(f"{name}: per-row global scales of shape {tuple(g.shape)} for an activation of "
+                             f"shape {tuple(x.shape)}")
+        g = g[..., None, None]
     g = torch.where(g > 0, g, torch.full_like(g, 1e-12))
     blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
     magnitude = blocks.abs()
     block_amax = magnitude.amax(dim=-1, keepdim=True)
     scale = (block_amax / (E2M1_MAX * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float() * g
     scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
-    rounded = E2M1_VALUES.to(x.device)[e2m1_codes(magnitude / scale).long()] * scale
+    rounded = _rounded_magnitude(magnitude / scale) * scale
     out = torch.where(blocks >= 0, rounded, -rounded)
     return out.reshape(x.shape).to(x.dtype)
 

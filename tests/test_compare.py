@@ -157,3 +157,31 @@ def test_five_recipes_on_the_builtin_model(tmp_path):
     assert rows["fp8"]["kl_mean"] < 0.01 and rows["fp8"]["top1_agreement"] > 0.93  # FP8 close to BF16
     assert rows["nvfp4"]["kl_mean"] < 0.5 * rows["nvfp4-all"]["kl_mean"]  # the recipe buys accuracy
     assert rows["nvfp4"]["top1_agreement"] > rows["nvfp4-all"]["top1_agreement"]
+
+
+def test_throughput_joins_the_accuracy_table_and_plot(tmp_path):
+    """`nemo3 compare --throughput`: the bench's rows (reference first) join the accuracy rows, tok/s as a ratio to
+    the reference's; a bench with the wrong number of rows is refused."""
+    from nemo3.engines.evaluation.compare import add_throughput, plot
+
+    def accuracy(label, ppl):
+        return {"label": label, "path": label, "perplexity": ppl, "kl_mean": 0.01, "kl_p99": 0.1,
+                "top1_agreement": 0.95, "greedy_prefix": 7.0, "positions": 10}
+
+    def served(name, tps):
+        return {"name": name, "output_tokens_per_s": tps, "ttft_p50_ms": 50.0, "tpot_ms": 2.5, "weight_mb": 5.0,
+                "executor": "compiled"}
+
+    report = {"options": {"gen_tokens": 8, "prompts": 2, "prompt_len": 16},
+              "heldout": {"windows": 4, "seq_len": 64, "positions": 10},
+              "reference": accuracy("bf16", 10.0), "builds": [accuracy("fp8", 10.5)]}
+    bench = {"workload": {"num_prompts": 16, "input_len": 64, "output_len": 64, "concurrency": 8}, "device": "cpu",
+             "results": [served("bf16", 400.0), served("fp8", 380.0)]}
+    with pytest.raises(ValueError, match="1 results for 2"):
+        add_throughput(json.loads(json.dumps(report)), dict(bench, results=bench["results"][:1]))
+    add_throughput(report, bench)
+    assert report["builds"][0]["tokens_per_s_vs_reference"] == 0.95
+    table = format_table(report)
+    assert "| fp8 | 10.5000 | +5.00% |" in table and "380.0 (compiled) | 0.95x | 50.0 | 2.5 | 5.0 |" in table
+    plot(report, tmp_path / "compare.png")
+    assert (tmp_path / "compare.png").stat().st_size > 1000

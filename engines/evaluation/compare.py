@@ -124,21 +124,70 @@ def compare(builds: list[str | Path], reference: str | Path, options: CompareOpt
             "reference": dataclasses.asdict(rows[0]), "builds": [dataclasses.asdict(r) for r in rows[1:]]}
 
 
+THROUGHPUT = ("output_tokens_per_s", "ttft_p50_ms", "tpot_ms", "weight_mb", "executor")
+
+
+def add_throughput(report: dict, bench: dict) -> dict:
+    """The comparison with each row's serving figures from `bench` (engines/benchmark.py's run_benchmark over
+    the reference then the builds, in that order): output tok/s and its ratio to the reference's, TTFT p50,
+    TPOT, resident weight MiB, how decode steps ran."""
+    rows = [report["reference"], *report["builds"]]
+    served = bench["results"][:len(rows)]
+    if len(served) != len(rows):
+        raise ValueError(f"the benchmark has {len(served)} results for {len(rows)} compared models")
+    for row, result in zip(rows, served):
+        row.update({key: result[key] for key in THROUGHPUT})
+        row["tokens_per_s_vs_reference"] = round(result["output_tokens_per_s"] / served[0]["output_tokens_per_s"], 3)
+    report["throughput"] = {"workload": bench["workload"], "device": bench["device"]}
+    return report
+
+
 def format_table(report: dict) -> str:
-    """The comparison as a Markdown table (readable on a terminal too)."""
+    """The comparison as a Markdown table (readable on a terminal too), with the serving figures when measured."""
     gen = report["options"]["gen_tokens"]
     ref_ppl = report["reference"]["perplexity"]
-    lines = ["| build | perplexity | vs reference | KL mean | KL p99 | top-1 agreement | greedy prefix |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    served = "throughput" in report
+    lines = ["| build | perplexity | vs reference | KL mean | KL p99 | top-1 agreement | greedy prefix |"
+             + (" output tok/s | vs reference | TTFT p50 ms | TPOT ms | weights MiB |" if served else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" * 5 if served else "")]
     for row in [report["reference"], *report["builds"]]:
         change = f"{100 * (row['perplexity'] / ref_ppl - 1):+.2f}%"
-        lines.append(f"| {row['label']} | {row['perplexity']:.4f} | {change} | {row['kl_mean']:.5f} | "
-                     f"{row['kl_p99']:.5f} | {100 * row['top1_agreement']:.2f}% | "
-                     f"{row['greedy_prefix']:.1f}/{gen} |")
+        line = (f"| {row['label']} | {row['perplexity']:.4f} | {change} | {row['kl_mean']:.5f} | "
+                f"{row['kl_p99']:.5f} | {100 * row['top1_agreement']:.2f}% | {row['greedy_prefix']:.1f}/{gen} |")
+        if served:
+            line += (f" {row['output_tokens_per_s']:.1f} ({row['executor']}) | {row['tokens_per_s_vs_reference']:.2f}x"
+                     f" | {row['ttft_p50_ms']} | {row['tpot_ms']} | {row['weight_mb']} |")
+        lines.append(line)
     held = report["heldout"]
     lines.append("")
     lines.append(f"{held['windows']} held-out windows of {held['seq_len']} tokens ({held['positions']:,} scored "
                  f"positions); KL(reference || build) in nats; greedy prefix: leading tokens shared with the "
                  f"reference's greedy continuation of {report['options']['prompts']} prompts of "
                  f"{report['options']['prompt_len']} tokens.")
+    if served:
+        w = report["throughput"]["workload"]
+        lines.append(f"Serving: {w['num_prompts']} prompts of {w['input_len']} tokens, {w['output_len']} output tokens "
+                     f"each, concurrency {w['concurrency']}, on {report['throughput']['device']} (nemo3 bench).")
     return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """One figure: each model's output tokens/s against its KL to the reference (up and left is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [report["reference"], *report["builds"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for row in rows:
+        ax.scatter(row["kl_mean"], row["output_tokens_per_s"], color="#76b900", s=50)
+        ax.annotate(f" {row['label']}\n top-1 {100 * row['top1_agreement']:.1f}%, "
+                    f"{row['tokens_per_s_vs_reference']:.2f}x", (row["kl_mean"], row["output_tokens_per_s"]),
+                    fontsize=8)
+    ax.set_xlabel("KL(reference || build), nats per token")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"throughput vs accuracy ({report['throughput']['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -6,7 +6,10 @@ draft step have the same shape at every step once the executor pads the batch to
 whose Mamba state must be zeroed first) runs eagerly. Each (step, T) is compiled once,
 with static shapes, as one graph: nothing in the decode path reads tensors back to the host (the
 references of plugins/ and the layers' pool writes are branch-free, engines/moe.py runs its stacked
-experts gathered or dense, attention reads the whole slot under a mask). On CUDA the graph is captured
+experts gathered or dense, attention reads the whole slot under a mask). Quantized layers (ModelOpt
+checkpoints) compile too, with the numerics of the eager network: their dequantized weights are frozen
+into the graph like any weight (W4A16, W8A16), and the fake quantization of W4A4 / W8A8 inputs and of
+FP8 K/V outputs is branch-free torch code that inductor fuses into the graph. On CUDA the graph is captured
 and replayed as a CUDA graph (`mode="reduce-overhead"`), the Triton kernels inside it as opaque custom ops.
 Prefill chunks stay eager: their lengths vary.
 """
@@ -19,6 +22,7 @@ import types
 
 import torch
 
+from ...quant.layout import BF16
 from ..network.quant_linear import QuantLinear
 
 
@@ -91,10 +95,10 @@ def unsupported(model) -> str | None:
 
     if model.parallel.sharded:
         return "a tensor-parallel rank runs eagerly (compiled steps with collectives are not verified)"
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        return ("the model is quantized (the layers of a ModelOpt checkpoint emulate their formats eagerly); "
-                "compiled steps need an unquantized one")
-    if any(isinstance(m, MoE) and m.stacked is None for m in model.modules()):
+    if any(isinstance(m, QuantLinear) and m.layout.weight_format != BF16 and m.dequantized is None
+           and not m.runs_packed for m in model.modules()):
+        return "a quantized layer's weight is not dequantized (prepare_quant_linears was not called)"
+    if any(isinstance(m, MoE) and m.stacked is None and m.packed is None for m in model.modules()):
         return ("an MoE layer's experts are not stacked (expert-sharded, or a Model not built by "
                 "engines/loading.py); compiled steps gather stacked experts")
     if model.device.type == "cpu" and cpp_compiler() is None:

@@ -21,9 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...export.spec import ModelSpec
+from ...plugins.dispatch import use_triton
+from ...plugins.grouped_gemm import grouped_gemm
 from ...plugins.latent_moe_route import latent_moe_route
+from ...quant.layout import NVFP4
 from .mlp import ReLU2MLP
 from .parallel import SINGLE, Parallel
+from .quant_linear import QuantLinear, fake_quantize_input
 
 
 class Router(nn.Module):
@@ -47,6 +51,7 @@ class Router(nn.Module):
                                 self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
 
 
+WHERE = "engines/network/moe.py"
 GATHER_MAX_PAIRS = 16  # (token, expert) pairs up to which experts run as one gathered batched matmul
 
 
@@ -81,6 +86,8 @@ class MoE(nn.Module):
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the experts held, accumulated in fp32.
         x [T, De] -> [T, De]; a rank's part of the sum when sharded."""
+        if (self.stacked is not None or self.packed is not None) and use_triton(None, x.device, WHERE):
+            return self.run_experts_grouped(x, weights, ids)
         if self.stacked is not None and (ids.numel() <= GATHER_MAX_PAIRS or torch.compiler.is_compiling()):
             if ids.numel() > len(self.experts):  # more pairs than experts: read each expert once instead
                 return self.run_experts_dense(x, weights, ids)
@@ -95,24 +102,64 @@ class MoE(nn.Module):
         return out.to(x.dtype)
 
     stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (up [E, I, De], down [E, De, I]) once stacked
+    # NVFP4 experts kept packed (the grouped GEMM kernel decodes them): per projection (codes [E, N, K/2],
+    # block scales [E, N, K/16], global scales [E])
+    packed: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None
+    # per projection (up, down): (format, input scales [E]) when the experts quantize their inputs (W4A4, W8A8)
+    stacked_inputs: tuple[tuple[str, torch.Tensor] | None, tuple[str, torch.Tensor] | None] = (None, None)
 
     def stack_experts(self) -> None:
-        """Hold the experts' weights as one [E, I, De] and one [E, De, I] tensor, each expert's parameters
-        becoming views of them (names and state dict unchanged), so that a few tokens gather their experts
-        with one index (decode; every compiled step) instead of looping over experts. Only when every expert
-        is held as a plain bias-free nn.Linear (not quantized, not expert-sharded); call it after the
+        """Hold the experts' weights as one [E, I, De] and one [E, De, I] tensor, each expert's weight becoming
+        a view of them (names and state dict unchanged), so that a few tokens gather their experts with one
+        index (decode; every compiled step) instead of looping over experts, and the grouped GEMM kernel
+        (plugins/grouped_gemm.py) runs every (token, expert) pair in one launch. Only when every expert is
+        held and its projections are bias-free, either plain nn.Linear or QuantLinear layers of one layout per
+        projection: a QuantLinear stacks the dequantized weight it computes with, or, where NVFP4 weights stay
+        packed (GPU), its codes and scales (`packed`); its input scales are stacked too. Call it after the
         weights are in place (engines/loading.py does)."""
         experts = list(self.experts.values())
-        if len(experts) != self.gate.weight.shape[0] or not all(
-                type(layer) is nn.Linear and layer.bias is None for e in experts for layer in (e.up_proj, e.down_proj)):
+        if len(experts) != self.gate.weight.shape[0]:
             return
-        stacks = []
+        layers, inputs = {}, []
         for name in ("up_proj", "down_proj"):
-            stack = torch.stack([getattr(e, name).weight.detach() for e in experts])
-            for e, view in zip(experts, stack):
-                getattr(e, name).weight = nn.Parameter(view, requires_grad=False)
-            stacks.append(stack)
-        self.stacked = tuple(stacks)
+            layers[name] = [getattr(e, name) for e in experts]
+            kind = {_stackable_kind(layer) for layer in layers[name]}
+            if len(kind) != 1 or None in kind:
+                return
+            (kind,) = kind
+            inputs.append(None if kind[1] is None else
+                          (kind[0], torch.stack([layer.input_scale for layer in layers[name]])))
+        if len({_kept_packed(group[0]) for group in layers.values()}) != 1:
+            return
+        if _kept_packed(layers["up_proj"][0]):
+            self.packed = tuple(_stack_views(group, ("weight", "weight_scale", "weight_scale_2"))
+                                for group in layers.values())
+        else:
+            self.stacked = tuple(_stack_views(group, ("dequantized",) if isinstance(group[0], QuantLinear)
+                                              else ("weight",))[0] for group in layers.values())
+        self.stacked_inputs = tuple(inputs)
+
+    def _expert_input(self, projection: int, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """x [..., in] as the up (0) or down (1) projection of expert `experts` [...] sees it: fake-quantized
+        with that expert's input scale when the experts quantize their inputs, else x itself."""
+        quantized = self.stacked_inputs[projection]
+        if quantized is None:
+            return x
+        weight_format, scales = quantized
+        return fake_quantize_input(weight_format, x, scales[experts])
+
+    def run_experts_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum as two grouped GEMMs over the (token, expert) pairs (plugins/grouped_gemm.py: the Triton
+        kernel reads each expert's weight once per tile of its pairs, NVFP4 decoded in registers, relu^2 fused
+        into the up projection), then the weighted sum of each token's pairs."""
+        T, k = ids.shape
+        row_expert = ids.flatten()
+        up, down = self.packed or tuple((w, None, None) for w in self.stacked)
+        pairs = self._expert_input(0, x.repeat_interleave(k, dim=0), row_expert.long())
+        h = grouped_gemm(pairs, *up, row_expert=row_expert, relu2=True)
+        h = self._expert_input(1, h, row_expert.long())
+        y = grouped_gemm(h, *down, row_expert=row_expert).float() * weights.reshape(-1, 1)
+        return y.view(T, k, -1).sum(1).to(x.dtype)
 
     def run_experts_gathered(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum for a few tokens: each (token, choice) pair gathers its expert's weights and one
@@ -120,7 +167,9 @@ class MoE(nn.Module):
         T, k = ids.shape
         up, down = self.stacked
         chosen = ids.flatten().long()
-        h = F.relu(torch.bmm(up[chosen], x.repeat_interleave(k, dim=0)[:, :, None])).square()  # [T*k, I, 1]
+        pairs = self._expert_input(0, x.repeat_interleave(k, dim=0), chosen)  # [T*k, De]
+        h = F.relu(torch.bmm(up[chosen], pairs[:, :, None])).square()  # [T*k, I, 1]
+        h = self._expert_input(1, h.squeeze(-1), chosen)[:, :, None]
         y = torch.bmm(down[chosen], h).squeeze(-1).float() * weights.reshape(-1, 1)
         return y.view(T, k, -1).sum(1).to(x.dtype)
 
@@ -131,6 +180,38 @@ class MoE(nn.Module):
         up, down = self.stacked
         dense = torch.zeros(ids.shape[0], up.shape[0], dtype=torch.float32, device=x.device)
         dense.scatter_(1, ids.long(), weights.float())  # [T, E]
-        h = F.relu(torch.einsum("td,eid->tei", x, up)).square()
+        T, E = dense.shape
+        if self.stacked_inputs[0] is None:
+            h = F.relu(torch.einsum("td,eid->tei", x, up)).square()
+        else:  # each expert sees the tokens quantized with its own input scale
+            every = torch.arange(E, device=x.device)[:, None].expand(E, T)
+            h = F.relu(torch.einsum("etd,eid->tei", self._expert_input(0, x.expand(E, *x.shape), every), up)).square()
+        h = self._expert_input(1, h, torch.arange(E, device=x.device).expand(T, E))
         y = torch.einsum("tei,edi->ted", h, down).float() * dense[..., None]
         return y.sum(1).to(x.dtype)
+
+
+def _stackable_kind(layer: nn.Module) -> tuple[str, str | None] | None:
+    """(weight format, input format or None) of an expert projection that can be stacked, else None."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        return ("bf16", None)
+    if isinstance(layer, QuantLinear) and layer.bias is None and not layer.layout.output_scale and (
+            layer.dequantized is not None or _kept_packed(layer)):
+        return (layer.layout.weight_format, layer.layout.weight_format if layer.layout.input_scale else None)
+    return None
+
+
+def _kept_packed(layer: nn.Module) -> bool:
+    return isinstance(layer, QuantLinear) and layer.dequantized is None and layer.layout.weight_format == NVFP4
+
+
+def _stack_views(layers: list[nn.Module], names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """One stacked tensor [E, ...] per attribute name; each layer's attribute becomes a view of it."""
+    stacks = []
+    for name in names:
+        stack = torch.stack([getattr(layer, name).detach() for layer in layers])
+        for layer, view in zip(layers, stack):
+            setattr(layer, name, nn.Parameter(view, requires_grad=False) if name == "weight" and
+                    type(layer) is nn.Linear else view)
+        stacks.append(stack)
+    return tuple(stacks)

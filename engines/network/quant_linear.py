@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...export.checkpoint import Checkpoint
+from ...plugins.dispatch import use_triton
+from ...plugins.fp8_linear import fp8_linear
+from ...plugins.grouped_gemm import nvfp4_linear
 from ...quant import fp8, nvfp4
 from ...quant.layout import BF16, FP8, NVFP4, LinearLayout, linear_layouts
 from .parallel import Parallel, VocabHead
@@ -69,20 +72,41 @@ class QuantLinear(nn.Module):
             return fp8.dequantize(self.weight, self.weight_scale, dtype)
         return self.weight.to(dtype)
 
+    @property
+    def runs_packed(self) -> bool:
+        """Whether the GEMM reads the stored weight itself, with no dequantized copy: NVFP4 through the W4A16
+        kernel where the Triton kernels run (CUDA; the interpreter in tests), FP8 W8A8 through torch._scaled_mm
+        on CUDA. Elsewhere the layer multiplies by the weight dequantized once at load."""
+        fmt = self.layout.weight_format
+        if fmt == NVFP4:
+            return use_triton(None, self.weight.device, "engines/network/quant_linear.py")
+        return fmt == FP8 and self.layout.input_scale and self.weight.is_cuda
+
     def prepare(self, dtype: torch.dtype) -> None:
-        """Decode the weight once into the cached `dequantized` buffer (quantized formats only)."""
-        if self.layout.weight_format != BF16:
+        """Decode the weight once into the cached `dequantized` buffer (quantized formats the GEMM does not
+        read packed)."""
+        if self.layout.weight_format != BF16 and not self.runs_packed:
             self.dequantized = self.dequantize_weight(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.layout.weight_format
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if fmt == FP8 and self.layout.input_scale and self.dequantized is None and x.is_cuda:  # real W8A8
+            y = fp8_linear(fp8.quantize(x, self.input_scale), self.input_scale, self.weight, self.weight_scale,
+                           bias, x.dtype)
+            return self._output(y)
         if self.layout.input_scale:
-            x = nvfp4.fake_quantize(x, self.input_scale) if fmt == NVFP4 else fp8.fake_quantize(x, self.input_scale)
+            x = fake_quantize_input(fmt, x, self.input_scale)
+        if fmt == NVFP4 and self.dequantized is None and self.runs_packed:  # W4A16 kernel, weight kept packed
+            return self._output(nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias))
         if fmt == BF16:
             weight = self.weight
         else:
             weight = self.dequantized if self.dequantized is not None else self.dequantize_weight(x.dtype)
-        y = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return self._output(F.linear(x, weight.to(x.dtype), bias))
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        """K/V projections: the output as the FP8 cache holds it."""
         if self.layout.output_scale:
             y = fp8.fake_quantize(y, getattr(self, self.layout.output_scale))
         return y
@@ -103,6 +127,14 @@ class QuantVocabHead(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parallel.all_gather(super().forward(x))
+
+
+def fake_quantize_input(weight_format: str, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """A W4A4 (nvfp4) or W8A8 (fp8) layer's input as its GEMM sees it: quantized and dequantized with
+    `input_scale` (one scalar, or one per row of x). Branch-free: runs inside compiled graphs."""
+    if weight_format == NVFP4:
+        return nvfp4.fake_quantize(x, input_scale)
+    return fp8.fake_quantize(x, input_scale)
 
 
 def install_quant_linears(model: nn.Module, ckpt: Checkpoint, expected: dict[str, tuple[int, ...]] | None = None
@@ -135,3 +167,13 @@ def prepare_quant_linears(model: nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             module.prepare(dtype)
+
+
+def resident_weight_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers `model` holds (each storage once: stacked experts' views, packed
+    weights, dequantized copies), i.e. what its weights cost in memory where it runs."""
+    storages = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())

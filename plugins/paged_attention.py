@@ -4,7 +4,8 @@ K and V of every sequence live in pages of `page_size` tokens, `k_pages` / `v_pa
 KV, Dh]; row b's pages are block_table[b, 0], block_table[b, 1], ... (position p is slot p % page_size of
 page block_table[b, p // page_size]). Row b has seq_lens[b] tokens, its T queries being the newest: query i
 sits at position seq_lens[b] - T + i and sees the positions up to its own (no positional embedding).
-Query head h reads KV head h // (H / KV); scores are scaled by `scale`, the softmax runs in fp32.
+Query head h reads KV head h // (H / KV); scores are scaled by `scale`, the softmax runs in fp32 (the
+reference is torch's scaled_dot_product_attention, whose CPU kernel is fused: it never holds the scores).
 
 FP8 KV: pages of float8_e4m3fn hold K / k_scale and V / v_scale (fp32 scalars, ModelOpt's `k_scale` /
 `v_scale`); they are read back as stored * scale.
@@ -21,6 +22,7 @@ A row whose queries see nothing (seq_lens[b] == 0, a padding row) returns zeros.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import eager_reference, use_triton
 
@@ -37,16 +39,14 @@ def paged_attention_reference(q, k_pages, v_pages, block_table, seq_lens, scale,
         max_pages = -(-int(seq_lens.max()) // page_size) if B else 0
     table = block_table[:, :max_pages].clamp(min=0).long()  # [B, P]
     L = table.shape[1] * page_size
-    k = _read(k_pages, table, k_scale, q.dtype).view(B, L, KV, Dh)
-    v = _read(v_pages, table, v_scale, q.dtype).view(B, L, KV, Dh)
-    qg = q.view(B, T, KV, H // KV, Dh)
-    scores = torch.einsum("btkgd,blkd->bkgtl", qg, k) * scale  # [B, KV, G, T, L]
-    query_pos = seq_lens[:, None].long() - T + torch.arange(T, device=q.device)  # [B, T]
+    k = _read(k_pages, table, k_scale, q.dtype).view(B, L, KV, Dh).transpose(1, 2)  # [B, KV, L, Dh]
+    v = _read(v_pages, table, v_scale, q.dtype).view(B, L, KV, Dh).transpose(1, 2)
+    # query i of row b at position seq_lens[b] - T + i (a padding row's at 0: it sees one stale key, then is zeroed)
+    query_pos = (seq_lens[:, None].long() - T + torch.arange(T, device=q.device)).clamp(min=0)  # [B, T]
     visible = torch.arange(L, device=q.device) <= query_pos[..., None]  # [B, T, L]
-    scores = scores.masked_fill(~visible[:, None, None], -torch.inf)
-    probs = scores.softmax(dim=-1, dtype=torch.float32)
-    probs = torch.where(visible[:, None, None], probs, 0.0).to(q.dtype)  # rows seeing nothing: 0, not NaN
-    return torch.einsum("bkgtl,blkd->btkgd", probs, v).reshape(B, T, H, Dh)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=visible[:, None], scale=scale,
+                                         enable_gqa=True)  # [B, H, T, Dh]: query head h reads KV head h // (H/KV)
+    return torch.where((seq_lens > 0)[:, None, None, None], out.transpose(1, 2), 0).to(q.dtype)
 
 
 def _read(pages: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ...export.build_folder import model_folder
+from ...export.kv_pages import page_budget
+from ...export.planner import sequence_state
 from ..executors.torch_executor import TorchExecutor
 from ..network.loading import load
 from .scheduler import Scheduler
@@ -36,6 +38,12 @@ class StackOptions:
     # True: decode steps compiled where the model allows it (executors/compiled_step.unsupported says why not),
     # False: eager; None: compiled on CUDA (CUDA graphs), eager on CPU (compiling costs tens of seconds per shape)
     compile: bool | None = None
+    # bytes for sequence state (SSM state, conv windows, KV pages): when given, max_sequences and the KV pages are
+    # what fits of sequences of max_length tokens, by the planner's accounting (`nemo3 plan`'s "free for
+    # sequences" gives the runtime its "max concurrent sequences"); None: max_sequences slots of max_length tokens
+    state_memory: int | None = None
+
+KV_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}  # planner's names
 
 
 def open_scheduler(path: str | Path | None = None, options: StackOptions = StackOptions()) -> Scheduler:
@@ -48,7 +56,19 @@ def open_scheduler(path: str | Path | None = None, options: StackOptions = Stack
     if k is None:
         k = DEFAULT_MTP_DRAFT_TOKENS if model.mtp is not None else 0
     compile = options.compile if options.compile is not None else options.device.startswith("cuda")
-    executor = TorchExecutor(model, options.max_sequences, options.max_length, compile=None if compile else False)
+    max_sequences, num_pages = options.max_sequences, None
+    if options.state_memory is not None:
+        kv = torch.float8_e4m3fn if model.fp8_kv_layers() else model.dtype
+        if kv not in KV_DTYPE_NAMES or model.dtype not in KV_DTYPE_NAMES:
+            raise ValueError(f"state_memory: no page accounting for {kv} KV pages of a {model.dtype} model")
+        state = sequence_state(model.spec, 1, KV_DTYPE_NAMES[kv], conv_bytes=model.dtype.itemsize)
+        budget = page_budget(options.state_memory, state, options.max_length)
+        if budget.max_sequences < 1:
+            raise ValueError(f"state_memory={options.state_memory}: one sequence of max_length="
+                             f"{options.max_length} tokens needs {state.bytes(options.max_length)} bytes")
+        max_sequences, num_pages = budget.max_sequences, budget.num_pages
+    executor = TorchExecutor(model, max_sequences, options.max_length, compile=None if compile else False,
+                             num_pages=num_pages)
     return Scheduler(executor, TextCodec.from_checkpoint(folder, model.spec), max_num_tokens=options.max_num_tokens,
                      num_speculative_tokens=k)
 

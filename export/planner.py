@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .inspect import weight_group
-from .kv_pages import DEFAULT_PAGE_SIZE, SequenceState, page_budget
+from .kv_pages import DEFAULT_PAGE_SIZE, SequenceState, page_budget, pages_for
 from .names import expected_tensors, fp32_tensors
 from .options import PRECISIONS
 from .sharding import (ShardError, blank_numbers, check_tp, expert_index, rank_layout, shard_of, split_name,
@@ -241,10 +241,10 @@ def _suggestions(spec: ModelSpec, formats: Callable[[str], dict[str, str] | None
                        f"{q.max_sequences} sequences fit")
             break
     stateless = p.per_sequence["ssm_state"] + p.per_sequence["conv_state"]
-    kv_per_token = p.per_sequence["kv_cache"] // p.context
+    kv_per_page = p.per_sequence["kv_cache"] // pages_for(p.context, p.page_size)
     room = p.free_for_sequences - stateless
-    if kv_per_token and room >= kv_per_token:
-        out.append(f"--context {room // kv_per_token} or shorter: one sequence fits")
+    if kv_per_page and room >= kv_per_page:
+        out.append(f"--context {room // kv_per_page * p.page_size} or shorter: one sequence fits")
     if not out:
         most = dict(tp=larger_tp[-1] if larger_tp else p.tp, kv_dtype="fp8",
                     precision="nvfp4" if precisions_known else p.precision)
@@ -306,11 +306,11 @@ def format_plan(p: Plan) -> str:
               row("conv state", [_gib(s["conv_state"])]),
               row(f"kv cache ({p.kv_dtype})", [_gib(s["kv_cache"])]),
               row("total", [_gib(s["total"])]),
-              row(f"kv pages ({p.page_size} tokens)", [f"{p.num_pages:,}"]),
               "memory (fullest rank)",
               row(f"reserve ({p.reserve:.0%})", [_gib(p.reserve_bytes)]),
               row("free for sequences", [_gib(max(p.free_for_sequences, 0))]),
               row("max concurrent sequences", [str(p.max_sequences)]),
+              row(f"kv pages ({p.page_size} tokens each)", [f"{p.num_pages:,}"]),
               f"fits: {'yes' if p.fits else 'no'}"]
     lines += [f"  try {s}" for s in p.suggestions]
     return "\n".join(lines)

@@ -77,3 +77,23 @@ def test_the_planners_max_sequences_is_what_the_runtime_admits(model, tmp_path):
         engine.step()
         assert not any(s.preemptions for s in engine.running.values())
     assert engine.pages.free == p.num_pages
+
+
+@pytest.mark.slow
+def test_a_32k_token_prompt_generates_in_chunks_within_the_planned_memory():
+    """The built-in model on CPU: a 32k-token prompt prefilled in chunks over pages, then decoded, in a runtime
+    given exactly the memory the planner's accounting says one such sequence needs."""
+    from nemo3.export.builtin import BUILTIN_DIR
+
+    if not (BUILTIN_DIR / "model.safetensors").exists():
+        pytest.skip("the built-in model has not been trained into export/builtin/ yet")
+    torch.set_num_threads(1)
+    spec = load(BUILTIN_DIR).spec
+    context = 32768 + 8
+    memory = sequence_state(spec, 1, "fp32", conv_bytes=4).bytes(context)  # float32 on CPU
+    engine = open_scheduler(None, StackOptions(max_length=context, max_num_tokens=1024, state_memory=memory))
+    assert engine.executor.max_sequences == 1 and engine.executor.state.nbytes() == memory
+    prompt = torch.randint(3, spec.vocab_size, (32768,), generator=torch.Generator().manual_seed(0)).tolist()
+    [result] = engine.generate([prompt], GenerationParams(max_tokens=8, ignore_eos=True))
+    assert result.finish_reason is FinishReason.LENGTH and len(result.token_ids) == 8
+    assert engine.pages.free == engine.pages.num_pages == pages_for(context, engine.pages.page_size)

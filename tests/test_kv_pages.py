@@ -97,3 +97,15 @@ def test_a_32k_token_prompt_generates_in_chunks_within_the_planned_memory():
     [result] = engine.generate([prompt], GenerationParams(max_tokens=8, ignore_eos=True))
     assert result.finish_reason is FinishReason.LENGTH and len(result.token_ids) == 8
     assert engine.pages.free == engine.pages.num_pages == pages_for(context, engine.pages.page_size)
+
+
+def test_page_updates_travel_to_the_ranks():
+    """A tensor-parallel leader's message carries the batch's page updates: every rank maps the same pages."""
+    from nemo3.engines.executors.base import RaggedBatch
+    from nemo3.engines.executors.distributed import FORWARD, HEADER, _decode, _encode
+
+    batch = RaggedBatch.build([([4, 5], 0, 1), ([6], 9, 0)], [1, 2], pages=[(1, 0, [5, 7]), (0, 2, [3])])
+    message = torch.frombuffer(bytearray(_encode(FORWARD, batch)), dtype=torch.long)
+    _, _, n, s, l, _, p = message[:HEADER].tolist()
+    decoded = _decode(message[HEADER:], n, s, l, p, False)
+    assert decoded.pages == batch.pages and torch.equal(decoded.slots, batch.slots)

@@ -15,7 +15,8 @@ writes. Grouped by component (export/inspect.py's `weight_group`). The recipe co
 Per sequence and rank: the SSM state [H/N, P, N_state] of every Mamba layer (fp32 by default, the
 config's `mamba_ssm_cache_dtype`), the conv window [conv channels/N, K-1] (BF16 activations), and K
 and V of every attention layer (MTP layers included) for `context` tokens in the KV dtype, with the
-rank's KV heads (one replicated head when tp exceeds them).
+rank's KV heads (one replicated head when tp exceeds them), in whole pages (export/kv_pages.py: the runtime
+admits sequences against the same page accounting, so "max concurrent sequences" is what it admits).
 
 Fit: `gpu_memory * (1 - reserve)` must hold the rank's weights and at least one sequence; `reserve`
 (default 10%) is held back for the CUDA context, activations, workspaces and communication buffers.
@@ -33,13 +34,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .inspect import weight_group
+from .kv_pages import DEFAULT_PAGE_SIZE, SequenceState, page_budget, pages_for
 from .names import expected_tensors, fp32_tensors
 from .options import PRECISIONS
 from .sharding import (ShardError, blank_numbers, check_tp, expert_index, rank_layout, shard_of, split_name,
                        valid_tp)
 from .spec import ATTENTION, MAMBA, ModelSpec
 
-KV_DTYPES = {"bf16": 2, "fp8": 1}
+KV_DTYPES = {"fp32": 4, "bf16": 2, "fp8": 1}  # fp32: the CPU runtime's float32 builds
 STATE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CONV_STATE_BYTES = 2  # conv windows are kept in the activation dtype (BF16)
 DEFAULT_RESERVE = 0.10
@@ -103,6 +105,8 @@ class Plan:
     reserve_bytes: int
     free_for_sequences: int  # on the fullest rank
     max_sequences: int
+    num_pages: int  # KV pages of page_size tokens (export/kv_pages.py) for max_sequences sequences
+    page_size: int
     fits: bool
     suggestions: list[str] = field(default_factory=list)
     model: str = ""
@@ -153,14 +157,16 @@ def _plan(spec: ModelSpec, formats: Callable[[str], dict[str, str] | None], prec
     tensors = checkpoint_tensors(spec, formats(precision), kv_dtype)
     check_tp(spec, tp, moe_parallel, tensors)
     weights = rank_weight_bytes(spec, tensors, tp, moe_parallel)
-    per_sequence = sequence_bytes(spec, tp, context, kv_dtype)
+    state = sequence_state(spec, tp, kv_dtype)
+    per_sequence = {"ssm_state": state.ssm, "conv_state": state.conv, "kv_cache": state.kv_bytes(context),
+                    "total": state.bytes(context)}
     reserve_bytes = int(gpu_memory * reserve)
     free = gpu_memory - reserve_bytes - max(w["total"] for w in weights)
-    max_sequences = max(free, 0) // max(per_sequence["total"], 1)
+    budget = page_budget(free, state, context)
     return Plan(precision=precision, tp=tp, moe_parallel=moe_parallel, gpu_memory=gpu_memory, context=context,
                 kv_dtype=kv_dtype, reserve=reserve, weights=weights, per_sequence=per_sequence,
-                reserve_bytes=reserve_bytes, free_for_sequences=free, max_sequences=max_sequences,
-                fits=max_sequences >= 1, model=model)
+                reserve_bytes=reserve_bytes, free_for_sequences=free, max_sequences=budget.max_sequences,
+                num_pages=budget.num_pages, page_size=state.page_size, fits=budget.max_sequences >= 1, model=model)
 
 
 def rank_weight_bytes(spec: ModelSpec, tensors: dict[str, tuple[tuple[int, ...], torch.dtype]], tp: int,
@@ -187,24 +193,25 @@ def rank_weight_bytes(spec: ModelSpec, tensors: dict[str, tuple[tuple[int, ...],
     return per_rank
 
 
-def sequence_bytes(spec: ModelSpec, tp: int, context: int, kv_dtype: str) -> dict[str, int]:
-    """State one sequence of `context` tokens needs on each rank: SSM state, conv windows, KV cache."""
+def sequence_state(spec: ModelSpec, tp: int, kv_dtype: str, conv_bytes: int = CONV_STATE_BYTES,
+                   page_size: int = DEFAULT_PAGE_SIZE) -> SequenceState:
+    """One sequence's state on each rank (export/kv_pages.py): SSM state and conv windows (fixed), and the K and
+    V of one page of every attention layer (MTP included) in `kv_dtype` (a key of KV_DTYPES)."""
     layout = rank_layout(spec, tp, 0)
     types = list(spec.layer_types) + [spec.mtp_layer_types[j % len(spec.mtp_layer_types)]
                                       for j in range(spec.num_nextn_predict_layers * len(spec.mtp_layer_types))]
-    out = {"ssm_state": 0, "conv_state": 0, "kv_cache": 0}
+    ssm = conv = per_page = 0
     if MAMBA in types:
         heads = layout["mamba_heads"][1] - layout["mamba_heads"][0]
         groups = layout["mamba_groups"][1] - layout["mamba_groups"][0]
         channels = heads * spec.mamba_head_dim + 2 * groups * spec.ssm_state_size
         ssm_bytes = STATE_DTYPE_BYTES.get(spec.mamba_ssm_cache_dtype, 4)
-        out["ssm_state"] = types.count(MAMBA) * heads * spec.mamba_head_dim * spec.ssm_state_size * ssm_bytes
-        out["conv_state"] = types.count(MAMBA) * channels * (spec.conv_kernel - 1) * CONV_STATE_BYTES
+        ssm = types.count(MAMBA) * heads * spec.mamba_head_dim * spec.ssm_state_size * ssm_bytes
+        conv = types.count(MAMBA) * channels * (spec.conv_kernel - 1) * conv_bytes
     if ATTENTION in types:
         kv_heads = layout["kv_heads"][1] - layout["kv_heads"][0]
-        out["kv_cache"] = types.count(ATTENTION) * 2 * kv_heads * spec.head_dim * KV_DTYPES[kv_dtype] * context
-    out["total"] = sum(out.values())
-    return out
+        per_page = types.count(ATTENTION) * 2 * kv_heads * spec.head_dim * KV_DTYPES[kv_dtype] * page_size
+    return SequenceState(ssm=ssm, conv=conv, per_page=per_page, page_size=page_size)
 
 
 def _suggestions(spec: ModelSpec, formats: Callable[[str], dict[str, str] | None], request: dict, p: Plan,
@@ -234,10 +241,10 @@ def _suggestions(spec: ModelSpec, formats: Callable[[str], dict[str, str] | None
                        f"{q.max_sequences} sequences fit")
             break
     stateless = p.per_sequence["ssm_state"] + p.per_sequence["conv_state"]
-    kv_per_token = p.per_sequence["kv_cache"] // p.context
+    kv_per_page = p.per_sequence["kv_cache"] // pages_for(p.context, p.page_size)
     room = p.free_for_sequences - stateless
-    if kv_per_token and room >= kv_per_token:
-        out.append(f"--context {room // kv_per_token} or shorter: one sequence fits")
+    if kv_per_page and room >= kv_per_page:
+        out.append(f"--context {room // kv_per_page * p.page_size} or shorter: one sequence fits")
     if not out:
         most = dict(tp=larger_tp[-1] if larger_tp else p.tp, kv_dtype="fp8",
                     precision="nvfp4" if precisions_known else p.precision)
@@ -303,6 +310,7 @@ def format_plan(p: Plan) -> str:
               row(f"reserve ({p.reserve:.0%})", [_gib(p.reserve_bytes)]),
               row("free for sequences", [_gib(max(p.free_for_sequences, 0))]),
               row("max concurrent sequences", [str(p.max_sequences)]),
+              row(f"kv pages ({p.page_size} tokens each)", [f"{p.num_pages:,}"]),
               f"fits: {'yes' if p.fits else 'no'}"]
     lines += [f"  try {s}" for s in p.suggestions]
     return "\n".join(lines)

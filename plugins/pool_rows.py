@@ -19,6 +19,8 @@ def write_rows(pool: torch.Tensor, index: torch.Tensor, values: torch.Tensor) ->
     pool.dtype). Shapes are static and nothing is read back to the host.
     """
     values = values.to(pool.dtype)
+    if pool.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # inductor cannot select float8 values: move bytes
+        pool, values = pool.view(torch.uint8), values.view(torch.uint8)
     owner = index == 0
     row0 = torch.where(owner.any(), values.index_select(0, owner.int().argmax().view(1))[0], pool[0])
     real = (index >= 0).view(-1, *([1] * (values.dim() - 1)))

@@ -99,12 +99,13 @@ def test_compiled_steps_match_eager_calls(model):
 @needs_compiler
 def test_compiled_engine_generates_what_the_eager_engine_does(model):
     """The runtime over compiled steps: greedy output of requests with and without MTP speculation, joining at
-    different steps (the 4th waits for a free slot), equals the eager engine's, token for token."""
+    different steps (the 4th waits for a free slot), equals the eager engine's, token for token. Pages of 16
+    tokens: the sequences cross page boundaries and the compiled steps' bound on the pages read grows 1 -> 2."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (9, 14, 6, 11)]
     outputs = []
     for compile in (False, True):
-        engine = Scheduler(TorchExecutor(model, 3, 64, compile=compile), num_speculative_tokens=2)
+        engine = Scheduler(TorchExecutor(model, 3, 64, compile=compile, page_size=16), num_speculative_tokens=2)
         tokens, deltas = {}, []
         for i, prompt in enumerate(prompts):  # one request joins per step
             rid = engine.add_request(prompt, GenerationParams(max_tokens=12, ignore_eos=True,
@@ -114,7 +115,9 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model):
         deltas += list(engine.run_until_done())
         for delta in deltas:
             tokens[delta.request_id] += delta.token_ids
-        assert engine.slots.in_use == 0
+        assert engine.slots.in_use == 0 and engine.pages.free == engine.pages.num_pages
+        if compile:
+            assert {bound for _, bound in engine.executor.compiled._compiled} == {1, 2}
         outputs.append(list(tokens.values()))
     assert [len(t) for t in outputs[0]] == [12] * 4
     assert outputs[1] == outputs[0]

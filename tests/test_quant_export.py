@@ -432,6 +432,28 @@ def test_calibration_windows_from_text_and_jsonl(tiny_folder, tmp_path):
     assert windows.shape == (2, 64) and "train split" in source
 
 
+def test_an_fp8_kv_cache_holds_what_the_quantized_network_attends_to(exported):
+    """A recipe with an FP8 KV cache: the layers whose k_proj carries a k_scale keep float8 pages (K / k_scale),
+    the others (MTP, or every layer without the recipe's KV quantization) the activation dtype; prefill in two
+    chunks then decode steps over the pages give the stateless forward's logits (the projections already round
+    K and V to what the cache holds)."""
+    model = nemo3.load(exported["out"])
+    state = model.new_state(max_sequences=2, max_length=40, mtp=False, page_size=16)
+    fp8 = {key for key, entry in state.layers.items() if getattr(entry, "k", None) is not None
+           and entry.k.dtype == torch.float8_e4m3fn}
+    assert fp8 == set(model.fp8_kv_layers())
+    assert bool(fp8) == (exported["recipe"].kv_cache == "fp8")
+    ids = random_windows(model.spec.vocab_size, count=2, length=24, seed=3)
+    slots = torch.tensor([1, 0])
+    with torch.no_grad():
+        want = model.logits(ids)
+        got = [model.logits(ids[:, :13], state, slots, torch.zeros(2, dtype=torch.long))]
+        got.append(model.logits(ids[:, 13:20], state, slots, torch.full((2,), 13)))
+        for t in range(20, 24):
+            got.append(model.logits(ids[:, t:t + 1], state, slots, torch.full((2,), t)))
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-4, atol=1e-4)
+
+
 # ---- hf_quant_config.json as NVIDIA publishes it ---------------------------------------------------------
 PUBLISHED_SUPER = Path(__file__).with_name("data") / "super_nvfp4_hf_quant_config.json"
 

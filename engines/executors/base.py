@@ -8,7 +8,7 @@ above it is the same for every executor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -24,14 +24,18 @@ class RaggedBatch:
     slots: torch.Tensor  # [S] int64: state slot of each sequence
     logit_rows: torch.Tensor  # [L] int64: rows whose next-token logits are returned
     keep_steps: bool = False  # keep the Mamba state after every token, for `commit_steps` (speculation)
+    # KV pages mapped before the forward: (slot, first block-table entry, page ids); from entry 0 the slot's row is
+    # cleared first (a new occupant). The runtime's page accounting (engines/runtime/pages.py) fills it.
+    pages: list[tuple[int, int, list[int]]] = field(default_factory=list)
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.query_start[1:] - self.query_start[:-1]
 
     @classmethod
-    def build(cls, sequences: list[tuple[list[int], int, int]], logit_rows: list[int], keep_steps: bool = False):
-        """From (new token ids, past length, slot) per sequence and rows into the packed tokens."""
+    def build(cls, sequences: list[tuple[list[int], int, int]], logit_rows: list[int], keep_steps: bool = False,
+              pages: list[tuple[int, int, list[int]]] | None = None):
+        """From (new token ids, past length, slot) per sequence, rows into the packed tokens, and page updates."""
         lengths = [len(tokens) for tokens, _, _ in sequences]
         starts = [0]
         for n in lengths:
@@ -40,7 +44,7 @@ class RaggedBatch:
                    query_start=torch.tensor(starts, dtype=torch.long),
                    past_lengths=torch.tensor([p for _, p, _ in sequences], dtype=torch.long),
                    slots=torch.tensor([s for _, _, s in sequences], dtype=torch.long),
-                   logit_rows=torch.tensor(logit_rows, dtype=torch.long), keep_steps=keep_steps)
+                   logit_rows=torch.tensor(logit_rows, dtype=torch.long), keep_steps=keep_steps, pages=pages or [])
 
 
 @dataclass
@@ -53,6 +57,8 @@ class Executor(Protocol):
     spec: ModelSpec
     max_sequences: int
     max_length: int
+    num_pages: int  # KV pages of page_size tokens (export/kv_pages.py)
+    page_size: int
     has_mtp: bool
 
     def forward(self, batch: RaggedBatch) -> ForwardOutput:

@@ -6,11 +6,14 @@ draft step have the same shape at every step once the executor pads the batch to
 whose Mamba state must be zeroed first) runs eagerly. Each (step, T) is compiled once,
 with static shapes, as one graph: nothing in the decode path reads tensors back to the host (the
 references of plugins/ and the layers' pool writes are branch-free, engines/moe.py runs its stacked
-experts gathered or dense, attention reads the whole slot under a mask). Quantized layers (ModelOpt
+experts gathered or dense, attention reads pages through the block table). Quantized layers (ModelOpt
 checkpoints) compile too, with the numerics of the eager network: their dequantized weights are frozen
 into the graph like any weight (W4A16, W8A16), and the fake quantization of W4A4 / W8A8 inputs and of
 FP8 K/V outputs is branch-free torch code that inductor fuses into the graph. On CUDA the graph is captured
-and replayed as a CUDA graph (`mode="reduce-overhead"`), the Triton kernels inside it as opaque custom ops.
+and replayed as a CUDA graph (`mode="reduce-overhead"`), the Triton kernels inside it as opaque custom ops;
+the paged attention kernel reads only the pages of each row's real length. On CPU the attention reference
+reads a static number of pages per row, so each step is compiled once per bound (`read_pages`: the next power
+of two of the pages the batch's longest row has): a step's cost follows the real lengths, within a factor 2.
 Prefill chunks stay eager: their lengths vary.
 """
 
@@ -22,6 +25,8 @@ import types
 
 import torch
 
+from ...export.kv_pages import pages_for
+from ...plugins.dispatch import next_power_of_2
 from ...quant.layout import BF16
 from ..network.quant_linear import QuantLinear
 
@@ -36,35 +41,53 @@ class CompiledSteps:
             raise ValueError(f"compiled steps: {why}; run it eagerly")
         cuda = model.device.type == "cuda"
         self.model, self.state = model, state
-        if cuda:  # the pools are updated in place by every replay, at fixed addresses
+        if cuda:  # the pools (and the block table) are updated in place by every replay, at fixed addresses
             for entry in state.layers.values():
                 for tensor in vars(entry).values():
                     if isinstance(tensor, torch.Tensor):
                         torch._dynamo.mark_static_address(tensor)
+            torch._dynamo.mark_static_address(state.pages.table)
         # CPU: weights frozen into the graph (prepacked for oneDNN) and a C++ wrapper around the kernels
-        options = dict(dynamic=False, fullgraph=True, **(dict(mode="reduce-overhead") if cuda else
-                                                         dict(options={"freezing": True, "cpp_wrapper": True})))
-        self._backbone = torch.compile(own_code(backbone_step), **options)
-        self._mtp = torch.compile(own_code(mtp_step), **options) if model.mtp is not None else None
+        self._options = dict(dynamic=False, fullgraph=True, **(dict(mode="reduce-overhead") if cuda else
+                                                               dict(options={"freezing": True, "cpp_wrapper": True})))
+        self._compiled: dict[tuple[str, int], object] = {}  # (step, pages read per row) -> compiled step
+        self._has_mtp = model.mtp is not None
         self._cuda = cuda
         self.max_tokens = 1  # backbone calls of 1 or max_tokens tokens per row, MTP calls of up to max_tokens
+        self.read_pages(1)
+
+    def read_pages(self, tokens: int) -> None:
+        """Make the next calls' attention read enough pages per row for `tokens` tokens (the batch's longest row,
+        its new tokens included): on CPU the next power of two of their pages (one compiled graph per bound), on
+        CUDA the whole block table (the kernel skips pages past each row's length)."""
+        width = self.state.pages.table.shape[1]
+        need = next_power_of_2(pages_for(tokens, self.state.pages.page_size))
+        self.state.pages.bound = width if self._cuda else min(width, need)
+
+    def _step(self, fn):
+        key = (fn.__name__, self.state.pages.bound)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(own_code(fn), **self._options)
+        return self._compiled[key]
 
     def covers(self, T: int, mtp: bool = False) -> bool:
         """Whether a call of T tokens per row runs compiled (other shapes, prefill chunks, run eagerly)."""
         return T <= self.max_tokens if mtp else T in (1, self.max_tokens)
 
     def backbone(self, ids: torch.Tensor, slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self._call(self._backbone, ids, slots, past)
+        return self._call(self._step(backbone_step), ids, slots, past)
 
     def mtp(self, ids: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self._call(self._mtp, ids, hidden, slots, past)
+        return self._call(self._step(mtp_step), ids, hidden, slots, past)
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> None:
         """Compile every shape a run can meet, on batches of padding rows only (no state changes): the decode
         step (T=1), the verify of max_tokens-1 drafts (T=max_tokens, recording the Mamba states) and MTP calls
-        of 1..max_tokens tokens. Without it each shape compiles when the runtime first meets it."""
+        of 1..max_tokens tokens, reading one page per row. Without it each shape compiles when the runtime first
+        meets it; so does each larger bound on the pages read (CPU)."""
         self.max_tokens = max_tokens
+        self.read_pages(1)
         model, rows = self.model, self.state.max_sequences
         dev = model.device
         slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
@@ -72,7 +95,7 @@ class CompiledSteps:
         for T, record in [(1, False)] + ([(1, True), (max_tokens, True)] if max_tokens > 1 else []):
             with self.state.recording_steps(record):
                 self.backbone(torch.zeros(rows, T, dtype=torch.long, device=dev), slots, past)
-        for T in range(1, max_tokens + 1) if self._mtp is not None else ():
+        for T in range(1, max_tokens + 1) if self._has_mtp else ():
             self.mtp(torch.zeros(rows, T, dtype=torch.long, device=dev),
                      torch.zeros(rows, T, model.spec.hidden_size, dtype=model.dtype, device=dev), slots, past)
 

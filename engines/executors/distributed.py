@@ -6,9 +6,10 @@ runs its own part, so every rank runs the same call on its part of the network a
 inside it (engines/network/parallel.py) meet. The logits are all-gathered: the leader samples from
 its own copy and the workers' results are dropped.
 
-    leader  -> worker   one message per call: an int64 vector [command, keep_steps, N, S, L, H, token ids (N),
-                        query starts (S+1), past lengths (S), slots (S), logit rows (L)] (commit_steps: the slots
-                        and the steps kept); an MTP call's hidden rows [H, D] follow as a broadcast from rank 0
+    leader  -> worker   one message per call: an int64 vector [command, keep_steps, N, S, L, H, P, token ids (N),
+                        query starts (S+1), past lengths (S), slots (S), logit rows (L), page updates (P values:
+                        slot, first entry, count, pages... per update)] (commit_steps: the slots and the steps
+                        kept); an MTP call's hidden rows [H, D] follow as a broadcast from rank 0
                         on the network's device (gloo on CPU, NCCL on GPU)
 
 No message is pickled. A worker runs `serve_rank`: it loads its rank's weights, reports READY and
@@ -29,7 +30,7 @@ from .base import ForwardOutput, RaggedBatch
 from .torch_executor import TorchExecutor
 
 FORWARD, MTP_FORWARD, COMMIT, WARM_UP = 1, 2, 3, 4
-HEADER = 6  # command, keep_steps, N, S, L, H
+HEADER = 7  # command, keep_steps, N, S, L, H, P
 
 
 class RankFailure(RuntimeError):
@@ -44,6 +45,7 @@ class DistributedExecutor:
         self.local, self.workers = local, workers
         self.spec, self.has_mtp, self.model, self.compiled = local.spec, local.has_mtp, local.model, local.compiled
         self.max_sequences, self.max_length = local.max_sequences, local.max_length
+        self.num_pages, self.page_size = local.num_pages, local.page_size
         self._failure: str | None = None
 
     def forward(self, batch: RaggedBatch) -> ForwardOutput:
@@ -98,14 +100,14 @@ def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype
             message = torch.frombuffer(bytearray(connection.recv_bytes()), dtype=torch.long)
         except (EOFError, OSError):  # the leader closed the pipe or exited
             return
-        command, keep_steps, n, s, l, h = message[:HEADER].tolist()
+        command, keep_steps, n, s, l, h, p = message[:HEADER].tolist()
         body = message[HEADER:]
         if command == COMMIT:
             executor.commit_steps(body[:n].tolist(), body[n:].tolist())
         elif command == WARM_UP:
             executor.warm_up(n)
         else:
-            batch = _decode(body, n, s, l, bool(keep_steps))
+            batch = _decode(body, n, s, l, p, bool(keep_steps))
             if command == FORWARD:
                 executor.forward(batch)
             else:
@@ -115,16 +117,23 @@ def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype
 
 
 def _message(command: int, keep_steps: int, n: int, s: int, l: int, h: int, values) -> bytes:
-    return torch.tensor([command, keep_steps, n, s, l, h, *values], dtype=torch.long).numpy().tobytes()
+    return torch.tensor([command, keep_steps, n, s, l, h, 0, *values], dtype=torch.long).numpy().tobytes()
 
 
 def _encode(command: int, batch: RaggedBatch, hidden_rows: int = 0) -> bytes:
-    parts = [batch.token_ids, batch.query_start, batch.past_lengths, batch.slots, batch.logit_rows]
+    pages = torch.tensor([v for slot, first, ids in batch.pages for v in (slot, first, len(ids), *ids)],
+                         dtype=torch.long)
+    parts = [batch.token_ids, batch.query_start, batch.past_lengths, batch.slots, batch.logit_rows, pages]
     header = torch.tensor([command, int(batch.keep_steps), len(batch.token_ids), len(batch.slots),
-                           len(batch.logit_rows), hidden_rows], dtype=torch.long)
+                           len(batch.logit_rows), hidden_rows, len(pages)], dtype=torch.long)
     return torch.cat([header] + [p.to("cpu", torch.long) for p in parts]).numpy().tobytes()
 
 
-def _decode(body: torch.Tensor, n: int, s: int, l: int, keep_steps: bool) -> RaggedBatch:
-    token_ids, query_start, past, slots, rows = body.split([n, s + 1, s, s, l])
-    return RaggedBatch(token_ids, query_start, past, slots, rows, keep_steps)
+def _decode(body: torch.Tensor, n: int, s: int, l: int, p: int, keep_steps: bool) -> RaggedBatch:
+    token_ids, query_start, past, slots, rows, flat = body.split([n, s + 1, s, s, l, p])
+    flat, pages, at = flat.tolist(), [], 0
+    while at < len(flat):
+        slot, first, count = flat[at:at + 3]
+        pages.append((slot, first, flat[at + 3:at + 3 + count]))
+        at += 3 + count
+    return RaggedBatch(token_ids, query_start, past, slots, rows, keep_steps, pages)

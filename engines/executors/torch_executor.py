@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ...export.kv_pages import DEFAULT_PAGE_SIZE
 from .base import ForwardOutput, RaggedBatch
 from .compiled_step import CompiledSteps, unsupported
 
@@ -17,14 +18,18 @@ class TorchExecutor:
     Sequences with the same number of new tokens run as one rectangular [B, T] call of the model. With
     `compile` (True; or None: when `compiled_step.unsupported` finds nothing against it), decode, verify and
     MTP calls of the shapes `warm_up` prepared are padded to [max_sequences, T] and run as compiled steps
-    (engines/compiled_step.py); prefill chunks run eagerly.
+    (engines/compiled_step.py); prefill chunks run eagerly. K and V live in `num_pages` pages of `page_size`
+    tokens (default: max_length tokens for every slot), which each batch maps to slots (`RaggedBatch.pages`).
     """
 
-    def __init__(self, model, max_sequences: int, max_length: int, compile: bool | None = False):
+    def __init__(self, model, max_sequences: int, max_length: int, compile: bool | None = False,
+                 num_pages: int | None = None, page_size: int = DEFAULT_PAGE_SIZE):
         self.model, self.spec = model, model.spec
         self.max_sequences, self.max_length = max_sequences, max_length
         self.has_mtp = model.mtp is not None
-        self.state = model.new_state(max_sequences, max_length, mtp=self.has_mtp)
+        self.state = model.new_state(max_sequences, max_length, mtp=self.has_mtp, num_pages=num_pages,
+                                     page_size=page_size)
+        self.num_pages, self.page_size = self.state.num_pages, page_size
         if compile is None:
             compile = unsupported(model) is None
         self.compiled = CompiledSteps(model, self.state) if compile else None
@@ -61,6 +66,7 @@ class TorchExecutor:
             rows = [[starts[s] + i if i < lengths[s] else n for i in range(T)] for s in seqs]
             slots, past, step = [slots_all[s] for s in seqs], [past_all[s] for s in seqs], eager
             if compiled is not None and self.compiled.covers(T, mtp) and min(past) > 0:
+                self.compiled.read_pages(max(past) + T)
                 pad = self.max_sequences - len(seqs)
                 rows, slots, past, step = rows + [[n] * T] * pad, slots + [-1] * pad, past + [0] * pad, compiled
             h = step(*(torch.tensor(x, device=dev) for x in (rows, slots, past))).flatten(0, 1)
@@ -75,6 +81,8 @@ class TorchExecutor:
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch) -> ForwardOutput:
+        for slot, first, pages in batch.pages:
+            self.state.map_pages(slot, first, pages)
         ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
         compiled = None if self.compiled is None else (
             lambda rows, slots, past: self.compiled.backbone(ids[rows], slots, past))

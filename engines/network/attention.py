@@ -2,7 +2,11 @@
 
 Query head h reads key/value head h // (heads / kv_heads); scores are scaled by head_dim^-0.5 and
 the softmax runs in fp32. With a KV cache, row b's new keys land at positions
-past_lengths[b] .. past_lengths[b] + T - 1 of its slot and its queries see everything before.
+past_lengths[b] .. past_lengths[b] + T - 1 of its slot's pages (engines/network/state.py) and its queries
+see everything before, through plugins/paged_attention.py (the Triton kernel on GPU: its cost follows the
+real lengths; the reference reads the pages of the batch's longest row, or a compiled step's static bound).
+An FP8 cache (a state built with the layer in `fp8_kv`) stores K / k_scale and V / v_scale of the
+quantized k_proj / v_proj, whose outputs are already rounded to what it holds.
 
 Tensor parallel: a rank holds a contiguous block of query heads and the KV heads they read (one
 replicated KV head when the ranks outnumber the KV heads), so the same GQA mapping holds locally;
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 
 from ...export.spec import ModelSpec
+from ...plugins.paged_attention import FP8, paged_attention
 from ...plugins.pool_rows import write_rows
 from .parallel import SINGLE, Parallel
 from .state import KVCache
@@ -42,29 +47,35 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        scale = self.head_dim ** -0.5
         if cache is None:
-            past_lengths = torch.zeros(B, dtype=torch.long, device=x.device)
+            out = attend(q, k, v, torch.zeros(B, dtype=torch.long, device=x.device), scale)
         else:
-            k, v = append_to_cache(cache, k, v, slots, past_lengths)
-        out = attend(q, k, v, past_lengths, self.head_dim ** -0.5)
+            scales = (self.k_proj.k_scale, self.v_proj.v_scale) if cache.k.dtype == FP8 else (None, None)
+            store_in_pages(cache, k, v, slots, past_lengths, *scales)
+            seq_lens = torch.where(slots >= 0, past_lengths + T, 0)  # padding rows see nothing
+            # compiled: a static bound on the pages read per row (none set: the whole block table)
+            bound = (cache.pages.bound or cache.pages.table.shape[1]) if torch.compiler.is_compiling() else None
+            out = paged_attention(q, cache.k, cache.v, cache.pages.table[slots.clamp(min=0)], seq_lens, scale,
+                                  *scales, max_pages=bound)
         return self.parallel.row_parallel(self.o_proj, out.flatten(2))
 
 
-def append_to_cache(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                    past_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Store the new k, v [B, T, kv, Dh] of each row at positions past .. past+T-1 of its slot (padding rows,
-    slot < 0, store nothing); return every row's keys and values so far, [B, L, kv, Dh], positions past a
-    row's own length being stale (to be masked). L is max(past) + T, or the whole slot in a compiled step,
-    whose shapes cannot depend on the data."""
+def store_in_pages(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, past_lengths: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+    """Store the new k, v [B, T, kv, Dh] of each row at positions past .. past+T-1 of its slot's pages (FP8 pages:
+    divided by their scale). Padding rows (slot < 0) and positions without a page store nothing. Static shapes."""
     B, T = k.shape[:2]
-    max_length = cache.k.shape[1]
+    page_size, width = cache.pages.page_size, cache.pages.table.shape[1]
     positions = past_lengths[:, None] + torch.arange(T, device=k.device)  # [B, T]
-    index = torch.where(slots[:, None] >= 0, slots[:, None] * max_length + positions, -1).flatten()
+    entry = positions // page_size
+    page = cache.pages.table[slots.clamp(min=0)[:, None], entry.clamp(max=width - 1)].long()  # [B, T]
+    real = (slots[:, None] >= 0) & (entry < width) & (page >= 0)
+    index = torch.where(real, page * page_size + positions % page_size, -1).flatten()
+    if k_scale is not None:
+        k, v = k.float() / k_scale, v.float() / v_scale
     write_rows(cache.k.view(-1, *cache.k.shape[2:]), index, k.flatten(0, 1))
     write_rows(cache.v.view(-1, *cache.v.shape[2:]), index, v.flatten(0, 1))
-    length = max_length if torch.compiler.is_compiling() else int(past_lengths.max()) + T
-    rows = slots.clamp(min=0)
-    return cache.k[rows, :length].to(k.dtype), cache.v[rows, :length].to(v.dtype)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_lengths: torch.Tensor, scale: float) -> torch.Tensor:

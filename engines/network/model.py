@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...export.kv_pages import DEFAULT_PAGE_SIZE
 from ...export.sharding import check_tp
 from ...export.spec import ModelSpec
 from .block import Block
@@ -68,11 +69,19 @@ class Model(nn.Module):
         """Elements of every checkpoint tensor (MTP included)."""
         return sum(t.numel() for t in self.state_dict().values())
 
-    def new_state(self, max_sequences: int, max_length: int, mtp: bool = True) -> InferenceState:
+    def new_state(self, max_sequences: int, max_length: int, mtp: bool = True, num_pages: int | None = None,
+                  page_size: int = DEFAULT_PAGE_SIZE) -> InferenceState:
         """Empty state pools in the model's dtype and device (MTP layers' pools too, if `mtp` and present);
-        a rank's pools hold its heads and channels only."""
+        a rank's pools hold its heads and channels only. K and V in `num_pages` pages (engines/network/state.py),
+        FP8 in the attention layers whose k_proj carries a k_scale (an FP8 KV cache recipe)."""
         return InferenceState(self.spec, max_sequences, max_length, self.dtype, self.device, mtp=mtp,
-                              parallel=self.parallel)
+                              parallel=self.parallel, num_pages=num_pages, page_size=page_size,
+                              fp8_kv=self.fp8_kv_layers())
+
+    def fp8_kv_layers(self) -> frozenset[str]:
+        """State keys of the attention layers whose K/V a recipe quantized to FP8 (k_proj carries a k_scale)."""
+        return frozenset(block.key for block in self.modules() if isinstance(block, Block)
+                         and hasattr(getattr(block.mixer, "k_proj", None), "k_scale"))
 
     # ---- backbone ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None,

@@ -2,8 +2,13 @@
 
 A slot holds one sequence's state. For every Mamba-2 layer: the conv window (the last K-1 inputs
 of the depthwise conv, oldest first) and the SSM state (float32 by default). For every attention
-layer: K and V for up to `max_length` positions. MTP layers have their own entries. Pools are
-keyed by the layer's module path (`backbone.layers.3`, `mtp.layers.0`).
+layer: K and V in pages of `page_size` tokens (export/kv_pages.py), found through the slot's row of one
+block table that every attention layer shares (the same page ids in each layer's pool). Built without
+`num_pages`, slot s owns pages s * P .. s * P + P - 1 (P = the pages of max_length tokens), as much as a
+dense cache; built with `num_pages`, the block table starts empty and the runtime maps pages to slots as
+sequences grow (`map_pages`, engines/runtime/pages.py). MTP layers have their own entries. Pools are keyed
+by the layer's module path (`backbone.layers.3`, `mtp.layers.0`). The layers named in `fp8_kv` keep
+float8_e4m3fn pages (K / k_scale, V / v_scale, the scales of their quantized k_proj / v_proj).
 
 A forward with `past_lengths[b] == 0` starts a fresh sequence in `slots[b]` (its old state is
 ignored and overwritten); `slots[b] < 0` marks a padding row whose state is never touched.
@@ -19,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...export.kv_pages import DEFAULT_PAGE_SIZE, pages_for
 from ...export.names import mtp_layer_count
 from ...export.spec import ATTENTION, MAMBA, ModelSpec
 from .parallel import SINGLE, Parallel
@@ -34,20 +40,40 @@ class MambaState:
 
 
 @dataclass
+class PageTable:
+    """Where each slot's K and V live (one for all attention layers)."""
+
+    table: torch.Tensor  # [S, pages per sequence] int32 page ids, -1: no page
+    page_size: int
+    # the pages per row a compiled step's reference reads (a static bucket, compiled_step.py); None: the batch's own
+    bound: int | None = None
+
+
+@dataclass
 class KVCache:
-    k: torch.Tensor  # [S, max_length, kv_heads, head_dim]
-    v: torch.Tensor  # [S, max_length, kv_heads, head_dim]
+    k: torch.Tensor  # [num_pages, page_size, kv_heads, head_dim]
+    v: torch.Tensor  # [num_pages, page_size, kv_heads, head_dim]
+    pages: PageTable  # shared by every attention layer of the state
 
 
 class InferenceState:
-    """State pools for `max_sequences` concurrent sequences of up to `max_length` tokens."""
+    """State pools for `max_sequences` concurrent sequences of up to `max_length` tokens, their K and V in
+    `num_pages` pages (default: enough for every slot at max_length, mapped slot by slot)."""
 
     def __init__(self, spec: ModelSpec, max_sequences: int, max_length: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu", mtp: bool = True, parallel: Parallel = SINGLE):
-        if max_sequences <= 0 or max_length <= 0:
-            raise ValueError(f"InferenceState: max_sequences={max_sequences} and max_length={max_length} "
-                             "must be positive")
+                 device: torch.device | str = "cpu", mtp: bool = True, parallel: Parallel = SINGLE,
+                 num_pages: int | None = None, page_size: int = DEFAULT_PAGE_SIZE, fp8_kv: frozenset[str] = frozenset()):
+        if max_sequences <= 0 or max_length <= 0 or page_size <= 0 or (num_pages is not None and num_pages <= 0):
+            raise ValueError(f"InferenceState: max_sequences={max_sequences}, max_length={max_length}, "
+                             f"page_size={page_size} and num_pages={num_pages} must be positive")
         self.spec, self.max_sequences, self.max_length = spec, max_sequences, max_length
+        per_sequence = pages_for(max_length, page_size)
+        if num_pages is None:  # every slot owns its own run of pages
+            num_pages = max_sequences * per_sequence
+            table = torch.arange(num_pages, dtype=torch.int32, device=device).view(max_sequences, per_sequence)
+        else:
+            table = torch.full((max_sequences, per_sequence), -1, dtype=torch.int32, device=device)
+        self.num_pages, self.pages = num_pages, PageTable(table, page_size)
         ssm_dtype = getattr(torch, spec.mamba_ssm_cache_dtype)
         self.layers: dict[str, MambaState | KVCache] = {}
         self._recorded: list = []  # (Mamba pool, its recorded decode calls) of the last recording forward
@@ -59,9 +85,10 @@ class InferenceState:
                     ssm=torch.zeros(max_sequences, heads, spec.mamba_head_dim, spec.ssm_state_size,
                                     dtype=ssm_dtype, device=device))
             elif letter == ATTENTION:
-                shape = (max_sequences, max_length, parallel.kv_heads(spec.num_key_value_heads), spec.head_dim)
-                self.layers[key] = KVCache(k=torch.zeros(shape, dtype=dtype, device=device),
-                                           v=torch.zeros(shape, dtype=dtype, device=device))
+                shape = (num_pages, page_size, parallel.kv_heads(spec.num_key_value_heads), spec.head_dim)
+                kv_dtype = torch.float8_e4m3fn if key in fp8_kv else dtype
+                self.layers[key] = KVCache(k=torch.zeros(shape, dtype=kv_dtype, device=device),
+                                           v=torch.zeros(shape, dtype=kv_dtype, device=device), pages=self.pages)
 
     def __getitem__(self, key: str) -> MambaState | KVCache:
         if key not in self.layers:
@@ -71,6 +98,15 @@ class InferenceState:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for entry in self.layers.values() for t in vars(entry).values()
                    if isinstance(t, torch.Tensor))
+
+    def map_pages(self, slot: int, first: int, pages: list[int]) -> None:
+        """Block-table entries first .. first + len(pages) - 1 of `slot` become `pages`; from first 0 (a new
+        occupant), the rest of the slot's row is cleared, so that no write lands in another sequence's pages."""
+        row = self.pages.table[slot]
+        if first == 0:
+            row.fill_(-1)
+        if pages:
+            row[first:first + len(pages)] = torch.tensor(pages, dtype=row.dtype, device=row.device)
 
     def reset_fresh(self, slots: torch.Tensor, past_lengths: torch.Tensor, prefix: str = "backbone.") -> None:
         """Zero the Mamba states, of the layers whose key starts with `prefix` (the backbone's, or the MTP's:

@@ -2,9 +2,11 @@
 cancellation, a reasoning budget and MTP speculative decoding, over any `Executor`.
 
 One `step()`:
-  1. admit waiting requests while a state slot is free;
+  1. admit waiting requests while a state slot and the KV pages of their prompt are free;
   2. build one ragged batch within `max_num_tokens`: every decoding sequence's last token (plus its
-     MTP drafts), then prefill chunks of the sequences still reading their prompt;
+     MTP drafts), then prefill chunks of the sequences still reading their prompt; give each the KV pages
+     its tokens need (engines/runtime/pages.py); when pages run out, preempt the newest sequence (its slot
+     and pages go back, it waits at the head of the queue and recomputes its tokens when readmitted);
   3. one executor forward; sample / verify; apply the reasoning budget and stop conditions;
   4. for sequences with speculation, keep the Mamba state of the last accepted token, then run the
      MTP head to draft the next k tokens.
@@ -23,6 +25,7 @@ import torch
 from ..executors.base import Executor, RaggedBatch
 from .checks import check_integer
 from .requests import Delta, FinishReason, GenerationParams, new_request_id
+from .pages import PagePool
 from .sampling import distribution, sample
 from .sequence import Sequence
 from .slots import SlotPool
@@ -49,6 +52,7 @@ class Scheduler:
         self.executor, self.codec = executor, codec or TextCodec(None, executor.spec)
         self.max_num_tokens, self.default_k = max_num_tokens, num_speculative_tokens
         self.slots = SlotPool(executor.max_sequences)
+        self.pages = PagePool(executor.num_pages, executor.page_size)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
@@ -78,12 +82,16 @@ class Scheduler:
         seq.in_think = self.codec.thinking_after(ids)
         self._detok[request_id] = Detokenizer(self.codec, params.stop, params.min_tokens)
         # the state must hold the prompt, the output and the drafts of the last verify
-        need = len(ids) + params.max_tokens + k
+        need = seq.capacity()
         if not ids:
             self._refuse(seq, "empty prompt")
         elif need > self.executor.max_length:
             self._refuse(seq, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) + drafts ({k}) "
                               f"exceed the engine's max_length={self.executor.max_length}")
+        elif self.pages.pages_for(need) > self.pages.num_pages:
+            self._refuse(seq, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) + drafts ({k}) need "
+                              f"{self.pages.pages_for(need)} KV pages of {self.pages.page_size} tokens; the engine "
+                              f"has {self.pages.num_pages}")
         else:
             self.waiting.append(seq)
         return request_id
@@ -117,13 +125,14 @@ class Scheduler:
         (sampling) fails that request; one in the shared work (the forward, state commits, MTP drafting) fails
         the requests of this step. Either way they end with FinishReason.ERROR and their slots are free."""
         deltas, self._finished = self._finished, []
-        while self.waiting and self.slots.free:
+        while self.waiting and self.slots.free and self.pages.free >= self.pages.pages_for(self._first(self.waiting[0])):
             seq = self.waiting.popleft()
             seq.slot = self.slots.acquire()
+            self.pages.grow(seq.slot, seq.pages, self._first(seq))
             self.running[seq.request_id] = seq
         if not self.running:
             return deltas
-        plan = self._plan()
+        plan = self._plan_with_pages()
         try:
             new = self._forward(plan)
         except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine serves on
@@ -147,7 +156,7 @@ class Scheduler:
         raised); commits the Mamba states of verified drafts."""
         batch = RaggedBatch.build([(tokens, seq.computed, seq.slot) for seq, tokens, _ in plan],
                                   [row for _, _, rows in plan for row in rows],
-                                  keep_steps=any(seq.drafts for seq, _, _ in plan))
+                                  keep_steps=any(seq.drafts for seq, _, _ in plan), pages=self.pages.take_updates())
         out = self.executor.forward(batch)
         all_logits = self._hold_back_stops(plan, out.logits)
         argmax = all_logits.argmax(-1).tolist()  # greedy choices and verifies, read back in one transfer
@@ -158,7 +167,7 @@ class Scheduler:
             best = argmax[logit_at:logit_at + len(rows)]
             logit_at += len(rows)
             hidden = out.hidden[start:start + len(tokens)]
-            if seq.prefilling and seq.computed + len(tokens) < len(seq.prompt):  # a prefill chunk
+            if seq.prefilling and seq.computed + len(tokens) < seq.prefill_end:  # a prefill chunk
                 seq.computed += len(tokens)
                 seq.mtp_hidden.extend(hidden) if seq.mtp_k else None
                 continue
@@ -190,6 +199,34 @@ class Scheduler:
         stats = {**seq.stats(), "error": f"{type(error).__name__}: {message}" if message else type(error).__name__}
         return Delta(seq.request_id, [], "", True, FinishReason.ERROR, stats)
 
+    def _first(self, seq: Sequence) -> int:
+        """Tokens whose pages a sequence gets when admitted: its prompt (or all its tokens, after a preemption)."""
+        return min(seq.prefill_end + 1 + seq.mtp_k, seq.capacity())
+
+    def _step_tokens(self, seq: Sequence, tokens: list[int]) -> int:
+        """Tokens a sequence's state holds after this step: its new tokens, and the MTP drafts written after it."""
+        return min(seq.computed + len(tokens) + seq.mtp_k, seq.capacity())
+
+    def _plan_with_pages(self) -> list[tuple[Sequence, list[int], list[int]]]:
+        """This step's plan, every planned sequence holding the pages it writes; preempts the newest sequences
+        while the free pages do not cover the plan (a lone sequence always fits: add_request checked it)."""
+        while True:
+            plan = self._plan()
+            short = sum(self.pages.missing(seq.pages, self._step_tokens(seq, tokens)) for seq, tokens, _ in plan)
+            if short <= self.pages.free or len(self.running) == 1:
+                break
+            self._preempt(next(reversed(self.running.values())))
+        for seq, tokens, _ in plan:
+            self.pages.grow(seq.slot, seq.pages, self._step_tokens(seq, tokens))
+        return plan
+
+    def _preempt(self, seq: Sequence) -> None:
+        del self.running[seq.request_id]
+        self.slots.release(seq.slot)
+        self.pages.release(seq.pages)
+        seq.restart()
+        self.waiting.appendleft(seq)
+
     def _plan(self) -> list[tuple[Sequence, list[int], list[int]]]:
         """(sequence, its new tokens, rows whose logits are needed) for this step, within the token budget."""
         plan, budget, row = [], self.max_num_tokens, 0
@@ -203,9 +240,9 @@ class Scheduler:
         for seq in prefilling:
             if budget <= 0:
                 break
-            end = min(len(seq.prompt), seq.computed + budget)
+            end = min(seq.prefill_end, seq.computed + budget)
             tokens = seq.tokens[seq.computed:end]
-            plan.append((seq, tokens, [row + len(tokens) - 1] if end == len(seq.prompt) else []))
+            plan.append((seq, tokens, [row + len(tokens) - 1] if end == seq.prefill_end else []))
             row += len(tokens)
             budget -= len(tokens)
         return plan
@@ -284,6 +321,7 @@ class Scheduler:
         seq.finished, seq.finish_reason = True, reason
         if self.running.pop(seq.request_id, None) is not None:
             self.slots.release(seq.slot)
+            self.pages.release(seq.pages)
         seq.slot = -1
 
     # ---- MTP drafting ----------------------------------------------------------------------------

@@ -19,7 +19,10 @@ class Sequence:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     slot: int = -1
+    pages: list[int] = field(default_factory=list)  # KV pages (engines/runtime/pages.py), in position order
     computed: int = 0  # tokens whose state is in the slot (the backbone's past length)
+    prefill_end: int = -1  # tokens read as a prompt: the prompt's, or after a preemption every token so far
+    preemptions: int = 0
     # MTP: position t of the MTP sequence reads (x_{t+1}, c_t); positions < mtp_computed are in its state
     mtp_computed: int = 0
     mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # c_t for t in [mtp_computed, computed)
@@ -42,6 +45,8 @@ class Sequence:
     def __post_init__(self):
         if not self.tokens:
             self.tokens = list(self.prompt)
+        if self.prefill_end < 0:
+            self.prefill_end = len(self.prompt)
         self.accepted_per_position = [0] * self.mtp_k
 
     @property
@@ -50,10 +55,22 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt)
+        return self.computed < self.prefill_end
+
+    def capacity(self) -> int:
+        """The most tokens this sequence's state ever holds: prompt, output and the drafts of its last verify."""
+        return len(self.prompt) + self.params.max_tokens + self.mtp_k
+
+    def restart(self) -> None:
+        """Preempted (its pages and slot taken back): recompute every token so far as a prompt when readmitted."""
+        self.slot, self.computed, self.prefill_end = -1, 0, len(self.tokens)
+        self.mtp_computed, self.mtp_hidden, self.drafts, self.draft_probs = 0, [], [], None
+        self.preemptions += 1
 
     def stats(self) -> dict:
         out = {"input_tokens": len(self.prompt), "output_tokens": len(self.output)}
+        if self.preemptions:
+            out["preemptions"] = self.preemptions
         if self.token_times:
             out["time_to_first_token_s"] = self.token_times[0] - self.arrival
             # between consecutive outputs (a step that accepted several drafts emits them together)

@@ -12,7 +12,7 @@ from .common import one_line_errors
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
               help="Hugging Face Nemotron 3 checkpoint folder (default: the built-in tiny model).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="deploy", show_default=True,
-              help="Build folder (build.json, checkpoint/, ranks/, engines/, triton_repo/, report/).")
+              help="Build folder (build.json, checkpoint/, ranks/, triton_repo/, report/).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Weight precision [default: nvfp4, or what --recipe implies; one that disagrees with --recipe "
                    "is refused].")

@@ -3,7 +3,6 @@
     OUT/build.json   what was built from what (options, inputs' hashes, versions, stage timings)
     OUT/checkpoint/  the quantized (or BF16) unified HF checkpoint
     OUT/ranks/       rank{r}/ weights + config.json per tensor-parallel rank
-    OUT/engines/     ahead-of-time engines
     OUT/triton_repo/ the Triton model repository
     OUT/report/      accuracy against the BF16 reference
 
@@ -45,13 +44,6 @@ class BuildFolder:
     @property
     def ranks(self) -> Path:
         return self.root / "ranks"
-
-    def rank(self, r: int) -> Path:
-        return self.ranks / f"rank{r}"
-
-    @property
-    def engines(self) -> Path:
-        return self.root / "engines"
 
     @property
     def triton_repo(self) -> Path:

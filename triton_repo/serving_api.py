@@ -6,7 +6,7 @@ spec `"module:function"`, default `DEFAULT_SERVER_FACTORY`) and then only calls 
 of `Server` (and asks `ready` whenever Triton checks the model's readiness):
 
     factory(build_dir: Path, device: str, tp: int) -> Server
-        build_dir: the build output folder (build.json, ranks/, engines/, checkpoint/).
+        build_dir: the build output folder (build.json, ranks/, checkpoint/).
         device:    "cuda" or "cpu". With "cuda", model.py has already set CUDA_VISIBLE_DEVICES to
                    this instance's GPUs (parameter `gpu_device_ids`), so rank r uses cuda:r.
         tp:        tensor-parallel world size (parameter `tensor_parallel_size`); the factory

@@ -44,6 +44,21 @@ class RaggedBatch:
 
 
 @dataclass
+class SpeculativeBatch:
+    """One MTP speculative step over the decoding sequences (engines/executors/compiled_step.py,
+    `speculative_step`): every row verifies its drafts, keeps what it accepts and drafts K new tokens."""
+
+    token_ids: torch.Tensor  # [B, K+1] int64: each sequence's last token, then its drafts, right-padded with 0
+    num_drafts: torch.Tensor  # [B] int64: real drafts per row (0: a plain decode row)
+    past_lengths: torch.Tensor  # [B] int64 (> 0)
+    slots: torch.Tensor  # [B] int64
+    temperature: torch.Tensor  # [B] float32 (0: greedy)
+    top_k: torch.Tensor  # [B] int64 (0: no limit)
+    top_p: torch.Tensor  # [B] float32
+    uniforms: torch.Tensor | None  # [B, 2K+1] float32 from each request's generator; None: every row greedy
+
+
+@dataclass
 class ForwardOutput:
     logits: torch.Tensor  # [L, V] float32, for batch.logit_rows
     hidden: torch.Tensor  # [N, D]: the final (normalized) hidden state of every row, what MTP reads
@@ -61,6 +76,10 @@ class Executor(Protocol):
     def mtp_forward(self, batch: RaggedBatch, hidden: torch.Tensor) -> ForwardOutput:
         """The MTP step over MTP sequences: token_ids are x_{t+1}, hidden [N, D] is c_t; returns the logits
         for x_{t+2} and c' (the MTP's own output, fed back when drafting recursively)."""
+
+    def speculate(self, batch: SpeculativeBatch) -> list[list[int]]:
+        """One speculative step in one call; per row [accepted, the token after them, K new drafts], read back to
+        the host at once."""
 
     def commit_steps(self, slots: list[int], keep: list[int]) -> None:
         """After a `keep_steps` forward: set slot slots[i]'s Mamba state to the state after its token keep[i]."""

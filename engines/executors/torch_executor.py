@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import ForwardOutput, RaggedBatch
-from .compiled_step import CompiledSteps, unsupported
+from ..network.mamba2 import MAX_STEP_TOKENS
+from .base import ForwardOutput, RaggedBatch, SpeculativeBatch
+from .compiled_step import CompiledSteps, speculative_step, unsupported
 
 PAD_SHORT = 8  # MTP rows of at most this many tokens are padded into one call
 
@@ -24,7 +25,9 @@ class TorchExecutor:
         self.model, self.spec = model, model.spec
         self.max_sequences, self.max_length = max_sequences, max_length
         self.has_mtp = model.mtp is not None
-        self.state = model.new_state(max_sequences, max_length, mtp=self.has_mtp)
+        # room for the padding of a speculative step: a row verifying fewer drafts than its batch mates
+        self.state = model.new_state(max_sequences, max_length + MAX_STEP_TOKENS, mtp=self.has_mtp)
+        self._draft_probs: dict[int, torch.Tensor] = {}  # K -> [max_sequences, K, V]: each slot's draft distributions
         if compile is None:
             compile = unsupported(model) is None
         self.compiled = CompiledSteps(model, self.state) if compile else None
@@ -96,6 +99,26 @@ class TorchExecutor:
         out = self._run(batch, lambda rows, slots, past: self.model.mtp(embed(ids[rows]), hidden[rows], self.state,
                                                                         slots, past), compiled, mtp=True)
         return ForwardOutput(self.model.lm_head(out[batch.logit_rows.to(self.device)]).float(), out)
+
+    @torch.inference_mode()
+    def speculate(self, batch: SpeculativeBatch) -> list[list[int]]:
+        rows, K = batch.token_ids.shape[0], batch.token_ids.shape[1] - 1
+        args = [batch.token_ids, batch.num_drafts, batch.slots, batch.past_lengths, batch.temperature, batch.top_k,
+                batch.top_p, batch.uniforms]
+        if self.compiled is not None:  # padding rows: slot -1, greedy, nothing to verify
+            pad = self.max_sequences - rows
+            fill = [0, 0, -1, 0, 0.0, 0, 1.0, 0.0]
+            args = [None if a is None else torch.cat([a, a.new_full((pad, *a.shape[1:]), v)]) for a, v in zip(args, fill)]
+        args = [None if a is None else a.to(self.device) for a in args]
+        if batch.uniforms is not None and K not in self._draft_probs:
+            self._draft_probs[K] = torch.zeros(self.max_sequences, K, self.spec.vocab_size, device=self.device)
+        probs = None if batch.uniforms is None else self._draft_probs[K]
+        if self.compiled is not None:
+            out = self.compiled.speculative(*args, probs)
+        else:
+            with self.state.recording_steps():
+                out = speculative_step(self, *args, probs)
+        return out[:rows].tolist()
 
     def commit_steps(self, slots: list[int], keep: list[int]) -> None:
         self.state.commit_steps(dict(zip(slots, keep)))

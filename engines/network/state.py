@@ -21,6 +21,7 @@ import torch
 
 from ...export.names import mtp_layer_count
 from ...export.spec import ATTENTION, MAMBA, ModelSpec
+from ...plugins.pool_rows import write_rows
 from .parallel import SINGLE, Parallel
 
 
@@ -102,6 +103,16 @@ class InferenceState:
             self._recorded = [(entry, entry.steps) for entry in self.mamba_layers()]
             for entry in self.mamba_layers():
                 entry.steps = None
+
+    def keep_recorded(self, index: torch.Tensor) -> None:
+        """The in-graph rollback of a speculative step, inside `recording_steps` after its one decode call: set
+        each row's Mamba states (conv window and SSM state) to those after its token index[b] [B], with static
+        shapes and no host reads (padding rows, slot < 0, write nothing)."""
+        for entry in self.mamba_layers():
+            slots, conv, ssm = entry.steps[-1]
+            rows = torch.arange(len(index), device=index.device)
+            write_rows(entry.conv, slots, conv[rows, index])
+            write_rows(entry.ssm, slots, ssm[rows, index])
 
     def commit_steps(self, keep: dict[int, int]) -> None:
         """Set slot s's Mamba states to those after token keep[s] of the last recorded forward."""

@@ -3,11 +3,14 @@ cancellation, a reasoning budget and MTP speculative decoding, over any `Executo
 
 One `step()`:
   1. admit waiting requests while a state slot is free;
-  2. build one ragged batch within `max_num_tokens`: every decoding sequence's last token (plus its
-     MTP drafts), then prefill chunks of the sequences still reading their prompt;
-  3. one executor forward; sample / verify; apply the reasoning budget and stop conditions;
-  4. for sequences with speculation, keep the Mamba state of the last accepted token, then run the
-     MTP head to draft the next k tokens.
+  2. plan within `max_num_tokens`: every decoding sequence's last token (plus its MTP drafts), then
+     prefill chunks of the sequences still reading their prompt;
+  3. when a decoding sequence speculates, all decoding sequences run one speculative executor call
+     (MTP "one-model": verify, accept, keep the Mamba state of the last accepted token and draft the next
+     k tokens, all in one call, read back once; rows without speculation are plain decode rows); the
+     prefill chunks (and otherwise the decoding sequences too) run one ragged forward and are sampled;
+  4. apply the reasoning budget and stop conditions; a sequence with speculation that finished its
+     prompt runs the MTP head over it, so that its next step drafts.
 Requests join and leave between steps; a request's greedy output does not depend on its batch mates.
 """
 
@@ -20,12 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..executors.base import Executor, RaggedBatch
+from ..executors.base import Executor, RaggedBatch, SpeculativeBatch
+from ..network.mamba2 import MAX_STEP_TOKENS
 from .requests import Delta, FinishReason, GenerationParams, new_request_id
 from .sampling import distribution, sample
 from .sequence import Sequence
 from .slots import SlotPool
-from .speculative import accept, draft
 from .text import Detokenizer, TextCodec
 
 
@@ -63,6 +66,9 @@ class Scheduler:
         k = self.default_k if params.num_speculative_tokens is None else params.num_speculative_tokens
         if k and not self.executor.has_mtp:
             raise ValueError(f"num_speculative_tokens={k}: this model has no MTP layers")
+        if k >= MAX_STEP_TOKENS:
+            raise ValueError(f"num_speculative_tokens={k}: at most {MAX_STEP_TOKENS - 1} drafts (a verify of k+1 "
+                             f"tokens runs the Mamba decode ops)")
         if k and "M" in self.executor.spec.mtp_layer_types:
             raise ValueError(f"num_speculative_tokens={k}: drafting with Mamba layers in the MTP pattern "
                              f"({self.executor.spec.mtp_pattern!r}) would need MTP state rollback; not supported")
@@ -112,75 +118,112 @@ class Scheduler:
             self.running[seq.request_id] = seq
         if not self.running:
             return deltas
-        plan = self._plan()
-        batch = RaggedBatch.build([(tokens, seq.computed, seq.slot) for seq, tokens, _ in plan],
-                                  [row for _, _, rows in plan for row in rows],
-                                  keep_steps=any(seq.drafts for seq, _, _ in plan))
-        out = self.executor.forward(batch)
-        argmax = out.logits.argmax(-1).tolist()  # greedy choices and verifies, read back in one transfer
-        now = time.perf_counter()
-        logit_at, commits, new = 0, [], []
-        for (seq, tokens, rows), start in zip(plan, batch.query_start.tolist()):
-            logits = out.logits[logit_at:logit_at + len(rows)]
-            best = argmax[logit_at:logit_at + len(rows)]
-            logit_at += len(rows)
-            hidden = out.hidden[start:start + len(tokens)]
-            if seq.prefilling and seq.computed + len(tokens) < len(seq.prompt):  # a prefill chunk
-                seq.computed += len(tokens)
-                seq.mtp_hidden.extend(hidden) if seq.mtp_k else None
-                continue
-            emitted = self._choose(seq, logits, best)
-            emitted = self._apply_limits(seq, emitted)
-            processed = len(tokens) if seq.prefilling else len(emitted)  # inputs whose state is kept
-            if seq.drafts:
-                commits.append((seq.slot, processed - 1))
-            if seq.mtp_k:
-                seq.mtp_hidden.extend(hidden[:processed])
-            seq.computed += processed
-            seq.drafts, seq.draft_probs = [], None
-            seq.tokens.extend(emitted)
-            seq.token_times.extend([now] * len(emitted))
-            new.append((seq, emitted))
-        if commits:
-            self.executor.commit_steps([s for s, _ in commits], [k for _, k in commits])
+        plan, new = self._plan(), []
+        if any(seq.mtp_k for seq, _, _ in plan if not seq.prefilling):
+            new = self._speculate([seq for seq, _, _ in plan if not seq.prefilling])
+            plan = [entry for entry in plan if entry[0].prefilling]
+        if plan:
+            new += self._forward(plan)
         for seq, emitted in new:
             deltas.append(self._delta(seq, emitted))
             if seq.finished:
                 self._finish(seq, seq.finish_reason)
-        self._draft([seq for seq, _ in new if seq.mtp_k and not seq.finished])
         return deltas
 
-    def _plan(self) -> list[tuple[Sequence, list[int], list[int]]]:
-        """(sequence, its new tokens, rows whose logits are needed) for this step, within the token budget."""
-        plan, budget, row = [], self.max_num_tokens, 0
+    def _forward(self, plan: list[tuple[Sequence, list[int], bool]]) -> list[tuple[Sequence, list[int]]]:
+        """One ragged forward over the plan's sequences; sample those that reached their next token."""
+        ends, rows = 0, []
+        for _, tokens, next_token in plan:
+            ends += len(tokens)
+            rows += [ends - 1] if next_token else []
+        batch = RaggedBatch.build([(tokens, seq.computed, seq.slot) for seq, tokens, _ in plan], rows)
+        out = self.executor.forward(batch)
+        argmax = out.logits.argmax(-1).tolist()  # greedy choices, read back in one transfer
+        now = time.perf_counter()
+        logit_at, new = 0, []
+        for (seq, tokens, next_token), start in zip(plan, batch.query_start.tolist()):
+            hidden = out.hidden[start:start + len(tokens)]
+            if seq.mtp_k and seq.prefilling:
+                seq.mtp_hidden.extend(hidden)
+            seq.computed += len(tokens)
+            if not next_token:  # a prefill chunk before the prompt's end
+                continue
+            params = seq.params.sampling
+            token = argmax[logit_at] if params.greedy else sample(distribution(out.logits[logit_at], params),
+                                                                  seq.generator)
+            logit_at += 1
+            emitted = self._apply_limits(seq, [token])
+            seq.tokens.extend(emitted)
+            seq.token_times.extend([now] * len(emitted))
+            new.append((seq, emitted))
+        self._start_drafting([seq for seq, _ in new if seq.mtp_k and seq.mtp_hidden and not seq.finished])
+        return new
+
+    def _speculate(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """One speculative executor call for every decoding sequence (see SpeculativeBatch)."""
+        K = max(seq.mtp_k for seq in seqs)
+        sampling = [seq.params.sampling for seq in seqs]
+        batch = SpeculativeBatch(
+            token_ids=torch.tensor([[seq.tokens[-1]] + seq.drafts + [0] * (K - len(seq.drafts)) for seq in seqs]),
+            num_drafts=torch.tensor([len(seq.drafts) for seq in seqs]),
+            past_lengths=torch.tensor([seq.computed for seq in seqs]),
+            slots=torch.tensor([seq.slot for seq in seqs]),
+            temperature=torch.tensor([p.temperature for p in sampling], dtype=torch.float32),
+            top_k=torch.tensor([p.top_k for p in sampling]),
+            top_p=torch.tensor([p.top_p for p in sampling], dtype=torch.float32),
+            uniforms=None if all(p.greedy for p in sampling) else torch.stack([self._uniforms(s, K) for s in seqs]))
+        results = self.executor.speculate(batch)
+        now = time.perf_counter()
+        new = []
+        for seq, (accepted, token, *drafts) in zip(seqs, results):
+            if seq.drafts:
+                seq.verify_steps += 1
+                for i in range(accepted):
+                    seq.accepted_per_position[i] += 1
+            emitted = self._apply_limits(seq, seq.drafts[:accepted] + [token])
+            seq.computed += len(emitted)  # (the state kept is that after the input before the last token)
+            seq.tokens.extend(emitted)
+            seq.token_times.extend([now] * len(emitted))
+            seq.drafts = drafts[:self._draft_length(seq)]
+            new.append((seq, emitted))
+        return new
+
+    @staticmethod
+    def _uniforms(seq: Sequence, K: int) -> torch.Tensor:
+        """[2K+1]: the acceptance tests, the next token's draw, the drafts' draws; a sampled request takes 2k+1
+        from its generator per step whatever its batch mates, a greedy one none."""
+        out = torch.zeros(2 * K + 1)
+        if seq.generator is not None:
+            k = seq.mtp_k
+            u = torch.rand(2 * k + 1, generator=seq.generator)
+            out[:k], out[K], out[K + 1:K + 1 + k] = u[:k], u[k], u[k + 1:]
+        return out
+
+    def _draft_length(self, seq: Sequence) -> int:
+        """Drafts to verify next: k, or fewer near the end of a reasoning budget, so that a forced end of
+        thinking can only replace the token after the accepted drafts (whose Mamba state the step kept)."""
+        params = seq.params
+        if params.think_budget is None or self.codec.think_end is None:
+            return seq.mtp_k
+        return min(seq.mtp_k, max(0, params.think_budget - seq.think_tokens))
+
+    def _plan(self) -> list[tuple[Sequence, list[int], bool]]:
+        """(sequence, its new tokens, whether its next token follows them) for this step, within the token
+        budget."""
+        plan, budget = [], self.max_num_tokens
         decoding = [s for s in self.running.values() if not s.prefilling]
         prefilling = [s for s in self.running.values() if s.prefilling]
         for seq in decoding:
             tokens = [seq.tokens[-1]] + seq.drafts
-            plan.append((seq, tokens, list(range(row, row + len(tokens)))))
-            row += len(tokens)
+            plan.append((seq, tokens, True))
             budget -= len(tokens)
         for seq in prefilling:
             if budget <= 0:
                 break
             end = min(len(seq.prompt), seq.computed + budget)
-            tokens = seq.tokens[seq.computed:end]
-            plan.append((seq, tokens, [row + len(tokens) - 1] if end == len(seq.prompt) else []))
-            row += len(tokens)
-            budget -= len(tokens)
+            plan.append((seq, seq.tokens[seq.computed:end], end == len(seq.prompt)))
+            budget -= end - seq.computed
         return plan
-
-    def _choose(self, seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> list[int]:
-        """Tokens produced by this step's logits (and their argmax): one sample, or the outcome of verifying
-        the drafts."""
-        params = seq.params.sampling
-        if not seq.drafts:
-            return [argmax[-1] if params.greedy else sample(distribution(logits[-1], params), seq.generator)]
-        emitted, accepted = accept(seq.drafts, seq.draft_probs, logits, argmax, params, seq.generator)
-        seq.verify_steps += 1
-        for i in range(accepted):
-            seq.accepted_per_position[i] += 1
-        return emitted
 
     def _apply_limits(self, seq: Sequence, emitted: list[int]) -> list[int]:
         """Reasoning budget, EOS / stop ids and max_tokens, token by token; may shorten `emitted`."""
@@ -226,36 +269,15 @@ class Scheduler:
         seq.slot = -1
 
     # ---- MTP drafting ----------------------------------------------------------------------------
-    def _draft(self, seqs: list[Sequence]) -> None:
-        """Bring each sequence's MTP state up to date and draft its next k tokens."""
+    def _start_drafting(self, seqs: list[Sequence]) -> None:
+        """After the prompt: the MTP head reads its positions 0 .. computed-1 (x_{t+1}, all known now, and the
+        backbone's c_t), so that each sequence's next (speculative) step drafts from where it stands."""
         if not seqs:
             return
-        # catch-up: MTP positions mtp_computed .. computed-1 read x_{t+1} (all known now) and c_t
-        batch = RaggedBatch.build(
-            [(s.tokens[s.mtp_computed + 1:s.computed + 1], s.mtp_computed, s.slot) for s in seqs], [])
-        batch.logit_rows = batch.query_start[1:] - 1
-        hidden = torch.cat([torch.stack(s.mtp_hidden) for s in seqs])
-        out = self.executor.mtp_forward(batch, hidden)
-        last = out.hidden[batch.logit_rows]
+        batch = RaggedBatch.build([(s.tokens[1:s.computed + 1], 0, s.slot) for s in seqs], [])
+        self.executor.mtp_forward(batch, torch.cat([torch.stack(s.mtp_hidden) for s in seqs]))
         for s in seqs:
-            s.mtp_computed, s.mtp_hidden, s.draft_probs = s.computed, [], [] if not s.params.sampling.greedy else None
-        logits = out.logits
-        for i in range(max(s.mtp_k for s in seqs)):
-            for s, row, best in zip(seqs, logits, logits.argmax(-1).tolist()):
-                if i < s.mtp_k and s.params.sampling.greedy:
-                    s.drafts.append(best)
-                elif i < s.mtp_k:
-                    token, q = draft(row, s.params.sampling, s.generator)
-                    s.drafts.append(token)
-                    s.draft_probs.append(q)
-            active = [j for j, s in enumerate(seqs) if i + 1 < s.mtp_k]
-            if not active:
-                break
-            # the next draft extends the MTP sequence by one (speculative) position
-            seqs, last = [seqs[j] for j in active], last[active]
-            step = RaggedBatch.build([([s.drafts[-1]], s.computed + i, s.slot) for s in seqs], list(range(len(seqs))))
-            out = self.executor.mtp_forward(step, last)
-            logits, last = out.logits, out.hidden
+            s.mtp_hidden = []
 
     # ---- convenience -----------------------------------------------------------------------------
     def run_until_done(self) -> Iterator[Delta]:

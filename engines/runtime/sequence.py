@@ -20,11 +20,10 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     slot: int = -1
     computed: int = 0  # tokens whose state is in the slot (the backbone's past length)
-    # MTP: position t of the MTP sequence reads (x_{t+1}, c_t); positions < mtp_computed are in its state
-    mtp_computed: int = 0
-    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # c_t for t in [mtp_computed, computed)
+    # MTP: position t of the MTP sequence reads (x_{t+1}, c_t); its state follows the backbone's once the prompt
+    # is read (the speculative executor step advances both)
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # c_t of the prompt, until its MTP pass
     drafts: list[int] = field(default_factory=list)
-    draft_probs: list[torch.Tensor] | None = None
     # reasoning budget
     in_think: bool = False
     think_tokens: int = 0

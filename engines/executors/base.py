@@ -23,14 +23,13 @@ class RaggedBatch:
     past_lengths: torch.Tensor  # [S] int64: tokens already in the sequence's slot (0: a new sequence)
     slots: torch.Tensor  # [S] int64: state slot of each sequence
     logit_rows: torch.Tensor  # [L] int64: rows whose next-token logits are returned
-    keep_steps: bool = False  # keep the Mamba state after every token, for `commit_steps` (speculation)
 
     @property
     def lengths(self) -> torch.Tensor:
         return self.query_start[1:] - self.query_start[:-1]
 
     @classmethod
-    def build(cls, sequences: list[tuple[list[int], int, int]], logit_rows: list[int], keep_steps: bool = False):
+    def build(cls, sequences: list[tuple[list[int], int, int]], logit_rows: list[int]):
         """From (new token ids, past length, slot) per sequence and rows into the packed tokens."""
         lengths = [len(tokens) for tokens, _, _ in sequences]
         starts = [0]
@@ -40,7 +39,7 @@ class RaggedBatch:
                    query_start=torch.tensor(starts, dtype=torch.long),
                    past_lengths=torch.tensor([p for _, p, _ in sequences], dtype=torch.long),
                    slots=torch.tensor([s for _, _, s in sequences], dtype=torch.long),
-                   logit_rows=torch.tensor(logit_rows, dtype=torch.long), keep_steps=keep_steps)
+                   logit_rows=torch.tensor(logit_rows, dtype=torch.long))
 
 
 @dataclass
@@ -80,9 +79,6 @@ class Executor(Protocol):
     def speculate(self, batch: SpeculativeBatch) -> list[list[int]]:
         """One speculative step in one call; per row [accepted, the token after them, K new drafts], read back to
         the host at once."""
-
-    def commit_steps(self, slots: list[int], keep: list[int]) -> None:
-        """After a `keep_steps` forward: set slot slots[i]'s Mamba state to the state after its token keep[i]."""
 
     def warm_up(self, max_tokens: int) -> None:
         """Prepare (compile, capture) whatever calls of up to `max_tokens` new tokens per sequence need, before

@@ -25,9 +25,10 @@ from ..network.token_choice import accept_drafts, distributions, sample
 
 
 class CompiledSteps:
-    """Compiled `backbone(ids [B, T], slots [B], past [B]) -> c [B, T, D]` (norm_f applied),
-    `mtp(ids [B, T], hidden [B, T, D], slots, past) -> c' [B, T, D]` and `speculative(...)` (one MTP step:
-    verify, accept, roll back, draft; see `speculative_step`) over one InferenceState."""
+    """Compiled `backbone(ids [B, 1], slots [B], past [B]) -> c [B, 1, D]` (norm_f applied: the decode step) and
+    `speculative(...)` (one MTP step: verify, accept, roll back, draft; see `speculative_step`) over one
+    InferenceState. (`mtp_step`, the MTP head over T positions, runs eagerly here: only a prompt's MTP pass
+    calls it.)"""
 
     def __init__(self, model, state):
         why = unsupported(model)
@@ -44,20 +45,15 @@ class CompiledSteps:
         options = dict(dynamic=False, fullgraph=True, **(dict(mode="reduce-overhead") if cuda else
                                                          dict(options={"freezing": True, "cpp_wrapper": True})))
         self._backbone = torch.compile(own_code(backbone_step), **options)
-        self._mtp = torch.compile(own_code(mtp_step), **options) if model.mtp is not None else None
         self._speculative = torch.compile(own_code(speculative_step), **options) if model.mtp is not None else None
         self._cuda = cuda
-        self.max_tokens = 1  # backbone calls of 1 or max_tokens tokens per row, MTP calls of up to max_tokens
 
-    def covers(self, T: int, mtp: bool = False) -> bool:
-        """Whether a call of T tokens per row runs compiled (other shapes, prefill chunks, run eagerly)."""
-        return T <= self.max_tokens if mtp else T == 1
+    def covers(self, T: int) -> bool:
+        """Whether a backbone call of T tokens per row runs compiled (prefill chunks run eagerly)."""
+        return T == 1
 
     def backbone(self, ids: torch.Tensor, slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
         return self._call(self._backbone, ids, slots, past)
-
-    def mtp(self, ids: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self._call(self._mtp, ids, hidden, slots, past)
 
     def speculative(self, *args) -> torch.Tensor:
         with self.state.recording_steps():
@@ -66,32 +62,25 @@ class CompiledSteps:
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> None:
         """Compile every shape a run can meet, on batches of padding rows only (no state changes): the decode
-        step (T=1), the greedy speculative step of max_tokens-1 drafts and MTP calls of 1..max_tokens tokens
-        (the catch-up after a prompt). Without it each shape compiles when the runtime first meets it; so
-        does the sampling speculative step, at the first sampled request with MTP."""
-        self.max_tokens = max_tokens
+        step (T=1) and the greedy speculative step of max_tokens-1 drafts. Without it each compiles when the
+        runtime first meets it; so do a speculative step of another draft length and the sampling speculative
+        step (at the first sampled request with MTP)."""
         model, rows = self.model, self.state.max_sequences
         dev = model.device
         slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
         self.backbone(torch.zeros(rows, 1, dtype=torch.long, device=dev), slots, past)
-        if self._speculative is not None and max_tokens > 1:
-            ids, zero = torch.zeros(rows, max_tokens, dtype=torch.long, device=dev), torch.zeros(rows, device=dev)
-            self.speculative(ids, past, slots, past, zero, past, zero + 1, None, None)
-        for T in range(1, max_tokens + 1) if self._mtp is not None else ():
-            self.mtp(torch.zeros(rows, T, dtype=torch.long, device=dev),
-                     torch.zeros(rows, T, model.spec.hidden_size, dtype=model.dtype, device=dev), slots, past)
+        if self._speculative is not None and max_tokens > 1:  # (distinct tensors: dynamo guards on aliasing)
+            ids = torch.zeros(rows, max_tokens, dtype=torch.long, device=dev)
+            self.speculative(ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(),
+                             torch.ones(rows, device=dev), None, None)
 
     def _call(self, step, *args) -> torch.Tensor:
         if not self._cuda:
             return step(self, *args)
-        # a CUDA graph's outputs (the hidden states, and the Mamba states a verify records) live until the
-        # next replay, and one forward may replay several graphs: hand out copies
+        # a CUDA graph's outputs live until the next replay, and one forward may replay several graphs: hand out
+        # copies
         torch.compiler.cudagraph_mark_step_begin()
-        out = step(self, *args).clone()
-        for entry in self.state.mamba_layers():
-            if entry.steps:
-                entry.steps[-1] = tuple(t.clone() for t in entry.steps[-1])
-        return out
+        return step(self, *args).clone()
 
 
 def unsupported(model) -> str | None:

@@ -63,7 +63,7 @@ class TorchExecutor:
         for seqs, T in self._groups(lengths, past_all, mtp):
             rows = [[starts[s] + i if i < lengths[s] else n for i in range(T)] for s in seqs]
             slots, past, step = [slots_all[s] for s in seqs], [past_all[s] for s in seqs], eager
-            if compiled is not None and self.compiled.covers(T, mtp) and min(past) > 0:
+            if compiled is not None and self.compiled.covers(T) and min(past) > 0:
                 pad = self.max_sequences - len(seqs)
                 rows, slots, past, step = rows + [[n] * T] * pad, slots + [-1] * pad, past + [0] * pad, compiled
             h = step(*(torch.tensor(x, device=dev) for x in (rows, slots, past))).flatten(0, 1)
@@ -81,9 +81,8 @@ class TorchExecutor:
         ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
         compiled = None if self.compiled is None else (
             lambda rows, slots, past: self.compiled.backbone(ids[rows], slots, past))
-        with self.state.recording_steps(batch.keep_steps):
-            hidden = self._run(batch, lambda rows, slots, past: self.model.final_hidden(
-                self.model(ids[rows], self.state, slots, past)), compiled)
+        hidden = self._run(batch, lambda rows, slots, past: self.model.final_hidden(
+            self.model(ids[rows], self.state, slots, past)), compiled)
         return ForwardOutput(self.model.lm_head(hidden[batch.logit_rows.to(self.device)]).float(), hidden)
 
     @torch.inference_mode()
@@ -94,10 +93,8 @@ class TorchExecutor:
         ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
         hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])
         embed = self.model.backbone.embeddings
-        compiled = None if self.compiled is None else (
-            lambda rows, slots, past: self.compiled.mtp(ids[rows], hidden[rows], slots, past))
         out = self._run(batch, lambda rows, slots, past: self.model.mtp(embed(ids[rows]), hidden[rows], self.state,
-                                                                        slots, past), compiled, mtp=True)
+                                                                        slots, past), mtp=True)
         return ForwardOutput(self.model.lm_head(out[batch.logit_rows.to(self.device)]).float(), out)
 
     @torch.inference_mode()
@@ -112,6 +109,8 @@ class TorchExecutor:
         args = [None if a is None else a.to(self.device) for a in args]
         if batch.uniforms is not None and K not in self._draft_probs:
             self._draft_probs[K] = torch.zeros(self.max_sequences, K, self.spec.vocab_size, device=self.device)
+            if self.compiled is not None and self.device.type == "cuda":  # updated in place by CUDA graph replays
+                torch._dynamo.mark_static_address(self._draft_probs[K])
         probs = None if batch.uniforms is None else self._draft_probs[K]
         if self.compiled is not None:
             out = self.compiled.speculative(*args, probs)
@@ -119,9 +118,6 @@ class TorchExecutor:
             with self.state.recording_steps():
                 out = speculative_step(self, *args, probs)
         return out[:rows].tolist()
-
-    def commit_steps(self, slots: list[int], keep: list[int]) -> None:
-        self.state.commit_steps(dict(zip(slots, keep)))
 
     def warm_up(self, max_tokens: int) -> None:
         if self.compiled is not None:

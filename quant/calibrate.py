@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..export.checkpoint import canonical_name, check_finite
 from .recipes import Recipe
 
 ARCHITECTURE = "NemotronHForCausalLM"
@@ -41,6 +42,8 @@ def load_transformers_model(folder: str | Path, device: str | torch.device = "cp
         model = NemotronHForCausalLM.from_pretrained(folder, dtype=dtype)
     finally:
         logging.set_verbosity(verbosity)
+    for name, tensor in model.state_dict().items():  # the build's first read of the weights: check them here
+        check_finite(tensor, f"{folder}: {canonical_name(name)}")
     model.config.architectures = [ARCHITECTURE]
     return model.to(device).eval()
 

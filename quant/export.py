@@ -187,6 +187,7 @@ def export_quantized(model, source: Checkpoint, out: str | Path, provenance: dic
     _write_json(out / CONFIG_FILE, config)
 
     for file in sorted(out.glob("*.safetensors")):
+        file.chmod(0o644)  # ModelOpt 0.47 leaves its shards 0600, unlike every other file of a build
         if MODELOPT_EMBEDDING in read_header(file):
             rename_tensors(file, {MODELOPT_EMBEDDING: EMBEDDING})
     mtp = [name for name in source.names() if name.startswith("mtp.")]

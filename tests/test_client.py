@@ -1,5 +1,5 @@
 """The gRPC client against the generated repository served in-process: tritonclient -> KServe v2 gRPC
-test server -> ensemble -> nemo3's model.py (under the python-backend stand-in) -> an engine.
+development server -> ensemble -> nemo3's model.py (under the python-backend shim) -> an engine.
 
 The engine here is a small, real implementation of `serving_api.Server` (it streams the prompt's
 words in reverse order, one per step, with a delay), not the nemo3 runtime: the end-to-end test
@@ -20,7 +20,7 @@ from nemo3.engines.runtime.requests import Delta, FinishReason
 from nemo3.triton_repo.client import (Generation, ModelNotReady, RequestFailed, RequestOptions, RequestTimeout, ServerUnavailable,
                                       TextClient)
 from nemo3.triton_repo.generate import RepositoryOptions, write_repository
-from nemo3.triton_repo.kserve_test_server import KServeTestServer
+from nemo3.triton_repo.dev_server import DevServer
 from nemo3.triton_repo.serving_api import Server
 
 STEP_S = 0.01
@@ -88,6 +88,9 @@ class ReverseEngine:
         event.set()
         return True
 
+    def ready(self):
+        return not self.closed
+
     def close(self):
         self.closed = True
 
@@ -110,7 +113,7 @@ def server(tmp_path_factory):
     write_repository(root / "repo", RepositoryOptions(device="cpu", build_dir=str(root / "build"),
                                                       server_factory="test_client:load_server"))
     ENGINES.clear()
-    with KServeTestServer(root / "repo") as srv:
+    with DevServer(root / "repo") as srv:
         yield srv
     assert ENGINES[-1].closed
 
@@ -134,8 +137,8 @@ def test_engine_factory_got_the_build(server, engine):
 
 def test_streams_a_completion_end_to_end(server, engine):
     prompt = "one two three four five six"
-    options = RequestOptions(max_tokens=50, temperature=0.5, top_k=3, top_p=0.9, seed=2**40 + 7, think_budget=5,
-                             num_speculative_tokens=2)
+    options = RequestOptions(max_tokens=50, min_tokens=4, temperature=0.5, top_k=3, top_p=0.9, seed=2**40 + 7,
+                             think_budget=5, num_speculative_tokens=2)
     chunks = list(TextClient(server.url).stream(prompt, options))
     assert [c.text for c in chunks] == ["six", " five", " four", " three", " two", " one"]
     last = chunks[-1]
@@ -143,8 +146,8 @@ def test_streams_a_completion_end_to_end(server, engine):
     assert (last.num_input_tokens, last.num_output_tokens, last.acceptance_length) == (6, 6, 2.0)
     assert [c.num_output_tokens for c in chunks] == [1, 2, 3, 4, 5, 6]
     _, params = engine.seen[prompt]
-    assert (params.max_tokens, params.temperature, params.top_k, params.seed, params.think_budget,
-            params.num_speculative_tokens) == (50, 0.5, 3, 2**40 + 7, 5, 2)
+    assert (params.max_tokens, params.min_tokens, params.temperature, params.top_k, params.seed, params.think_budget,
+            params.num_speculative_tokens) == (50, 4, 0.5, 3, 2**40 + 7, 5, 2)
     assert params.top_p == pytest.approx(0.9)
 
 
@@ -195,6 +198,8 @@ def test_missing_model_and_bad_request_are_clean_errors(server):
         TextClient(server.url, model="nope").generate("x")
     with pytest.raises(RequestFailed, match=r"max_tokens=0: must be >= 1"):
         TextClient(server.url).generate("x", RequestOptions(max_tokens=0))
+    with pytest.raises(RequestFailed, match=r"min_tokens=9: must be in \[0, max_tokens=3\]"):
+        TextClient(server.url).generate("x", RequestOptions(max_tokens=3, min_tokens=9))
     inputs = TextClient(server.url)._inputs("x", RequestOptions())  # a model gone between check and request
     with pytest.raises(RequestFailed, match=r"^nope at .*: Request for unknown model: 'nope' is not found$"):
         list(Generation(server.url, "nope", inputs, timeout=5))
@@ -213,9 +218,11 @@ def test_server_not_listening_is_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_cli_streams_and_reports_errors(server):
-    result = CliRunner().invoke(cli, ["client", "--url", server.url, "--stats", "alpha beta gamma"])
+def test_cli_streams_and_reports_errors(server, engine):
+    result = CliRunner().invoke(cli, ["client", "--url", server.url, "--stats", "--min-tokens", "2",
+                                      "alpha beta gamma"])
     assert result.exit_code == 0, result.output
+    assert engine.seen["alpha beta gamma"][1].min_tokens == 2
     assert result.stdout == "gamma beta alpha\n"
     assert "finish: stop, input tokens: 3, output tokens: 3" in result.stderr
     many = CliRunner().invoke(cli, ["client", "--url", server.url, "a b", "c d", "e f"])
@@ -223,3 +230,43 @@ def test_cli_streams_and_reports_errors(server):
     down = CliRunner().invoke(cli, ["client", "--url", f"127.0.0.1:{free_port()}", "x"])
     assert down.exit_code == 1 and down.output.startswith("Error: no Triton server answers at 127.0.0.1:")
     assert len(down.output.strip().splitlines()) == 1
+
+
+def client_threads() -> int:
+    """Threads of this process that are not the in-process server's (its gRPC workers, stream readers and
+    model.py's request threads) nor the engines' own."""
+    return sum(not t.name.startswith(("kserve", "nemo3-")) for t in threading.enumerate())
+
+
+def test_no_thread_outlives_its_request(server, engine):
+    """tritonclient ends a stream's request-feeding gRPC thread only when its request queue ends: finished,
+    failed, timed-out and cancelled generations must all leave no thread behind."""
+    client = TextClient(server.url)
+    client.check()
+    before = client_threads()
+    client.generate_many([f"a{i} b c" for i in range(12)], RequestOptions(max_tokens=5), concurrency=6)
+    for i in range(6):
+        generation = client.stream(" ".join(f"k{i}z{j}" for j in range(100)), RequestOptions(max_tokens=200))
+        next(generation)
+        generation.cancel()
+        with pytest.raises(RequestFailed):
+            client.generate("x", RequestOptions(max_tokens=0))
+    with pytest.raises(RequestTimeout):
+        TextClient(server.url, timeout=0.2).generate(" ".join(["w"] * 100), RequestOptions(max_tokens=200))
+    assert wait_for(lambda: client_threads() <= before), [t.name for t in threading.enumerate()]
+
+
+def test_model_readiness_follows_the_engine(server, engine):
+    assert TextClient(server.url, model="nemo3").check()
+    engine.closed = True  # an engine that cannot serve any more
+    try:
+        with pytest.raises(ModelNotReady, match="model 'nemo3' is not ready"):
+            TextClient(server.url, model="nemo3").check()
+    finally:
+        engine.closed = False
+
+
+def test_cli_seed_out_of_range_is_one_line(server):
+    result = CliRunner().invoke(cli, ["client", "--url", server.url, "--seed", "-1", "--temperature", "1", "hi"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: seed=-1: model 'ensemble' takes a UINT64 (0 to {2**64 - 1})")

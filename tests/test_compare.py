@@ -66,6 +66,11 @@ def test_scores_by_hand():
     assert common_prefix(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[0, 2], [3, 4]])).tolist() == [0, 2]
     same = score("r", "p", reference, reference, targets, keep, ref_cont, ref_cont)
     assert same.kl_mean == 0 and same.top1_agreement == 1 and same.greedy_prefix == 4
+    broken = reference.clone()
+    broken[0, 2] = float("nan")  # what an overflowing (or NaN) weight gives: NaN rows "agree" with NaN rows
+    for build_logprobs, ref_logprobs in ((broken, broken), (broken, reference)):
+        with pytest.raises(ValueError, match=r"^p: NaN or inf log-probabilities at 1 of 9 held-out positions"):
+            score("b", "p", build_logprobs, ref_logprobs, targets, keep, cont, ref_cont)
 
 
 def test_compare_cli(tiny_folder, tmp_path):

@@ -182,6 +182,12 @@ def test_tensor_names_dtypes_and_shapes_follow_the_recipe(exported):
         == (recipe.name != "fp8")
 
 
+def test_every_file_has_the_same_mode(exported):
+    """ModelOpt 0.47 writes its shards 0600; every file of the checkpoint gets the mode the others have."""
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in exported["out"].iterdir()}
+    assert len(set(modes.values())) == 1, modes
+
+
 def test_mtp_tensors_are_carried_in_bf16(exported):
     source, ckpt = exported["source"], open_checkpoint(exported["out"])
     mtp = [n for n in source.names() if n.startswith("mtp.")]

@@ -11,11 +11,13 @@ from `config.pbtxt` parameters:
     gpu_device_ids        "0,1;2,3": the GPUs of instance 0, 1, ... (cuda only)
 
 Requests carry TensorRT-LLM's text-level tensors (text_input, max_tokens, stream, temperature,
-top_k, top_p, seed, stop_words, exclude_input_in_output) plus think_budget and
+top_k, top_p, seed, stop_words, exclude_input_in_output, min_tokens) plus think_budget and
 num_speculative_tokens. Each request is served on its own thread: with `stream` true every runtime
 delta becomes a response, otherwise one response carries the whole text; the last response has
-the FINAL flag and the counts. A watcher thread cancels in the runtime every request Triton marks
-cancelled (client gone, stream cancelled, deadline passed).
+the FINAL flag and the counts. A request the engine refuses or fails gets an error response and the
+engine serves on; `is_ready` (Triton's model readiness) turns false if it cannot. A watcher thread
+cancels in the runtime every request Triton marks cancelled (client gone, stream cancelled,
+deadline passed).
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class TritonPythonModel:
             threading.Thread(target=self._serve, args=(request,), name="nemo3-request", daemon=True).start()
         return None
 
+    def is_ready(self):
+        """Triton's model readiness (the Python backend asks it for v2/models/<model>/ready): False once the
+        engine cannot serve any request."""
+        return bool(self.engine.ready())
+
     def finalize(self):
         self.stopping.set()
         self.watcher.join()
@@ -108,7 +115,8 @@ class TritonPythonModel:
         budget = _scalar(request, "think_budget")
         k = _scalar(request, "num_speculative_tokens")
         params = GenerationParams(
-            max_tokens=int(max_tokens), temperature=float(_scalar(request, "temperature", 0.0)),
+            max_tokens=int(max_tokens), min_tokens=int(_scalar(request, "min_tokens", 0)),
+            temperature=float(_scalar(request, "temperature", 0.0)),
             top_k=int(_scalar(request, "top_k", 0)), top_p=float(_scalar(request, "top_p", 1.0)),
             seed=None if seed is None else int(seed), stop=_strings(request, "stop_words"),
             think_budget=None if budget is None else int(budget), num_speculative_tokens=None if k is None else int(k))
@@ -133,8 +141,8 @@ class TritonPythonModel:
         try:
             for delta in self.engine.stream(prompt, params, request_id):
                 reason = delta.finish_reason.value if delta.finish_reason is not None else ""
-                if reason == "refused":
-                    error = pb_utils.TritonError(delta.stats.get("error", "request refused"))
+                if reason in ("refused", "error"):  # never servable, or its step failed: this request's error
+                    error = pb_utils.TritonError(f"nemo3: {delta.stats.get('error', f'request {reason}')}")
                     sender.send(pb_utils.InferenceResponse(error=error), flags=final)
                     return
                 text = delta.text if stream else text + delta.text

@@ -55,6 +55,7 @@ class SpeculativeBatch:
     top_k: torch.Tensor  # [B] int64 (0: no limit)
     top_p: torch.Tensor  # [B] float32
     uniforms: torch.Tensor | None  # [B, 2K+1] float32 from each request's generator; None: every row greedy
+    banned: torch.Tensor | None = None  # [P, 3] int64: (row, position, token id) never chosen (min_tokens)
 
 
 @dataclass

@@ -72,7 +72,7 @@ class CompiledSteps:
         if self._speculative is not None and max_tokens > 1:  # (distinct tensors: dynamo guards on aliasing)
             ids = torch.zeros(rows, max_tokens, dtype=torch.long, device=dev)
             self.speculative(ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(),
-                             torch.ones(rows, device=dev), None, None)
+                             torch.ones(rows, device=dev), None, None, None)
 
     def _call(self, step, *args) -> torch.Tensor:
         if not self._cuda:
@@ -112,30 +112,35 @@ def mtp_step(steps: CompiledSteps, ids, hidden, slots, past):
 
 
 def speculative_step(steps: CompiledSteps, ids, num_drafts, slots, past, temperature, top_k, top_p, uniforms,
-                     draft_probs):
+                     draft_probs, banned):
     """One MTP speculative step ("one-model", as TensorRT-LLM runs MTP), inside `state.recording_steps`.
 
     ids [B, K+1]: each row's last token, then its drafts y_0.. (the first num_drafts[b] real, the rest padding;
     num_drafts 0: a plain decode row); past [B] > 0: the backbone's and the MTP's past length; sampling
     parameters per row (`engines/network/token_choice.py`); uniforms [B, 2K+1] (acceptance tests, the next
     token's draw, the drafts' draws) and draft_probs [S, K, V] (by slot: the q each draft was drawn from, read
-    for verifying and written for the next step), both None when every row is greedy.
+    for verifying and written for the next step), both None when every row is greedy; banned [B, K+1, V] bool:
+    tokens a verify position may not choose (min_tokens holding back stop ids), or None.
 
     Verifies the drafts, accepts in-graph, keeps the Mamba states of the last accepted input, runs the MTP
     head over positions past .. past+K (x_{t+1}: the accepted drafts, then the next token; positions after
     it are overwritten before any query reads them) and drafts K tokens from position past+accepted.
-    Returns [B, 2+K] int64: accepted, the token after the accepted drafts, the K new drafts: one host read.
+    Returns [B, 2+K] int64: accepted (-1: the row's sampling distribution is not finite), the token after the
+    accepted drafts, the K new drafts: one host read.
     """
     model, state = steps.model, steps.state
     K = ids.shape[1] - 1
     c = model.final_hidden(model(ids, state, slots, past))
     logits = model.lm_head(c).float()
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
     greedy = temperature == 0
     if uniforms is None:
         accepted, token = accept_drafts(logits, ids[:, 1:], num_drafts, greedy, None, None)
     else:
-        accepted, token = accept_drafts(distributions(logits, temperature, top_k, top_p), ids[:, 1:], num_drafts,
-                                        greedy, draft_probs[slots.clamp(min=0)], uniforms[:, :K + 1])
+        target = distributions(logits, temperature, top_k, top_p)
+        accepted, token = accept_drafts(target, ids[:, 1:], num_drafts, greedy, draft_probs[slots.clamp(min=0)],
+                                        uniforms[:, :K + 1])
     accepted = accepted.long()
     state.keep_recorded(accepted)
     position = torch.arange(K + 1, device=ids.device)
@@ -156,6 +161,8 @@ def speculative_step(steps: CompiledSteps, ids, num_drafts, slots, past, tempera
             last = model.mtp(embed(drafts[-1][:, None]), last, state, slots, past + accepted + 1 + j)
     if uniforms is not None:
         write_rows(draft_probs, slots, torch.stack(probs, 1))
+        # a row whose distribution is not finite reports accepted -1: its request fails
+        accepted = torch.where(torch.isfinite(target).flatten(1).all(-1), accepted, -1)
     return torch.cat([accepted[:, None], token[:, None], torch.stack(drafts, 1)], 1)
 
 

@@ -107,16 +107,20 @@ class TorchExecutor:
             fill = [0, 0, -1, 0, 0.0, 0, 1.0, 0.0]
             args = [None if a is None else torch.cat([a, a.new_full((pad, *a.shape[1:]), v)]) for a, v in zip(args, fill)]
         args = [None if a is None else a.to(self.device) for a in args]
+        banned = None
+        if batch.banned is not None:
+            banned = torch.zeros(len(args[0]), K + 1, self.spec.vocab_size, dtype=torch.bool, device=self.device)
+            banned[tuple(batch.banned.to(self.device).T)] = True
         if batch.uniforms is not None and K not in self._draft_probs:
             self._draft_probs[K] = torch.zeros(self.max_sequences, K, self.spec.vocab_size, device=self.device)
             if self.compiled is not None and self.device.type == "cuda":  # updated in place by CUDA graph replays
                 torch._dynamo.mark_static_address(self._draft_probs[K])
         probs = None if batch.uniforms is None else self._draft_probs[K]
         if self.compiled is not None:
-            out = self.compiled.speculative(*args, probs)
+            out = self.compiled.speculative(*args, probs, banned)
         else:
             with self.state.recording_steps():
-                out = speculative_step(self, *args, probs)
+                out = speculative_step(self, *args, probs, banned)
         return out[:rows].tolist()
 
     def warm_up(self, max_tokens: int) -> None:

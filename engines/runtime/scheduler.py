@@ -25,8 +25,9 @@ import torch
 
 from ..executors.base import Executor, RaggedBatch, SpeculativeBatch
 from ..network.mamba2 import MAX_STEP_TOKENS
+from .checks import check_integer
 from .requests import Delta, FinishReason, GenerationParams, new_request_id
-from .sampling import distribution, sample
+from .sampling import NOT_FINITE, distribution, sample
 from .sequence import Sequence
 from .slots import SlotPool
 from .text import Detokenizer, TextCodec
@@ -55,13 +56,20 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
         self._finished: list[Delta] = []  # cancellations and refusals, reported by the next step
+        self.failed_steps = 0  # consecutive steps whose shared work raised (0 after a good step)
         executor.warm_up(1 + num_speculative_tokens)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: GenerationParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or GenerationParams()
+        if not isinstance(params, GenerationParams):
+            raise ValueError(f"params: expected GenerationParams, got {type(params).__name__}")
         ids = self.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.executor.spec.vocab_size
+        for name, tokens in (("prompt", ids), ("stop_token_ids", params.stop_token_ids)):
+            for token in tokens:
+                check_integer(f"{name} token id", token, minimum=0, maximum=vocab - 1)
         request_id = request_id or new_request_id()
         k = self.default_k if params.num_speculative_tokens is None else params.num_speculative_tokens
         if k and not self.executor.has_mtp:
@@ -74,7 +82,7 @@ class Scheduler:
                              f"({self.executor.spec.mtp_pattern!r}) would need MTP state rollback; not supported")
         seq = Sequence(request_id, ids, params, k, params.sampling.generator())
         seq.in_think = self.codec.thinking_after(ids)
-        self._detok[request_id] = Detokenizer(self.codec, params.stop)
+        self._detok[request_id] = Detokenizer(self.codec, params.stop, params.min_tokens)
         # the state must hold the prompt, the output and the drafts of the last verify
         need = len(ids) + params.max_tokens + k
         if not ids:
@@ -111,6 +119,9 @@ class Scheduler:
 
     # ---- one scheduler step --------------------------------------------------------------------
     def step(self) -> list[Delta]:
+        """One scheduler step. A request never takes the engine down: an exception while serving one sequence
+        (sampling) fails that request; one in shared work (an executor call, the MTP pass over a prompt) fails
+        the requests of that call. Either way they end with FinishReason.ERROR and their slots are free."""
         deltas, self._finished = self._finished, []
         while self.waiting and self.slots.free:
             seq = self.waiting.popleft()
@@ -118,16 +129,23 @@ class Scheduler:
             self.running[seq.request_id] = seq
         if not self.running:
             return deltas
-        plan, new = self._plan(), []
+        plan, calls, new, failed = self._plan(), [], [], False
         if any(seq.mtp_k for seq, _, _ in plan if not seq.prefilling):
-            new = self._speculate([seq for seq, _, _ in plan if not seq.prefilling])
+            calls.append((self._speculate, [seq for seq, _, _ in plan if not seq.prefilling]))
             plan = [entry for entry in plan if entry[0].prefilling]
         if plan:
-            new += self._forward(plan)
+            calls.append((self._forward, plan))
+        for call, part in calls:
+            try:
+                new += call(part)
+            except Exception as e:  # noqa: BLE001 - the call's requests fail, the engine serves on
+                failed = True
+                new += [(entry[0] if isinstance(entry, tuple) else entry, e) for entry in part]
         for seq, emitted in new:
-            deltas.append(self._delta(seq, emitted))
+            deltas.append(self._fail(seq, emitted) if isinstance(emitted, Exception) else self._delta(seq, emitted))
             if seq.finished:
                 self._finish(seq, seq.finish_reason)
+        self.failed_steps = self.failed_steps + 1 if failed else 0
         return deltas
 
     def _forward(self, plan: list[tuple[Sequence, list[int], bool]]) -> list[tuple[Sequence, list[int]]]:
@@ -138,7 +156,13 @@ class Scheduler:
             rows += [ends - 1] if next_token else []
         batch = RaggedBatch.build([(tokens, seq.computed, seq.slot) for seq, tokens, _ in plan], rows)
         out = self.executor.forward(batch)
-        argmax = out.logits.argmax(-1).tolist()  # greedy choices, read back in one transfer
+        held = [(row, token) for row, seq in enumerate(seq for seq, _, next_token in plan if next_token)
+                for token in self._held_stops(seq, 1)[0]]
+        logits = out.logits
+        if held:
+            index = torch.tensor(held, device=logits.device).T
+            logits = logits.index_put(tuple(index), torch.tensor(float("-inf"), device=logits.device))
+        argmax = logits.argmax(-1).tolist()  # greedy choices, read back in one transfer
         now = time.perf_counter()
         logit_at, new = 0, []
         for (seq, tokens, next_token), start in zip(plan, batch.query_start.tolist()):
@@ -149,14 +173,20 @@ class Scheduler:
             if not next_token:  # a prefill chunk before the prompt's end
                 continue
             params = seq.params.sampling
-            token = argmax[logit_at] if params.greedy else sample(distribution(out.logits[logit_at], params),
-                                                                  seq.generator)
-            logit_at += 1
+            try:
+                token = argmax[logit_at] if params.greedy else sample(distribution(logits[logit_at], params),
+                                                                      seq.generator)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                new.append((seq, e))
+                continue
+            finally:
+                logit_at += 1
             emitted = self._apply_limits(seq, [token])
             seq.tokens.extend(emitted)
             seq.token_times.extend([now] * len(emitted))
             new.append((seq, emitted))
-        self._start_drafting([seq for seq, _ in new if seq.mtp_k and seq.mtp_hidden and not seq.finished])
+        self._start_drafting([seq for seq, emitted in new if seq.mtp_k and seq.mtp_hidden and not seq.finished
+                              and not isinstance(emitted, Exception)])
         return new
 
     def _speculate(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
@@ -171,11 +201,15 @@ class Scheduler:
             temperature=torch.tensor([p.temperature for p in sampling], dtype=torch.float32),
             top_k=torch.tensor([p.top_k for p in sampling]),
             top_p=torch.tensor([p.top_p for p in sampling], dtype=torch.float32),
-            uniforms=None if all(p.greedy for p in sampling) else torch.stack([self._uniforms(s, K) for s in seqs]))
+            uniforms=None if all(p.greedy for p in sampling) else torch.stack([self._uniforms(s, K) for s in seqs]),
+            banned=self._banned(seqs, K))
         results = self.executor.speculate(batch)
         now = time.perf_counter()
         new = []
         for seq, (accepted, token, *drafts) in zip(seqs, results):
+            if accepted < 0:
+                new.append((seq, RuntimeError(NOT_FINITE)))
+                continue
             if seq.drafts:
                 seq.verify_steps += 1
                 for i in range(accepted):
@@ -187,6 +221,31 @@ class Scheduler:
             seq.drafts = drafts[:self._draft_length(seq)]
             new.append((seq, emitted))
         return new
+
+    def _banned(self, seqs: list[Sequence], K: int) -> torch.Tensor | None:
+        """min_tokens in a speculative step: (row, position, token id) triples that may not be chosen."""
+        triples = [(row, i, token) for row, seq in enumerate(seqs)
+                   for stops, held in [self._held_stops(seq, K + 1)] for i in range(held) for token in stops]
+        return torch.tensor(triples) if triples else None
+
+    def _held_stops(self, seq: Sequence, rows: int) -> tuple[list[int], int]:
+        """min_tokens: the stop ids that the first of a sequence's next `rows` logit rows (row i choosing output
+        token len(output) + i) may not choose, and how many rows: EOS (TensorRT-LLM masks its end id so) and
+        the request's stop token ids (as vLLM does); a rejected draft is resampled without them too."""
+        held = min(rows, seq.params.min_tokens - len(seq.output))
+        stops = sorted(self._stop_ids(seq.params)) if held > 0 else []
+        return stops, held if stops else 0
+
+    def _fail(self, seq: Sequence, error: Exception) -> Delta:
+        """End a request whose step raised: its final delta carries the error in one line; its slot is freed."""
+        message = (str(error).strip().splitlines() or [""])[0]
+        self._finish(seq, FinishReason.ERROR)
+        self._detok.pop(seq.request_id, None)
+        stats = {**seq.stats(), "error": f"{type(error).__name__}: {message}" if message else type(error).__name__}
+        return Delta(seq.request_id, [], "", True, FinishReason.ERROR, stats)
+
+    def _stop_ids(self, params: GenerationParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.codec.eos_ids)
 
     @staticmethod
     def _uniforms(seq: Sequence, K: int) -> torch.Tensor:
@@ -228,7 +287,7 @@ class Scheduler:
     def _apply_limits(self, seq: Sequence, emitted: list[int]) -> list[int]:
         """Reasoning budget, EOS / stop ids and max_tokens, token by token; may shorten `emitted`."""
         params, codec, kept = seq.params, self.codec, []
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else codec.eos_ids)
+        stop_ids = self._stop_ids(params)
         for token in emitted:
             if seq.in_think and params.think_budget is not None and seq.think_tokens >= params.think_budget \
                     and codec.think_end is not None:

@@ -32,15 +32,13 @@ def distributions(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     scaled = logits / per_row(torch.where(temperature == 0, 1.0, temperature.float()))
     ordered = scaled.sort(-1, descending=True).values
     k = per_row(torch.where(top_k > 0, top_k, V).clamp(max=V) - 1).expand(*logits.shape[:-1], 1)
-    scaled = scaled.masked_fill(scaled < ordered.gather(-1, k), float("-inf"))
-    probs = scaled.softmax(-1)
-    sorted_probs = ordered.masked_fill(ordered < ordered.gather(-1, k), float("-inf")).softmax(-1)
+    kth = ordered.gather(-1, k)
+    sorted_probs = ordered.masked_fill(ordered < kth, float("-inf")).softmax(-1)
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked before each rank
-    # the smallest probability kept by top-p: the last rank whose predecessors hold less than top_p
-    kept = before < per_row(top_p.float())
-    floor = sorted_probs.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)
-    probs = probs.masked_fill(probs < floor, 0.0)
-    probs = probs / probs.sum(-1, keepdim=True)
+    # top-p keeps the ranks whose predecessors hold less than top_p: a floor on the logits (compared in logit
+    # space, whose values the sort copies exactly; the softmax of a permuted row may round differently)
+    floor = ordered.masked_fill(before >= per_row(top_p.float()), float("inf")).amin(-1, keepdim=True)
+    probs = scaled.masked_fill(scaled < torch.maximum(kth, floor), float("-inf")).softmax(-1)
     one_hot = torch.nn.functional.one_hot(logits.argmax(-1), V).float()
     return torch.where(greedy, one_hot, probs)
 

@@ -75,11 +75,11 @@ class Executor(Protocol):
 
     def mtp_forward(self, batch: RaggedBatch, hidden: torch.Tensor) -> ForwardOutput:
         """The MTP step over MTP sequences: token_ids are x_{t+1}, hidden [N, D] is c_t; returns the logits
-        for x_{t+2} and c' (the MTP's own output, fed back when drafting recursively)."""
+        for x_{t+2} and c' (the MTP's own output). The runtime calls it over a prompt; `speculate` drafts."""
 
     def speculate(self, batch: SpeculativeBatch) -> list[list[int]]:
-        """One speculative step in one call; per row [accepted, the token after them, K new drafts], read back to
-        the host at once."""
+        """One speculative step in one call; per row [accepted (-1: its sampling distribution is not finite), the
+        token after the accepted drafts, K new drafts], read back to the host at once."""
 
     def warm_up(self, max_tokens: int) -> None:
         """Prepare (compile, capture) whatever calls of up to `max_tokens` new tokens per sequence need, before

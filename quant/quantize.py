@@ -27,11 +27,6 @@ class CalibrationOptions:
     seq_len: int = 256
 
 
-def quantizes(recipe: Recipe) -> bool:
-    """Whether `recipe` quantizes anything (layers or the KV cache)."""
-    return recipe.kv_cache != BF16 or any(rule.format != BF16 for rule in recipe.layers)
-
-
 def implied_precision(recipe: Recipe, spec) -> str:
     """The --precision a recipe amounts to: its narrowest format (nvfp4 before fp8 before bf16)."""
     formats = set(recipe.assign(spec).values()) | {recipe.kv_cache}
@@ -45,7 +40,7 @@ def check_quantize_options(spec, recipe: Recipe, calibration: CalibrationOptions
     from ..export.planner import checkpoint_tensors
     from ..export.sharding import check_tp
 
-    if quantizes(recipe):
+    if recipe.quantizes():
         recipe.to_modelopt_quant_cfg(spec)
         for flag, value, least in (("--calib-samples", calibration.samples, 1),
                                    ("--calib-seq-len", calibration.seq_len, 2)):
@@ -64,7 +59,7 @@ def _calibration_inputs(calibration: CalibrationOptions) -> dict:
 
 def quantize_inputs(source: Checkpoint, precision: str, recipe: Recipe, calibration: CalibrationOptions) -> dict:
     inputs = {"checkpoint": source.fingerprint(), "precision": precision, "recipe": recipe.to_dict()}
-    if quantizes(recipe):
+    if recipe.quantizes():
         import importlib.metadata as md
 
         inputs["calibration"] = _calibration_inputs(calibration)
@@ -80,7 +75,7 @@ def quantize_checkpoint(source: Checkpoint, recipe: Recipe, calibration: Calibra
         raise BuildError(f"{source.path}: the checkpoint is already quantized (hf_quant_config.json); "
                          "build from its BF16 checkpoint")
     formats = _format_counts(recipe, source.spec)
-    if not quantizes(recipe):
+    if not recipe.quantizes():
         return {"recipe": recipe.name, "formats": formats, **export_unquantized(source, out)}
     import torch
 

@@ -20,7 +20,7 @@ from nemo3.quant.calibrate import calibrate
 from nemo3.engines.evaluation.compare import CompareOptions, common_prefix, compare, format_table, score
 from nemo3.quant.data import calibration_windows
 from nemo3.quant.export import export_quantized, export_unquantized
-from nemo3.quant.recipes import RECIPES
+from nemo3.quant.recipes import load_recipe
 
 pytest.importorskip("modelopt.torch.quantization")
 
@@ -36,7 +36,7 @@ def build_checkpoint(source_folder, recipe_name: str, out, windows: torch.Tensor
     """OUT/checkpoint as the quantize stage writes it, for one recipe."""
     source = open_checkpoint(source_folder)
     out.mkdir(parents=True)
-    recipe = RECIPES[recipe_name]
+    recipe = load_recipe(recipe_name)
     if recipe_name == "bf16":
         export_unquantized(source, out)
     else:

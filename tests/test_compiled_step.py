@@ -1,4 +1,4 @@
-"""Compiled decode steps (engines/executors/compiled_step.py) against the eager network, and the branch-free pool writes
+"""Compiled decode and speculative steps (engines/executors/compiled_step.py) against the eager network, and the branch-free pool writes
 they rest on (plugins/pool_rows.py) against boolean-mask indexing."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 
 from nemo3.engines.executors.compiled_step import cpp_compiler
-from nemo3.engines.executors.base import RaggedBatch
+from nemo3.engines.executors.base import RaggedBatch, SpeculativeBatch
 from nemo3.engines.executors.torch_executor import TorchExecutor
 from nemo3.engines.network.loading import load
 from nemo3.engines.runtime.requests import GenerationParams
@@ -53,13 +53,14 @@ def snapshot(executor: TorchExecutor) -> dict[str, torch.Tensor]:
 
 @needs_compiler
 def test_compiled_steps_match_eager_calls(model):
-    """Decode (T=1), verify with recorded Mamba states (T=3) and MTP calls (T=1, T=2) give the eager executor's
-    hidden states, logits and pool contents, with rows padded to max_sequences (the padding touches no slot)."""
+    """A decode step (T=1) and a greedy speculative step (2 drafts; rows with 2, 1 and 0 drafts) give the eager
+    executor's logits, accepted counts, tokens, drafts and pool contents, with rows padded to max_sequences (the
+    padding touches no slot)."""
     eager = TorchExecutor(model, max_sequences=4, max_length=32)
     compiled = TorchExecutor(model, max_sequences=4, max_length=32, compile=True)
     compiled.warm_up(3)
     ran = []  # the compiled steps really run (not the eager fallback)
-    for name in ("backbone", "mtp"):
+    for name in ("backbone", "speculative"):
         step = getattr(compiled.compiled, name)
         setattr(compiled.compiled, name, lambda *args, step=step, name=name: ran.append(name) or step(*args))
     g = torch.Generator().manual_seed(0)
@@ -67,49 +68,41 @@ def test_compiled_steps_match_eager_calls(model):
     slots = [2, 0, 3]  # slot 1 stays free: nobody may write it
     prefill = RaggedBatch.build([(p, 0, s) for p, s in zip(prompts, slots)], [6, 17, 22])
     for ex in (eager, compiled):
-        ex.forward(prefill)  # eager in both: prefill chunks are not compiled
+        out = ex.forward(prefill)  # eager in both: prefill chunks are not compiled
+        ex.mtp_forward(RaggedBatch.build([(p[1:] + [5], 0, s) for p, s in zip(prompts, slots)], []), out.hidden)
         ex.state.layers = copy.deepcopy(eager.state.layers) if ex is compiled else ex.state.layers
-    calls = [
-        ("forward", RaggedBatch.build([([5], 7, 2), ([9], 11, 0), ([1], 5, 3)], [0, 1, 2])),
-        ("forward", RaggedBatch.build([([5, 6, 7], 8, 2), ([9, 1, 2], 12, 0)], [0, 1, 2, 3, 4, 5], keep_steps=True)),
-        ("mtp", RaggedBatch.build([([4], 3, 2), ([8], 9, 0)], [0, 1])),
-        ("mtp", RaggedBatch.build([([4, 2], 4, 2), ([8], 10, 0), ([3, 3], 1, 3)], [1, 2, 4])),
-    ]
-    for kind, batch in calls:
-        outs = []
-        for ex in (eager, compiled):
-            if kind == "forward":
-                outs.append(ex.forward(batch))
-                if batch.keep_steps:
-                    ex.commit_steps([2, 0], [1, 2])
-            else:
-                hidden = torch.randn(len(batch.token_ids), model.spec.hidden_size, generator=torch.Generator().manual_seed(1))
-                outs.append(ex.mtp_forward(batch, hidden))
-        (want, got) = outs
-        assert torch.allclose(got.hidden, want.hidden, rtol=1e-4, atol=1e-5), kind
-        assert torch.allclose(got.logits, want.logits, rtol=1e-4, atol=1e-5), kind
+    row = torch.tensor
+    speculative = SpeculativeBatch(row([[5, 6, 7], [9, 1, 0], [1, 0, 0]]), row([2, 1, 0]), row([8, 12, 6]),
+                                   row([2, 0, 3]), row([0.0] * 3), row([0] * 3), row([1.0] * 3), None)
+    calls = [lambda ex: ex.forward(RaggedBatch.build([([5], 7, 2), ([9], 11, 0), ([1], 5, 3)], [0, 1, 2])).logits,
+             lambda ex: ex.speculate(speculative)]
+    for call in calls:
+        want, got = call(eager), call(compiled)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5) if torch.is_tensor(want) else got == want
         after_eager, after_compiled = snapshot(eager), snapshot(compiled)
         for name, t in after_eager.items():
-            assert torch.allclose(after_compiled[name], t, rtol=1e-4, atol=1e-5), (kind, name)
-    assert ran == ["backbone", "backbone", "mtp", "mtp"]
+            assert torch.allclose(after_compiled[name], t, rtol=1e-4, atol=1e-5), name
+    assert ran == ["backbone", "speculative"]
     for name, t in snapshot(compiled).items():
         assert not t[1].any(), f"{name}: the free slot 1 was written"
 
 
 @needs_compiler
-def test_compiled_engine_generates_what_the_eager_engine_does(model):
-    """The runtime over compiled steps: greedy output of requests with and without MTP speculation, joining at
-    different steps (the 4th waits for a free slot), equals the eager engine's, token for token. Pages of 16
-    tokens: the sequences cross page boundaries and the compiled steps' bound on the pages read grows 1 -> 2."""
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_compiled_engine_generates_what_the_eager_engine_does(model, k):
+    """The runtime over compiled steps: greedy output of requests with MTP k and MTP off batched together (the
+    latter as plain decode rows of the speculative step), joining at different steps (the 4th waits for a free
+    slot), equals the eager engine's with and without MTP, token for token. Pages of 16 tokens: the sequences
+    cross page boundaries and the compiled steps' bound on the pages read grows 1 -> 2."""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (9, 14, 6, 11)]
     outputs = []
-    for compile in (False, True):
-        engine = Scheduler(TorchExecutor(model, 3, 64, compile=compile, page_size=16), num_speculative_tokens=2)
+    for compile, mtp in ((False, 0), (False, k), (True, k)):
+        engine = Scheduler(TorchExecutor(model, 3, 64, compile=compile, page_size=16), num_speculative_tokens=mtp)
         tokens, deltas = {}, []
         for i, prompt in enumerate(prompts):  # one request joins per step
             rid = engine.add_request(prompt, GenerationParams(max_tokens=12, ignore_eos=True,
-                                                              num_speculative_tokens=2 if i % 2 else 0))
+                                                              num_speculative_tokens=mtp if i % 2 else 0))
             tokens[rid] = []
             deltas += engine.step()
         deltas += list(engine.run_until_done())
@@ -120,7 +113,7 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model):
             assert {bound for _, bound in engine.executor.compiled._compiled} == {1, 2}
         outputs.append(list(tokens.values()))
     assert [len(t) for t in outputs[0]] == [12] * 4
-    assert outputs[1] == outputs[0]
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
 
 
 def test_moe_dense_and_gathered_paths_equal_the_expert_loop(model):

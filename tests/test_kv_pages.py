@@ -100,12 +100,24 @@ def test_a_32k_token_prompt_generates_in_chunks_within_the_planned_memory():
 
 
 def test_page_updates_travel_to_the_ranks():
-    """A tensor-parallel leader's message carries the batch's page updates: every rank maps the same pages."""
-    from nemo3.engines.executors.base import RaggedBatch
-    from nemo3.engines.executors.distributed import FORWARD, HEADER, _decode, _encode
+    """A tensor-parallel leader's message carries the batch's page updates, a forward's and a speculative step's:
+    every rank maps the same pages."""
+    from nemo3.engines.executors.base import RaggedBatch, SpeculativeBatch
+    from nemo3.engines.executors.distributed import (FORWARD, SPECULATE, _decode, _decode_speculative, _encode,
+                                                     _encode_speculative, _read)
+    from nemo3.engines.network.parallel import SINGLE
 
     batch = RaggedBatch.build([([4, 5], 0, 1), ([6], 9, 0)], [1, 2], pages=[(1, 0, [5, 7]), (0, 2, [3])])
     message = torch.frombuffer(bytearray(_encode(FORWARD, batch)), dtype=torch.long)
-    _, _, n, s, l, _, p = message[:HEADER].tolist()
-    decoded = _decode(message[HEADER:], n, s, l, p, False)
-    assert decoded.pages == batch.pages and torch.equal(decoded.slots, batch.slots)
+    (command, _, n, s, l, _), body, pages = _read(message)
+    decoded = _decode(body, n, s, l, pages)
+    assert command == FORWARD and decoded.pages == batch.pages and torch.equal(decoded.slots, batch.slots)
+    speculative = SpeculativeBatch(torch.tensor([[4, 8, 0], [6, 0, 0]]), torch.tensor([1, 0]), torch.tensor([9, 3]),
+                                   torch.tensor([1, 0]), torch.zeros(2), torch.zeros(2, dtype=torch.long),
+                                   torch.ones(2), None, torch.tensor([[0, 1, 2]]), pages=[(0, 1, [6])])
+    (command, flag, n, s, l, _), body, pages = _read(torch.frombuffer(bytearray(_encode_speculative(speculative)),
+                                                                      dtype=torch.long))
+    decoded = _decode_speculative(body, flag, n, s, l, pages, SINGLE, "cpu")
+    assert command == SPECULATE and decoded.pages == speculative.pages
+    for name in ("token_ids", "num_drafts", "past_lengths", "slots", "banned"):
+        assert torch.equal(getattr(decoded, name), getattr(speculative, name)), name

@@ -139,6 +139,29 @@ def test_sampling_with_mtp_is_reproducible(model_and_codec):
     assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 16
 
 
+def test_sampling_with_mtp_draws_from_the_target_distribution(model_and_codec):
+    """Sampled tokens with MTP (k=2: drafts drawn from the MTP head, verified by rejection sampling inside the
+    speculative step) follow the law of sampling without MTP: a chi-square test per output position over 300
+    seeded requests each (positions 2 and 3 come out of verifies), categories below 10 draws pooled."""
+    from scipy.stats import chi2_contingency
+
+    model, _ = model_and_codec
+    p, n = prompts(model, 1, seed=5)[0], 300
+
+    def draws(k: int, seeds: range) -> list[list[int]]:
+        engine = make_engine(model_and_codec, max_sequences=16, num_speculative_tokens=k)
+        params = [no_eos(4, temperature=0.9, top_k=8, top_p=0.95, seed=s) for s in seeds]
+        return [r.token_ids for r in engine.generate([p] * n, params)]
+
+    plain, spec = draws(0, range(n)), draws(2, range(n, 2 * n))
+    for position in (1, 2, 3):
+        a, b = [t[position] for t in plain], [t[position] for t in spec]
+        common = sorted(v for v in set(a + b) if (a + b).count(v) >= 10)
+        table = [[x.count(v) for v in common] + [sum(v not in common for v in x)] for x in (a, b)]
+        table = [row for row in zip(*table) if sum(row)]  # drop an empty "other" column
+        assert len(table) > 1 and chi2_contingency(list(zip(*table))).pvalue > 1e-3, (position, table)
+
+
 def test_stop_token_ids_and_cancellation(model_and_codec):
     model, _ = model_and_codec
     p = prompts(model, 1, seed=5)[0]
@@ -281,22 +304,34 @@ def test_requests_that_cannot_fit_are_refused_and_others_wait(model_and_codec):
     assert_idle(engine)
 
 
-def test_commit_steps_rolls_mamba_state_back_to_the_accepted_prefix(model_and_codec):
-    """A verify forward over 4 tokens, then keeping the state after token j, equals having fed only j+1 tokens."""
-    from nemo3.engines.executors.base import RaggedBatch
+@pytest.mark.parametrize("accepted", [0, 1, 3])
+def test_speculative_step_keeps_the_state_of_the_accepted_prefix(model_and_codec, accepted):
+    """One speculative call with 3 drafts of which the first `accepted` are the greedy continuation (none, some,
+    all): it accepts exactly those, emits the next greedy token, leaves the slot's Mamba states (conv and SSM)
+    as feeding only the accepted inputs does, and drafts what the stateless MTP reference drafts from there."""
+    from nemo3.engines.executors.base import RaggedBatch, SpeculativeBatch
 
     model, _ = model_and_codec
     ids = prompts(model, 1, seed=11)[0][:12]
-    n = len(ids) - 5
-    for j in range(4):
-        verify, plain = TorchExecutor(model, 2, 32), TorchExecutor(model, 2, 32)
-        for ex in (verify, plain):
-            ex.forward(RaggedBatch.build([(ids[:n], 0, 1)], []))
-        verify.forward(RaggedBatch.build([(ids[n:n + 4], n, 1)], [], keep_steps=True))
-        verify.commit_steps([1], [j])
-        plain.forward(RaggedBatch.build([(ids[n:n + j + 1], n, 1)], []))
-        nxt = RaggedBatch.build([([ids[n + j + 1]], n + j + 1, 1)], [0])
-        assert torch.allclose(verify.forward(nxt).logits, plain.forward(nxt).logits, atol=1e-5, rtol=1e-5)
+    greedy = greedy_reference(model, ids, 5)  # x, then the greedy continuation g_1 .. g_4
+    drafts = greedy[1:1 + accepted] + [(greedy[1 + accepted] + 1) % model.spec.vocab_size] + [7, 7]
+    spec, plain = TorchExecutor(model, 2, 32), TorchExecutor(model, 2, 32)
+    for ex in (spec, plain):
+        out = ex.forward(RaggedBatch.build([(ids, 0, 1)], []))
+    spec.mtp_forward(RaggedBatch.build([(ids[1:] + greedy[:1], 0, 1)], []), out.hidden)  # the prompt's MTP pass
+    n, row = len(ids), torch.tensor
+    [(got, token, *new)] = spec.speculate(SpeculativeBatch(
+        row([greedy[:1] + drafts[:3]]), row([3]), row([n]), row([1]), row([0.0]), row([0]), row([1.0]), None))
+    assert (got, token) == (accepted, greedy[1 + accepted])
+    plain.forward(RaggedBatch.build([(greedy[:1 + accepted], n, 1)], []))
+    for key, entry in plain.state.layers.items():
+        if hasattr(entry, "ssm"):
+            for name in ("conv", "ssm"):
+                want, have = getattr(entry, name)[1], getattr(spec.state.layers[key], name)[1]
+                assert torch.allclose(have, want, atol=1e-5, rtol=1e-5), (key, name)
+    context = torch.tensor([ids + greedy[:2 + accepted]])
+    with torch.no_grad():
+        assert new == model.mtp_logits(context, 3)[0].argmax(-1).tolist()
 
 
 def test_abandoned_stream_frees_its_slot(model_and_codec):

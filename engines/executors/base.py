@@ -23,7 +23,6 @@ class RaggedBatch:
     past_lengths: torch.Tensor  # [S] int64: tokens already in the sequence's slot (0: a new sequence)
     slots: torch.Tensor  # [S] int64: state slot of each sequence
     logit_rows: torch.Tensor  # [L] int64: rows whose next-token logits are returned
-    keep_steps: bool = False  # keep the Mamba state after every token, for `commit_steps` (speculation)
     # KV pages mapped before the forward: (slot, first block-table entry, page ids); from entry 0 the slot's row is
     # cleared first (a new occupant). The runtime's page accounting (engines/runtime/pages.py) fills it.
     pages: list[tuple[int, int, list[int]]] = field(default_factory=list)
@@ -33,7 +32,7 @@ class RaggedBatch:
         return self.query_start[1:] - self.query_start[:-1]
 
     @classmethod
-    def build(cls, sequences: list[tuple[list[int], int, int]], logit_rows: list[int], keep_steps: bool = False,
+    def build(cls, sequences: list[tuple[list[int], int, int]], logit_rows: list[int],
               pages: list[tuple[int, int, list[int]]] | None = None):
         """From (new token ids, past length, slot) per sequence, rows into the packed tokens, and page updates."""
         lengths = [len(tokens) for tokens, _, _ in sequences]
@@ -44,7 +43,25 @@ class RaggedBatch:
                    query_start=torch.tensor(starts, dtype=torch.long),
                    past_lengths=torch.tensor([p for _, p, _ in sequences], dtype=torch.long),
                    slots=torch.tensor([s for _, _, s in sequences], dtype=torch.long),
-                   logit_rows=torch.tensor(logit_rows, dtype=torch.long), keep_steps=keep_steps, pages=pages or [])
+                   logit_rows=torch.tensor(logit_rows, dtype=torch.long), pages=pages or [])
+
+
+@dataclass
+class SpeculativeBatch:
+    """One MTP speculative step over the decoding sequences (engines/executors/compiled_step.py,
+    `speculative_step`): every row verifies its drafts, keeps what it accepts and drafts K new tokens."""
+
+    token_ids: torch.Tensor  # [B, K+1] int64: each sequence's last token, then its drafts, right-padded with 0
+    num_drafts: torch.Tensor  # [B] int64: real drafts per row (0: a plain decode row)
+    past_lengths: torch.Tensor  # [B] int64 (> 0)
+    slots: torch.Tensor  # [B] int64
+    temperature: torch.Tensor  # [B] float32 (0: greedy)
+    top_k: torch.Tensor  # [B] int64 (0: no limit)
+    top_p: torch.Tensor  # [B] float32
+    uniforms: torch.Tensor | None  # [B, 2K+1] float32 from each request's generator; None: every row greedy
+    banned: torch.Tensor | None = None  # [P, 3] int64: (row, position, token id) never chosen (min_tokens)
+    # KV pages mapped before the step, as RaggedBatch.pages: the step writes K+1 backbone and MTP positions per row
+    pages: list[tuple[int, int, list[int]]] = field(default_factory=list)
 
 
 @dataclass
@@ -66,10 +83,11 @@ class Executor(Protocol):
 
     def mtp_forward(self, batch: RaggedBatch, hidden: torch.Tensor) -> ForwardOutput:
         """The MTP step over MTP sequences: token_ids are x_{t+1}, hidden [N, D] is c_t; returns the logits
-        for x_{t+2} and c' (the MTP's own output, fed back when drafting recursively)."""
+        for x_{t+2} and c' (the MTP's own output). The runtime calls it over a prompt; `speculate` drafts."""
 
-    def commit_steps(self, slots: list[int], keep: list[int]) -> None:
-        """After a `keep_steps` forward: set slot slots[i]'s Mamba state to the state after its token keep[i]."""
+    def speculate(self, batch: SpeculativeBatch) -> list[list[int]]:
+        """One speculative step in one call; per row [accepted (-1: its sampling distribution is not finite), the
+        token after the accepted drafts, K new drafts], read back to the host at once."""
 
     def warm_up(self, max_tokens: int) -> None:
         """Prepare (compile, capture) whatever calls of up to `max_tokens` new tokens per sequence need, before

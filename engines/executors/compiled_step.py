@@ -27,13 +27,16 @@ import torch
 
 from ...export.kv_pages import pages_for
 from ...plugins.dispatch import next_power_of_2
+from ...plugins.pool_rows import write_rows
 from ...quant.layout import BF16
 from ..network.quant_linear import QuantLinear
+from ..network.token_choice import accept_drafts, distributions, sample
 
 
 class CompiledSteps:
-    """Compiled `backbone(ids [B, T], slots [B], past [B]) -> c [B, T, D]` (norm_f applied) and
-    `mtp(ids [B, T], hidden [B, T, D], slots, past) -> c' [B, T, D]` over one InferenceState."""
+    """Compiled `backbone(ids [B, 1], slots [B], past [B]) -> c [B, 1, D]` (norm_f applied: the decode step) and
+    `speculative(...)` (one MTP step: verify, accept, roll back, draft; see `speculative_step`) over one
+    InferenceState. (The MTP head over T positions runs eagerly: only a prompt's MTP pass calls it.)"""
 
     def __init__(self, model, state):
         why = unsupported(model)
@@ -53,13 +56,12 @@ class CompiledSteps:
         self._compiled: dict[tuple[str, int], object] = {}  # (step, pages read per row) -> compiled step
         self._has_mtp = model.mtp is not None
         self._cuda = cuda
-        self.max_tokens = 1  # backbone calls of 1 or max_tokens tokens per row, MTP calls of up to max_tokens
         self.read_pages(1)
 
     def read_pages(self, tokens: int) -> None:
         """Make the next calls' attention read enough pages per row for `tokens` tokens (the batch's longest row,
-        its new tokens included): on CPU the next power of two of their pages (one compiled graph per bound), on
-        CUDA the whole block table (the kernel skips pages past each row's length)."""
+        every position the call writes or reads included): on CPU the next power of two of their pages (one
+        compiled graph per bound), on CUDA the whole block table (the kernel skips pages past each row's length)."""
         width = self.state.pages.table.shape[1]
         need = next_power_of_2(pages_for(tokens, self.state.pages.page_size))
         self.state.pages.bound = width if self._cuda else min(width, need)
@@ -70,46 +72,41 @@ class CompiledSteps:
             self._compiled[key] = torch.compile(own_code(fn), **self._options)
         return self._compiled[key]
 
-    def covers(self, T: int, mtp: bool = False) -> bool:
-        """Whether a call of T tokens per row runs compiled (other shapes, prefill chunks, run eagerly)."""
-        return T <= self.max_tokens if mtp else T in (1, self.max_tokens)
+    def covers(self, T: int) -> bool:
+        """Whether a backbone call of T tokens per row runs compiled (prefill chunks run eagerly)."""
+        return T == 1
 
     def backbone(self, ids: torch.Tensor, slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
         return self._call(self._step(backbone_step), ids, slots, past)
 
-    def mtp(self, ids: torch.Tensor, hidden: torch.Tensor, slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self._call(self._step(mtp_step), ids, hidden, slots, past)
+    def speculative(self, *args) -> torch.Tensor:
+        with self.state.recording_steps():
+            return self._call(self._step(speculative_step), *args)
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> None:
         """Compile every shape a run can meet, on batches of padding rows only (no state changes): the decode
-        step (T=1), the verify of max_tokens-1 drafts (T=max_tokens, recording the Mamba states) and MTP calls
-        of 1..max_tokens tokens, reading one page per row. Without it each shape compiles when the runtime first
-        meets it; so does each larger bound on the pages read (CPU)."""
-        self.max_tokens = max_tokens
+        step (T=1) and the greedy speculative step of max_tokens-1 drafts, reading one page per row. Without it
+        each compiles when the runtime first meets it; so do a speculative step of another draft length, the
+        sampling speculative step (at the first sampled request with MTP) and each larger bound on the pages
+        read (CPU)."""
         self.read_pages(1)
         model, rows = self.model, self.state.max_sequences
         dev = model.device
         slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
-        # a verify records the Mamba states; so does a decode (T=1) batched with another request's verify
-        for T, record in [(1, False)] + ([(1, True), (max_tokens, True)] if max_tokens > 1 else []):
-            with self.state.recording_steps(record):
-                self.backbone(torch.zeros(rows, T, dtype=torch.long, device=dev), slots, past)
-        for T in range(1, max_tokens + 1) if self._has_mtp else ():
-            self.mtp(torch.zeros(rows, T, dtype=torch.long, device=dev),
-                     torch.zeros(rows, T, model.spec.hidden_size, dtype=model.dtype, device=dev), slots, past)
+        self.backbone(torch.zeros(rows, 1, dtype=torch.long, device=dev), slots, past)
+        if self._has_mtp and max_tokens > 1:  # (distinct tensors: dynamo guards on aliasing)
+            ids = torch.zeros(rows, max_tokens, dtype=torch.long, device=dev)
+            self.speculative(ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(),
+                             torch.ones(rows, device=dev), None, None, None)
 
     def _call(self, step, *args) -> torch.Tensor:
         if not self._cuda:
             return step(self, *args)
-        # a CUDA graph's outputs (the hidden states, and the Mamba states a verify records) live until the
-        # next replay, and one forward may replay several graphs: hand out copies
+        # a CUDA graph's outputs live until the next replay, and one forward may replay several graphs: hand out
+        # copies
         torch.compiler.cudagraph_mark_step_begin()
-        out = step(self, *args).clone()
-        for entry in self.state.mamba_layers():
-            if entry.steps:
-                entry.steps[-1] = tuple(t.clone() for t in entry.steps[-1])
-        return out
+        return step(self, *args).clone()
 
 
 def unsupported(model) -> str | None:
@@ -138,8 +135,59 @@ def backbone_step(steps: CompiledSteps, ids, slots, past):
     return steps.model.final_hidden(steps.model(ids, steps.state, slots, past))
 
 
-def mtp_step(steps: CompiledSteps, ids, hidden, slots, past):
-    return steps.model.mtp(steps.model.backbone.embeddings(ids), hidden, steps.state, slots, past)
+def speculative_step(steps: CompiledSteps, ids, num_drafts, slots, past, temperature, top_k, top_p, uniforms,
+                     draft_probs, banned):
+    """One MTP speculative step ("one-model", as TensorRT-LLM runs MTP), inside `state.recording_steps`.
+
+    ids [B, K+1]: each row's last token, then its drafts y_0.. (the first num_drafts[b] real, the rest padding;
+    num_drafts 0: a plain decode row); past [B] > 0: the backbone's and the MTP's past length; sampling
+    parameters per row (`engines/network/token_choice.py`); uniforms [B, 2K+1] (acceptance tests, the next
+    token's draw, the drafts' draws) and draft_probs [S, K, V] (by slot: the q each draft was drawn from, read
+    for verifying and written for the next step), both None when every row is greedy; banned [B, K+1, V] bool:
+    tokens a verify position may not choose (min_tokens holding back stop ids), or None.
+
+    Verifies the drafts, accepts in-graph, keeps the Mamba states of the last accepted input, runs the MTP
+    head over positions past .. past+K (x_{t+1}: the accepted drafts, then the next token; positions after
+    it are overwritten before any query reads them) and drafts K tokens from position past+accepted.
+    Returns [B, 2+K] int64: accepted (-1: the row's sampling distribution is not finite), the token after the
+    accepted drafts, the K new drafts: one host read.
+    """
+    model, state = steps.model, steps.state
+    K = ids.shape[1] - 1
+    c = model.final_hidden(model(ids, state, slots, past))
+    logits = model.lm_head(c).float()
+    if banned is not None:
+        logits = logits.masked_fill(banned, float("-inf"))
+    greedy = temperature == 0
+    if uniforms is None:
+        accepted, token = accept_drafts(logits, ids[:, 1:], num_drafts, greedy, None, None)
+    else:
+        target = distributions(logits, temperature, top_k, top_p)
+        accepted, token = accept_drafts(target, ids[:, 1:], num_drafts, greedy, draft_probs[slots.clamp(min=0)],
+                                        uniforms[:, :K + 1])
+    accepted = accepted.long()
+    state.keep_recorded(accepted)
+    position = torch.arange(K + 1, device=ids.device)
+    after = torch.cat([ids[:, 1:], ids[:, :1]], 1)  # x_{t+1} of position t while t is an accepted draft's input
+    mtp_ids = torch.where(position < accepted[:, None], after, token[:, None])
+    embed = model.backbone.embeddings
+    h = model.mtp(embed(mtp_ids), c, state, slots, past)
+    last = h.gather(1, accepted[:, None, None].expand(-1, 1, h.shape[-1]))
+    drafts, probs = [], []
+    for j in range(K):
+        draft_logits = model.lm_head(last[:, 0]).float()
+        if uniforms is None:
+            drafts.append(draft_logits.argmax(-1))
+        else:
+            probs.append(distributions(draft_logits, temperature, top_k, top_p))
+            drafts.append(sample(probs[-1], uniforms[:, K + 1 + j]))
+        if j + 1 < K:
+            last = model.mtp(embed(drafts[-1][:, None]), last, state, slots, past + accepted + 1 + j)
+    if uniforms is not None:
+        write_rows(draft_probs, slots, torch.stack(probs, 1))
+        # a row whose distribution is not finite reports accepted -1: its request fails
+        accepted = torch.where(torch.isfinite(target).flatten(1).all(-1), accepted, -1)
+    return torch.cat([accepted[:, None], token[:, None], torch.stack(drafts, 1)], 1)
 
 
 def own_code(fn):

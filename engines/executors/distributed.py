@@ -1,16 +1,18 @@
 """Tensor-parallel execution: the leader's `Executor` drives every rank's network through one call.
 
 The leader process (rank 0) runs the Scheduler over a `DistributedExecutor`. Each call (forward,
-mtp_forward, commit_steps, warm_up) is sent to the worker ranks over their pipes before the leader
+mtp_forward, speculate, warm_up) is sent to the worker ranks over their pipes before the leader
 runs its own part, so every rank runs the same call on its part of the network and the collectives
 inside it (engines/network/parallel.py) meet. The logits are all-gathered: the leader samples from
 its own copy and the workers' results are dropped.
 
-    leader  -> worker   one message per call: an int64 vector [command, keep_steps, N, S, L, H, P, token ids (N),
+    leader  -> worker   one message per call: an int64 vector [command, flag, N, S, L, H, P, token ids (N),
                         query starts (S+1), past lengths (S), slots (S), logit rows (L), page updates (P values:
-                        slot, first entry, count, pages... per update)] (commit_steps: the slots and the steps
-                        kept); an MTP call's hidden rows [H, D] follow as a broadcast from rank 0
-                        on the network's device (gloo on CPU, NCCL on GPU)
+                        slot, first entry, count, pages... per update)]; an MTP call's hidden rows [H, D] follow
+                        as a broadcast from rank 0 on the network's device (gloo on CPU, NCCL on GPU).
+                        speculate: [command, has uniforms, B, K, Q, 0, P, token ids (B(K+1)), drafts (B), past
+                        lengths (B), slots (B), top_k (B), banned (3Q), page updates (P values)], then a
+                        broadcast of the float parameters [temperature (B), top_p (B), uniforms (B(2K+1)) if any]
 
 No message is pickled. A worker runs `serve_rank`: it loads its rank's weights, reports READY and
 executes calls until its pipe closes (the leader closed or exited). When a rank dies, hangs past the
@@ -26,11 +28,11 @@ import torch
 
 from ..network.loading import load_rank
 from ..network.parallel import Parallel
-from .base import ForwardOutput, RaggedBatch
+from .base import ForwardOutput, RaggedBatch, SpeculativeBatch
 from .torch_executor import TorchExecutor
 
-FORWARD, MTP_FORWARD, COMMIT, WARM_UP = 1, 2, 3, 4
-HEADER = 7  # command, keep_steps, N, S, L, H, P
+FORWARD, MTP_FORWARD, SPECULATE, WARM_UP = 1, 2, 3, 4
+HEADER = 7  # command, flag, N, S, L, H, P
 
 
 class RankFailure(RuntimeError):
@@ -59,11 +61,15 @@ class DistributedExecutor:
 
         return self._call(_encode(MTP_FORWARD, batch, hidden.shape[0]), run)
 
-    def commit_steps(self, slots: list[int], keep: list[int]) -> None:
-        self._call(_message(COMMIT, 0, len(slots), 0, 0, 0, slots + keep), lambda: self.local.commit_steps(slots, keep))
+    def speculate(self, batch: SpeculativeBatch) -> list[list[int]]:
+        def run():
+            self.local.model.parallel.broadcast(_floats(batch).to(self.local.device))
+            return self.local.speculate(batch)
+
+        return self._call(_encode_speculative(batch), run)
 
     def warm_up(self, max_tokens: int) -> None:
-        self._call(_message(WARM_UP, 0, max_tokens, 0, 0, 0, []), lambda: self.local.warm_up(max_tokens))
+        self._call(_message(WARM_UP, 0, max_tokens, 0, 0, 0, [], []), lambda: self.local.warm_up(max_tokens))
 
     def failure(self) -> str | None:
         """Why the ranks can no longer serve, or None while they can."""
@@ -100,14 +106,13 @@ def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype
             message = torch.frombuffer(bytearray(connection.recv_bytes()), dtype=torch.long)
         except (EOFError, OSError):  # the leader closed the pipe or exited
             return
-        command, keep_steps, n, s, l, h, p = message[:HEADER].tolist()
-        body = message[HEADER:]
-        if command == COMMIT:
-            executor.commit_steps(body[:n].tolist(), body[n:].tolist())
+        (command, flag, n, s, l, h), body, pages = _read(message)
+        if command == SPECULATE:
+            executor.speculate(_decode_speculative(body, flag, n, s, l, pages, parallel, executor.device))
         elif command == WARM_UP:
             executor.warm_up(n)
         else:
-            batch = _decode(body, n, s, l, p, bool(keep_steps))
+            batch = _decode(body, n, s, l, pages)
             if command == FORWARD:
                 executor.forward(batch)
             else:
@@ -116,24 +121,53 @@ def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype
                 executor.mtp_forward(batch, hidden)
 
 
-def _message(command: int, keep_steps: int, n: int, s: int, l: int, h: int, values) -> bytes:
-    return torch.tensor([command, keep_steps, n, s, l, h, 0, *values], dtype=torch.long).numpy().tobytes()
+def _message(command: int, flag: int, n: int, s: int, l: int, h: int, values,
+             pages: list[tuple[int, int, list[int]]]) -> bytes:
+    flat = [v for slot, first, ids in pages for v in (slot, first, len(ids), *ids)]
+    return torch.tensor([command, flag, n, s, l, h, len(flat), *values, *flat], dtype=torch.long).numpy().tobytes()
 
 
-def _encode(command: int, batch: RaggedBatch, hidden_rows: int = 0) -> bytes:
-    pages = torch.tensor([v for slot, first, ids in batch.pages for v in (slot, first, len(ids), *ids)],
-                         dtype=torch.long)
-    parts = [batch.token_ids, batch.query_start, batch.past_lengths, batch.slots, batch.logit_rows, pages]
-    header = torch.tensor([command, int(batch.keep_steps), len(batch.token_ids), len(batch.slots),
-                           len(batch.logit_rows), hidden_rows, len(pages)], dtype=torch.long)
-    return torch.cat([header] + [p.to("cpu", torch.long) for p in parts]).numpy().tobytes()
-
-
-def _decode(body: torch.Tensor, n: int, s: int, l: int, p: int, keep_steps: bool) -> RaggedBatch:
-    token_ids, query_start, past, slots, rows, flat = body.split([n, s + 1, s, s, l, p])
-    flat, pages, at = flat.tolist(), [], 0
+def _read(message: torch.Tensor) -> tuple[list[int], torch.Tensor, list[tuple[int, int, list[int]]]]:
+    """A message's header (command, flag, N, S, L, H), its body and its page updates."""
+    *header, p = message[:HEADER].tolist()
+    flat, pages, at = message[len(message) - p:].tolist(), [], 0
     while at < len(flat):
         slot, first, count = flat[at:at + 3]
         pages.append((slot, first, flat[at + 3:at + 3 + count]))
         at += 3 + count
-    return RaggedBatch(token_ids, query_start, past, slots, rows, keep_steps, pages)
+    return header, message[HEADER:len(message) - p], pages
+
+
+def _encode(command: int, batch: RaggedBatch, hidden_rows: int = 0) -> bytes:
+    parts = [batch.token_ids, batch.query_start, batch.past_lengths, batch.slots, batch.logit_rows]
+    return _message(command, 0, len(batch.token_ids), len(batch.slots), len(batch.logit_rows), hidden_rows,
+                    torch.cat([p.to("cpu", torch.long) for p in parts]).tolist(), batch.pages)
+
+
+def _decode(body: torch.Tensor, n: int, s: int, l: int, pages: list[tuple[int, int, list[int]]]) -> RaggedBatch:
+    token_ids, query_start, past, slots, rows = body.split([n, s + 1, s, s, l])
+    return RaggedBatch(token_ids, query_start, past, slots, rows, pages)
+
+
+def _encode_speculative(batch: SpeculativeBatch) -> bytes:
+    B, K1 = batch.token_ids.shape
+    banned = torch.empty(0, 3, dtype=torch.long) if batch.banned is None else batch.banned
+    ints = [batch.token_ids.flatten(), batch.num_drafts, batch.past_lengths, batch.slots, batch.top_k, banned.flatten()]
+    return _message(SPECULATE, int(batch.uniforms is not None), B, K1 - 1, len(banned), 0,
+                    torch.cat([t.to("cpu", torch.long) for t in ints]).tolist(), batch.pages)
+
+
+def _floats(batch: SpeculativeBatch) -> torch.Tensor:
+    parts = [batch.temperature, batch.top_p] + ([] if batch.uniforms is None else [batch.uniforms.flatten()])
+    return torch.cat([p.to("cpu", torch.float32) for p in parts])
+
+
+def _decode_speculative(body: torch.Tensor, uniforms: int, B: int, K: int, P: int,
+                        pages: list[tuple[int, int, list[int]]], parallel: Parallel, device) -> SpeculativeBatch:
+    ids, drafts, past, slots, top_k, banned = body.split([B * (K + 1), B, B, B, B, 3 * P])
+    floats = torch.empty(2 * B + (B * (2 * K + 1) if uniforms else 0), device=device)
+    parallel.broadcast(floats)
+    floats = floats.cpu()
+    return SpeculativeBatch(ids.view(B, K + 1), drafts, past, slots, floats[:B], top_k, floats[B:2 * B],
+                            floats[2 * B:].view(B, 2 * K + 1) if uniforms else None, banned.view(P, 3) if P else None,
+                            pages)

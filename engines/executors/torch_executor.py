@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ...export.kv_pages import DEFAULT_PAGE_SIZE
-from .base import ForwardOutput, RaggedBatch
-from .compiled_step import CompiledSteps, unsupported
+from .base import ForwardOutput, RaggedBatch, SpeculativeBatch
+from .compiled_step import CompiledSteps, speculative_step, unsupported
 
 PAD_SHORT = 8  # MTP rows of at most this many tokens are padded into one call
 
@@ -27,9 +27,12 @@ class TorchExecutor:
         self.model, self.spec = model, model.spec
         self.max_sequences, self.max_length = max_sequences, max_length
         self.has_mtp = model.mtp is not None
+        # (the padding of a speculative step, a row verifying fewer drafts than its batch mates, writes past the
+        # row's pages: store_in_pages drops those writes)
         self.state = model.new_state(max_sequences, max_length, mtp=self.has_mtp, num_pages=num_pages,
                                      page_size=page_size)
         self.num_pages, self.page_size = self.state.num_pages, page_size
+        self._draft_probs: dict[int, torch.Tensor] = {}  # K -> [max_sequences, K, V]: each slot's draft distributions
         if compile is None:
             compile = unsupported(model) is None
         self.compiled = CompiledSteps(model, self.state) if compile else None
@@ -65,7 +68,7 @@ class TorchExecutor:
         for seqs, T in self._groups(lengths, past_all, mtp):
             rows = [[starts[s] + i if i < lengths[s] else n for i in range(T)] for s in seqs]
             slots, past, step = [slots_all[s] for s in seqs], [past_all[s] for s in seqs], eager
-            if compiled is not None and self.compiled.covers(T, mtp) and min(past) > 0:
+            if compiled is not None and self.compiled.covers(T) and min(past) > 0:
                 self.compiled.read_pages(max(past) + T)
                 pad = self.max_sequences - len(seqs)
                 rows, slots, past, step = rows + [[n] * T] * pad, slots + [-1] * pad, past + [0] * pad, compiled
@@ -81,14 +84,12 @@ class TorchExecutor:
 
     @torch.inference_mode()
     def forward(self, batch: RaggedBatch) -> ForwardOutput:
-        for slot, first, pages in batch.pages:
-            self.state.map_pages(slot, first, pages)
+        self._map_pages(batch.pages)
         ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
         compiled = None if self.compiled is None else (
             lambda rows, slots, past: self.compiled.backbone(ids[rows], slots, past))
-        with self.state.recording_steps(batch.keep_steps):
-            hidden = self._run(batch, lambda rows, slots, past: self.model.final_hidden(
-                self.model(ids[rows], self.state, slots, past)), compiled)
+        hidden = self._run(batch, lambda rows, slots, past: self.model.final_hidden(
+            self.model(ids[rows], self.state, slots, past)), compiled)
         return ForwardOutput(self.model.lm_head(hidden[batch.logit_rows.to(self.device)]).float(), hidden)
 
     @torch.inference_mode()
@@ -99,14 +100,42 @@ class TorchExecutor:
         ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
         hidden = torch.cat([hidden, hidden.new_zeros(1, hidden.shape[-1])])
         embed = self.model.backbone.embeddings
-        compiled = None if self.compiled is None else (
-            lambda rows, slots, past: self.compiled.mtp(ids[rows], hidden[rows], slots, past))
         out = self._run(batch, lambda rows, slots, past: self.model.mtp(embed(ids[rows]), hidden[rows], self.state,
-                                                                        slots, past), compiled, mtp=True)
+                                                                        slots, past), mtp=True)
         return ForwardOutput(self.model.lm_head(out[batch.logit_rows.to(self.device)]).float(), out)
 
-    def commit_steps(self, slots: list[int], keep: list[int]) -> None:
-        self.state.commit_steps(dict(zip(slots, keep)))
+    @torch.inference_mode()
+    def speculate(self, batch: SpeculativeBatch) -> list[list[int]]:
+        self._map_pages(batch.pages)
+        rows, K = batch.token_ids.shape[0], batch.token_ids.shape[1] - 1
+        args = [batch.token_ids, batch.num_drafts, batch.slots, batch.past_lengths, batch.temperature, batch.top_k,
+                batch.top_p, batch.uniforms]
+        if self.compiled is not None:  # padding rows: slot -1, greedy, nothing to verify
+            pad = self.max_sequences - rows
+            fill = [0, 0, -1, 0, 0.0, 0, 1.0, 0.0]
+            args = [None if a is None else torch.cat([a, a.new_full((pad, *a.shape[1:]), v)]) for a, v in zip(args, fill)]
+        args = [None if a is None else a.to(self.device) for a in args]
+        banned = None
+        if batch.banned is not None:
+            banned = torch.zeros(len(args[0]), K + 1, self.spec.vocab_size, dtype=torch.bool, device=self.device)
+            banned[tuple(batch.banned.to(self.device).T)] = True
+        if batch.uniforms is not None and K not in self._draft_probs:
+            self._draft_probs[K] = torch.zeros(self.max_sequences, K, self.spec.vocab_size, device=self.device)
+            if self.compiled is not None and self.device.type == "cuda":  # updated in place by CUDA graph replays
+                torch._dynamo.mark_static_address(self._draft_probs[K])
+        probs = None if batch.uniforms is None else self._draft_probs[K]
+        if self.compiled is not None:
+            # reads reach the last draft's position: past + accepted (<= K) + K - 1
+            self.compiled.read_pages(int(batch.past_lengths.max()) + 2 * K)
+            out = self.compiled.speculative(*args, probs, banned)
+        else:
+            with self.state.recording_steps():
+                out = speculative_step(self, *args, probs, banned)
+        return out[:rows].tolist()
+
+    def _map_pages(self, pages: list[tuple[int, int, list[int]]]) -> None:
+        for slot, first, ids in pages:
+            self.state.map_pages(slot, first, ids)
 
     def warm_up(self, max_tokens: int) -> None:
         if self.compiled is not None:

@@ -27,6 +27,7 @@ import torch
 from ...export.kv_pages import DEFAULT_PAGE_SIZE, pages_for
 from ...export.names import mtp_layer_count
 from ...export.spec import ATTENTION, MAMBA, ModelSpec
+from ...plugins.pool_rows import write_rows
 from .parallel import SINGLE, Parallel
 
 
@@ -76,7 +77,6 @@ class InferenceState:
         self.num_pages, self.pages = num_pages, PageTable(table, page_size)
         ssm_dtype = getattr(torch, spec.mamba_ssm_cache_dtype)
         self.layers: dict[str, MambaState | KVCache] = {}
-        self._recorded: list = []  # (Mamba pool, its recorded decode calls) of the last recording forward
         for key, letter in layer_keys(spec, mtp):
             if letter == MAMBA:
                 heads, conv_dim = parallel.local(spec.mamba_num_heads), parallel.local(spec.conv_dim)
@@ -126,7 +126,7 @@ class InferenceState:
     @contextlib.contextmanager
     def recording_steps(self, enabled: bool = True):
         """Within: decode calls keep every Mamba layer's state after each of their tokens, so that
-        `commit_steps` can roll a slot back to the state after its last accepted draft token."""
+        `keep_recorded` can roll a slot back to the state after its last accepted draft token."""
         if not enabled:
             yield
             return
@@ -135,28 +135,18 @@ class InferenceState:
         try:
             yield
         finally:
-            self._recorded = [(entry, entry.steps) for entry in self.mamba_layers()]
             for entry in self.mamba_layers():
                 entry.steps = None
 
-    def commit_steps(self, keep: dict[int, int]) -> None:
-        """Set slot s's Mamba states to those after token keep[s] of the last recorded forward."""
-        if not self._recorded:
-            return
-        device = self._recorded[0][0].conv.device
-        for call in range(len(self._recorded[0][1])):  # every layer recorded the same decode calls
-            slots = self._recorded[0][1][call][0].tolist()
-            rows = [row for row, slot in enumerate(slots) if slot in keep]
-            if not rows:
-                continue
-            targets = torch.tensor([slots[row] for row in rows], device=device)
-            rows_t = torch.tensor(rows, device=device)
-            steps = torch.tensor([keep[slots[row]] for row in rows], device=device)
-            for entry, calls in self._recorded:
-                _, conv, ssm = calls[call]
-                entry.conv[targets] = conv[rows_t, steps]
-                entry.ssm[targets] = ssm[rows_t, steps]
-        self._recorded = []
+    def keep_recorded(self, index: torch.Tensor) -> None:
+        """The in-graph rollback of a speculative step, inside `recording_steps` after its one decode call: set
+        each row's Mamba states (conv window and SSM state) to those after its token index[b] [B], with static
+        shapes and no host reads (padding rows, slot < 0, write nothing)."""
+        for entry in self.mamba_layers():
+            slots, conv, ssm = entry.steps[-1]
+            rows = torch.arange(len(index), device=index.device)
+            write_rows(entry.conv, slots, conv[rows, index])
+            write_rows(entry.ssm, slots, ssm[rows, index])
 
 
 def layer_keys(spec: ModelSpec, mtp: bool = True) -> list[tuple[str, str]]:

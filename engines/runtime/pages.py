@@ -44,6 +44,8 @@ class PagePool:
         self._free.extend(reversed(held))
         held.clear()
 
-    def take_updates(self) -> list[tuple[int, int, list[int]]]:
-        updates, self.updates = self.updates, []
+    def take_updates(self, slots: set[int] | None = None) -> list[tuple[int, int, list[int]]]:
+        """The updates not sent yet, of `slots` (None: all); the others wait for the next batch."""
+        updates = [u for u in self.updates if slots is None or u[0] in slots]
+        self.updates = [u for u in self.updates if slots is not None and u[0] not in slots]
         return updates

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..network.token_choice import distributions, sample as sample_by_uniform
 from .checks import check_integer, check_number
 
+NOT_FINITE = "sampling: the distribution is not finite (a temperature too small for the logits?)"
 MAX_SEED = 2**64 - 1  # a torch.Generator seed (TensorRT-LLM's `seed` input is UINT64 too)
 
 
@@ -45,26 +47,19 @@ class SamplingParams:
 
 
 def distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities [..., V] (fp32) after temperature, top-k and top-p; one-hot argmax if greedy."""
-    logits = logits.float()
-    if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.top_p < 1:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    """Probabilities [..., V] (fp32) after temperature, top-k and top-p; one-hot argmax if greedy (the same
+    function the compiled speculative step applies to every row, engines/network/token_choice.py)."""
+    row = logits.reshape(1, -1, logits.shape[-1])
+    probs = distributions(row, torch.tensor([params.temperature]), torch.tensor([params.top_k]),
+                          torch.tensor([params.top_p]))
+    return probs.view(logits.shape)
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One token from a distribution [V] (argmax when the distribution is one-hot/greedy)."""
+    """One token from a distribution [V]: inverse CDF at one uniform from the request's generator, as the
+    compiled speculative step draws (argmax when there is no generator: greedy)."""
     if generator is None:
         return int(probs.argmax())
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if not bool(torch.isfinite(probs).all()):
+        raise RuntimeError(NOT_FINITE)
+    return int(sample_by_uniform(probs, torch.rand((), generator=generator)))

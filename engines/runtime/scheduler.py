@@ -3,13 +3,18 @@ cancellation, a reasoning budget and MTP speculative decoding, over any `Executo
 
 One `step()`:
   1. admit waiting requests while a state slot and the KV pages of their prompt are free;
-  2. build one ragged batch within `max_num_tokens`: every decoding sequence's last token (plus its
-     MTP drafts), then prefill chunks of the sequences still reading their prompt; give each the KV pages
-     its tokens need (engines/runtime/pages.py); when pages run out, preempt the newest sequence (its slot
-     and pages go back, it waits at the head of the queue and recomputes its tokens when readmitted);
-  3. one executor forward; sample / verify; apply the reasoning budget and stop conditions;
-  4. for sequences with speculation, keep the Mamba state of the last accepted token, then run the
-     MTP head to draft the next k tokens.
+  2. plan within `max_num_tokens`: every decoding sequence's last token (plus its MTP drafts), then
+     prefill chunks of the sequences still reading their prompt; give each the KV pages its tokens (and the
+     MTP positions written after them) need (engines/runtime/pages.py); when pages run out, preempt the newest
+     sequence (its slot and pages go back, it waits at the head of the queue and recomputes its tokens when
+     readmitted);
+  3. when a decoding sequence speculates, all decoding sequences run one speculative executor call
+     (MTP "one-model": verify, accept, keep the Mamba state of the last accepted token and draft the next
+     k tokens, all in one call, read back once; rows without speculation are plain decode rows); the
+     prefill chunks (and otherwise the decoding sequences too) run one ragged forward and are sampled; each
+     call carries the page updates of its sequences;
+  4. apply the reasoning budget and stop conditions; a sequence with speculation that finished its
+     prompt (a recomputed one too, after a preemption) runs the MTP head over it, so that its next step drafts.
 Requests join and leave between steps; a request's greedy output does not depend on its batch mates.
 """
 
@@ -22,14 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..executors.base import Executor, RaggedBatch
+from ..executors.base import Executor, RaggedBatch, SpeculativeBatch
+from ..network.mamba2 import MAX_STEP_TOKENS
 from .checks import check_integer
 from .requests import Delta, FinishReason, GenerationParams, new_request_id
 from .pages import PagePool
-from .sampling import distribution, sample
+from .sampling import NOT_FINITE, distribution, sample
 from .sequence import Sequence
 from .slots import SlotPool
-from .speculative import accept, draft
 from .text import Detokenizer, TextCodec
 
 
@@ -75,6 +80,9 @@ class Scheduler:
         k = self.default_k if params.num_speculative_tokens is None else params.num_speculative_tokens
         if k and not self.executor.has_mtp:
             raise ValueError(f"num_speculative_tokens={k}: this model has no MTP layers")
+        if k >= MAX_STEP_TOKENS:
+            raise ValueError(f"num_speculative_tokens={k}: at most {MAX_STEP_TOKENS - 1} drafts (a verify of k+1 "
+                             f"tokens runs the Mamba decode ops)")
         if k and "M" in self.executor.spec.mtp_layer_types:
             raise ValueError(f"num_speculative_tokens={k}: drafting with Mamba layers in the MTP pattern "
                              f"({self.executor.spec.mtp_pattern!r}) would need MTP state rollback; not supported")
@@ -122,8 +130,8 @@ class Scheduler:
     # ---- one scheduler step --------------------------------------------------------------------
     def step(self) -> list[Delta]:
         """One scheduler step. A request never takes the engine down: an exception while serving one sequence
-        (sampling) fails that request; one in the shared work (the forward, state commits, MTP drafting) fails
-        the requests of this step. Either way they end with FinishReason.ERROR and their slots are free."""
+        (sampling) fails that request; one in shared work (an executor call, the MTP pass over a prompt) fails
+        the requests of that call. Either way they end with FinishReason.ERROR and their slots are free."""
         deltas, self._finished = self._finished, []
         while self.waiting and self.slots.free and self.pages.free >= self.pages.pages_for(self._first(self.waiting[0])):
             seq = self.waiting.popleft()
@@ -132,64 +140,115 @@ class Scheduler:
             self.running[seq.request_id] = seq
         if not self.running:
             return deltas
-        plan = self._plan_with_pages()
-        try:
-            new = self._forward(plan)
-        except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine serves on
-            self.failed_steps += 1
-            return deltas + [self._fail(seq, e) for seq, _, _ in plan]
+        plan, calls, new, failed = self._plan_with_pages(), [], [], False
+        if any(seq.mtp_k for seq, _, _ in plan if not seq.prefilling):
+            calls.append((self._speculate, [seq for seq, _, _ in plan if not seq.prefilling]))
+            plan = [entry for entry in plan if entry[0].prefilling]
+        if plan:
+            calls.append((self._forward, plan))
+        for call, part in calls:
+            try:
+                new += call(part)
+            except Exception as e:  # noqa: BLE001 - the call's requests fail, the engine serves on
+                failed = True
+                new += [(entry[0] if isinstance(entry, tuple) else entry, e) for entry in part]
         for seq, emitted in new:
             deltas.append(self._fail(seq, emitted) if isinstance(emitted, Exception) else self._delta(seq, emitted))
             if seq.finished:
                 self._finish(seq, seq.finish_reason)
-        drafting = [seq for seq, emitted in new if seq.mtp_k and not seq.finished]
-        try:
-            self._draft(drafting)
-        except Exception as e:  # noqa: BLE001
-            self.failed_steps += 1
-            return deltas + [self._fail(seq, e) for seq in drafting]
-        self.failed_steps = 0
+        self.failed_steps = self.failed_steps + 1 if failed else 0
         return deltas
 
-    def _forward(self, plan: list[tuple[Sequence, list[int], list[int]]]) -> list[tuple[Sequence, list[int] | Exception]]:
-        """The executor forward over the plan, then each finishing row's tokens (or the exception choosing them
-        raised); commits the Mamba states of verified drafts."""
-        batch = RaggedBatch.build([(tokens, seq.computed, seq.slot) for seq, tokens, _ in plan],
-                                  [row for _, _, rows in plan for row in rows],
-                                  keep_steps=any(seq.drafts for seq, _, _ in plan), pages=self.pages.take_updates())
+    def _forward(self, plan: list[tuple[Sequence, list[int], bool]]) -> list[tuple[Sequence, list[int]]]:
+        """One ragged forward over the plan's sequences (with the page updates not sent yet); sample those that
+        reached their next token."""
+        ends, rows = 0, []
+        for _, tokens, next_token in plan:
+            ends += len(tokens)
+            rows += [ends - 1] if next_token else []
+        batch = RaggedBatch.build([(tokens, seq.computed, seq.slot) for seq, tokens, _ in plan], rows,
+                                  pages=self.pages.take_updates())
         out = self.executor.forward(batch)
-        all_logits = self._hold_back_stops(plan, out.logits)
-        argmax = all_logits.argmax(-1).tolist()  # greedy choices and verifies, read back in one transfer
+        held = [(row, token) for row, seq in enumerate(seq for seq, _, next_token in plan if next_token)
+                for token in self._held_stops(seq, 1)[0]]
+        logits = out.logits
+        if held:
+            index = torch.tensor(held, device=logits.device).T
+            logits = logits.index_put(tuple(index), torch.tensor(float("-inf"), device=logits.device))
+        argmax = logits.argmax(-1).tolist()  # greedy choices, read back in one transfer
         now = time.perf_counter()
-        logit_at, commits, new = 0, [], []
-        for (seq, tokens, rows), start in zip(plan, batch.query_start.tolist()):
-            logits = all_logits[logit_at:logit_at + len(rows)]
-            best = argmax[logit_at:logit_at + len(rows)]
-            logit_at += len(rows)
+        logit_at, new = 0, []
+        for (seq, tokens, next_token), start in zip(plan, batch.query_start.tolist()):
             hidden = out.hidden[start:start + len(tokens)]
-            if seq.prefilling and seq.computed + len(tokens) < seq.prefill_end:  # a prefill chunk
-                seq.computed += len(tokens)
-                seq.mtp_hidden.extend(hidden) if seq.mtp_k else None
+            if seq.mtp_k and seq.prefilling:
+                seq.mtp_hidden.extend(hidden)
+            seq.computed += len(tokens)
+            if not next_token:  # a prefill chunk before the prompt's end
                 continue
+            params = seq.params.sampling
             try:
-                emitted = self._choose(seq, logits, best)
+                token = argmax[logit_at] if params.greedy else sample(distribution(logits[logit_at], params),
+                                                                      seq.generator)
             except Exception as e:  # noqa: BLE001 - this request fails alone
                 new.append((seq, e))
                 continue
-            emitted = self._apply_limits(seq, emitted)
-            processed = len(tokens) if seq.prefilling else len(emitted)  # inputs whose state is kept
-            if seq.drafts:
-                commits.append((seq.slot, processed - 1))
-            if seq.mtp_k:
-                seq.mtp_hidden.extend(hidden[:processed])
-            seq.computed += processed
-            seq.drafts, seq.draft_probs = [], None
+            finally:
+                logit_at += 1
+            emitted = self._apply_limits(seq, [token])
             seq.tokens.extend(emitted)
             seq.token_times.extend([now] * len(emitted))
             new.append((seq, emitted))
-        if commits:
-            self.executor.commit_steps([s for s, _ in commits], [k for _, k in commits])
+        self._start_drafting([seq for seq, emitted in new if seq.mtp_k and seq.mtp_hidden and not seq.finished
+                              and not isinstance(emitted, Exception)])
         return new
+
+    def _speculate(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+        """One speculative executor call for every decoding sequence (see SpeculativeBatch), with their page
+        updates."""
+        K = max(seq.mtp_k for seq in seqs)
+        sampling = [seq.params.sampling for seq in seqs]
+        batch = SpeculativeBatch(
+            token_ids=torch.tensor([[seq.tokens[-1]] + seq.drafts + [0] * (K - len(seq.drafts)) for seq in seqs]),
+            num_drafts=torch.tensor([len(seq.drafts) for seq in seqs]),
+            past_lengths=torch.tensor([seq.computed for seq in seqs]),
+            slots=torch.tensor([seq.slot for seq in seqs]),
+            temperature=torch.tensor([p.temperature for p in sampling], dtype=torch.float32),
+            top_k=torch.tensor([p.top_k for p in sampling]),
+            top_p=torch.tensor([p.top_p for p in sampling], dtype=torch.float32),
+            uniforms=None if all(p.greedy for p in sampling) else torch.stack([self._uniforms(s, K) for s in seqs]),
+            banned=self._banned(seqs, K), pages=self.pages.take_updates({seq.slot for seq in seqs}))
+        results = self.executor.speculate(batch)
+        now = time.perf_counter()
+        new = []
+        for seq, (accepted, token, *drafts) in zip(seqs, results):
+            if accepted < 0:
+                new.append((seq, RuntimeError(NOT_FINITE)))
+                continue
+            if seq.drafts:
+                seq.verify_steps += 1
+                for i in range(accepted):
+                    seq.accepted_per_position[i] += 1
+            emitted = self._apply_limits(seq, seq.drafts[:accepted] + [token])
+            seq.computed += len(emitted)  # (the state kept is that after the input before the last token)
+            seq.tokens.extend(emitted)
+            seq.token_times.extend([now] * len(emitted))
+            seq.drafts = drafts[:self._draft_length(seq)]
+            new.append((seq, emitted))
+        return new
+
+    def _banned(self, seqs: list[Sequence], K: int) -> torch.Tensor | None:
+        """min_tokens in a speculative step: (row, position, token id) triples that may not be chosen."""
+        triples = [(row, i, token) for row, seq in enumerate(seqs)
+                   for stops, held in [self._held_stops(seq, K + 1)] for i in range(held) for token in stops]
+        return torch.tensor(triples) if triples else None
+
+    def _held_stops(self, seq: Sequence, rows: int) -> tuple[list[int], int]:
+        """min_tokens: the stop ids that the first of a sequence's next `rows` logit rows (row i choosing output
+        token len(output) + i) may not choose, and how many rows: EOS (TensorRT-LLM masks its end id so) and
+        the request's stop token ids (as vLLM does); a rejected draft is resampled without them too."""
+        held = min(rows, seq.params.min_tokens - len(seq.output))
+        stops = sorted(self._stop_ids(seq.params)) if held > 0 else []
+        return stops, held if stops else 0
 
     def _fail(self, seq: Sequence, error: Exception) -> Delta:
         """End a request whose step raised: its final delta carries the error in one line; its slot is freed."""
@@ -204,10 +263,11 @@ class Scheduler:
         return min(seq.prefill_end + 1 + seq.mtp_k, seq.capacity())
 
     def _step_tokens(self, seq: Sequence, tokens: list[int]) -> int:
-        """Tokens a sequence's state holds after this step: its new tokens, and the MTP drafts written after it."""
+        """Tokens a sequence's state holds after this step: its new tokens, and the MTP drafts written after them
+        (a speculative step writes and reads MTP positions up to past + accepted + k - 1)."""
         return min(seq.computed + len(tokens) + seq.mtp_k, seq.capacity())
 
-    def _plan_with_pages(self) -> list[tuple[Sequence, list[int], list[int]]]:
+    def _plan_with_pages(self) -> list[tuple[Sequence, list[int], bool]]:
         """This step's plan, every planned sequence holding the pages it writes; preempts the newest sequences
         while the free pages do not cover the plan (a lone sequence always fits: add_request checked it)."""
         while True:
@@ -227,58 +287,45 @@ class Scheduler:
         seq.restart()
         self.waiting.appendleft(seq)
 
-    def _plan(self) -> list[tuple[Sequence, list[int], list[int]]]:
-        """(sequence, its new tokens, rows whose logits are needed) for this step, within the token budget."""
-        plan, budget, row = [], self.max_num_tokens, 0
+    def _stop_ids(self, params: GenerationParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.codec.eos_ids)
+
+    @staticmethod
+    def _uniforms(seq: Sequence, K: int) -> torch.Tensor:
+        """[2K+1]: the acceptance tests, the next token's draw, the drafts' draws; a sampled request takes 2k+1
+        from its generator per step whatever its batch mates, a greedy one none."""
+        out = torch.zeros(2 * K + 1)
+        if seq.generator is not None:
+            k = seq.mtp_k
+            u = torch.rand(2 * k + 1, generator=seq.generator)
+            out[:k], out[K], out[K + 1:K + 1 + k] = u[:k], u[k], u[k + 1:]
+        return out
+
+    def _draft_length(self, seq: Sequence) -> int:
+        """Drafts to verify next: k, or fewer near the end of a reasoning budget, so that a forced end of
+        thinking can only replace the token after the accepted drafts (whose Mamba state the step kept)."""
+        params = seq.params
+        if params.think_budget is None or self.codec.think_end is None:
+            return seq.mtp_k
+        return min(seq.mtp_k, max(0, params.think_budget - seq.think_tokens))
+
+    def _plan(self) -> list[tuple[Sequence, list[int], bool]]:
+        """(sequence, its new tokens, whether its next token follows them) for this step, within the token
+        budget."""
+        plan, budget = [], self.max_num_tokens
         decoding = [s for s in self.running.values() if not s.prefilling]
         prefilling = [s for s in self.running.values() if s.prefilling]
         for seq in decoding:
             tokens = [seq.tokens[-1]] + seq.drafts
-            plan.append((seq, tokens, list(range(row, row + len(tokens)))))
-            row += len(tokens)
+            plan.append((seq, tokens, True))
             budget -= len(tokens)
         for seq in prefilling:
             if budget <= 0:
                 break
             end = min(seq.prefill_end, seq.computed + budget)
-            tokens = seq.tokens[seq.computed:end]
-            plan.append((seq, tokens, [row + len(tokens) - 1] if end == seq.prefill_end else []))
-            row += len(tokens)
-            budget -= len(tokens)
+            plan.append((seq, seq.tokens[seq.computed:end], end == seq.prefill_end))
+            budget -= end - seq.computed
         return plan
-
-    def _stop_ids(self, params: GenerationParams) -> set[int]:
-        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.codec.eos_ids)
-
-    def _hold_back_stops(self, plan: list[tuple[Sequence, list[int], list[int]]], logits: torch.Tensor
-                         ) -> torch.Tensor:
-        """min_tokens: a logit row that chooses one of a request's first min_tokens output tokens cannot choose
-        a stop id: EOS (TensorRT-LLM masks its end id so) and the request's stop token ids (as vLLM does). Row i
-        of a sequence chooses output token len(output) + i, so a rejected draft is resampled without them too."""
-        rows, ids, at = [], [], 0
-        for seq, _, seq_rows in plan:
-            held = min(len(seq_rows), seq.params.min_tokens - len(seq.output))
-            stops = sorted(self._stop_ids(seq.params)) if held > 0 else []
-            for i in range(held if stops else 0):
-                rows += [at + i] * len(stops)
-                ids += stops
-            at += len(seq_rows)
-        if not rows:
-            return logits
-        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
-        return logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
-
-    def _choose(self, seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> list[int]:
-        """Tokens produced by this step's logits (and their argmax): one sample, or the outcome of verifying
-        the drafts."""
-        params = seq.params.sampling
-        if not seq.drafts:
-            return [argmax[-1] if params.greedy else sample(distribution(logits[-1], params), seq.generator)]
-        emitted, accepted = accept(seq.drafts, seq.draft_probs, logits, argmax, params, seq.generator)
-        seq.verify_steps += 1
-        for i in range(accepted):
-            seq.accepted_per_position[i] += 1
-        return emitted
 
     def _apply_limits(self, seq: Sequence, emitted: list[int]) -> list[int]:
         """Reasoning budget, EOS / stop ids and max_tokens, token by token; may shorten `emitted`."""
@@ -325,36 +372,15 @@ class Scheduler:
         seq.slot = -1
 
     # ---- MTP drafting ----------------------------------------------------------------------------
-    def _draft(self, seqs: list[Sequence]) -> None:
-        """Bring each sequence's MTP state up to date and draft its next k tokens."""
+    def _start_drafting(self, seqs: list[Sequence]) -> None:
+        """After the prompt: the MTP head reads its positions 0 .. computed-1 (x_{t+1}, all known now, and the
+        backbone's c_t), so that each sequence's next (speculative) step drafts from where it stands."""
         if not seqs:
             return
-        # catch-up: MTP positions mtp_computed .. computed-1 read x_{t+1} (all known now) and c_t
-        batch = RaggedBatch.build(
-            [(s.tokens[s.mtp_computed + 1:s.computed + 1], s.mtp_computed, s.slot) for s in seqs], [])
-        batch.logit_rows = batch.query_start[1:] - 1
-        hidden = torch.cat([torch.stack(s.mtp_hidden) for s in seqs])
-        out = self.executor.mtp_forward(batch, hidden)
-        last = out.hidden[batch.logit_rows]
+        batch = RaggedBatch.build([(s.tokens[1:s.computed + 1], 0, s.slot) for s in seqs], [])
+        self.executor.mtp_forward(batch, torch.cat([torch.stack(s.mtp_hidden) for s in seqs]))
         for s in seqs:
-            s.mtp_computed, s.mtp_hidden, s.draft_probs = s.computed, [], [] if not s.params.sampling.greedy else None
-        logits = out.logits
-        for i in range(max(s.mtp_k for s in seqs)):
-            for s, row, best in zip(seqs, logits, logits.argmax(-1).tolist()):
-                if i < s.mtp_k and s.params.sampling.greedy:
-                    s.drafts.append(best)
-                elif i < s.mtp_k:
-                    token, q = draft(row, s.params.sampling, s.generator)
-                    s.drafts.append(token)
-                    s.draft_probs.append(q)
-            active = [j for j, s in enumerate(seqs) if i + 1 < s.mtp_k]
-            if not active:
-                break
-            # the next draft extends the MTP sequence by one (speculative) position
-            seqs, last = [seqs[j] for j in active], last[active]
-            step = RaggedBatch.build([([s.drafts[-1]], s.computed + i, s.slot) for s in seqs], list(range(len(seqs))))
-            out = self.executor.mtp_forward(step, last)
-            logits, last = out.logits, out.hidden
+            s.mtp_hidden = []
 
     # ---- convenience -----------------------------------------------------------------------------
     def run_until_done(self) -> Iterator[Delta]:

@@ -23,11 +23,10 @@ class Sequence:
     computed: int = 0  # tokens whose state is in the slot (the backbone's past length)
     prefill_end: int = -1  # tokens read as a prompt: the prompt's, or after a preemption every token so far
     preemptions: int = 0
-    # MTP: position t of the MTP sequence reads (x_{t+1}, c_t); positions < mtp_computed are in its state
-    mtp_computed: int = 0
-    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # c_t for t in [mtp_computed, computed)
+    # MTP: position t of the MTP sequence reads (x_{t+1}, c_t); its state follows the backbone's once the prompt
+    # is read (the speculative executor step advances both)
+    mtp_hidden: list[torch.Tensor] = field(default_factory=list)  # c_t of the prompt, until its MTP pass
     drafts: list[int] = field(default_factory=list)
-    draft_probs: list[torch.Tensor] | None = None
     # reasoning budget
     in_think: bool = False
     think_tokens: int = 0
@@ -64,7 +63,7 @@ class Sequence:
     def restart(self) -> None:
         """Preempted (its pages and slot taken back): recompute every token so far as a prompt when readmitted."""
         self.slot, self.computed, self.prefill_end = -1, 0, len(self.tokens)
-        self.mtp_computed, self.mtp_hidden, self.drafts, self.draft_probs = 0, [], [], None
+        self.mtp_hidden, self.drafts = [], []
         self.preemptions += 1
 
     def stats(self) -> dict:

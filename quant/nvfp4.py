@@ -125,6 +125,7 @@ def _magnitude_index(a: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():  # comparisons only: fused into the graph's vector loop
         return sum(passed.to(torch.uint8) for passed, _ in _past_midpoints(a))
     # eagerly, two library calls instead of seven comparisons: a tie lands on the lower index, unless it rounds up
+    a = a.contiguous()  # (bucketize copies a strided input, with a warning)
     index = torch.bucketize(a, torch.tensor([m for m, _, _ in _MIDPOINTS], device=a.device))
     index += torch.isin(a, torch.tensor([m for m, up, _ in _MIDPOINTS if up], device=a.device))
     return index.to(torch.uint8)

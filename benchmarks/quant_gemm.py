@@ -18,6 +18,7 @@ import argparse
 import sys
 
 import torch
+from kernels import bench, copy_bandwidth  # benchmarks/kernels.py: the same timing and roofline
 
 from nemo3.plugins.fp8_linear import fp8_linear
 from nemo3.plugins.grouped_gemm import dequantize_nvfp4, nvfp4_linear
@@ -33,19 +34,6 @@ LAYERS = {
               ("expert down", 1024, 2688), ("q_proj", 4096, 4096)],
 }
 DEVICE = "cuda"
-
-
-def bench(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy (read + write counted)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / bench(lambda: dst.copy_(src)) / 1e6
 
 
 def row(model: str, layer: str, N: int, K: int, M: int, roofline: float) -> str:

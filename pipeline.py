@@ -1,7 +1,8 @@
 """The build: a sequence of stages, each writing one folder of OUT/ atomically.
 
 The stages' work is done by plain library functions (export: read_summary, write_ranks; quant:
-quantize_checkpoint; triton_repo: write_validated_repository; engines/evaluation: write_report); this module
+quantize_checkpoint; engines/executors: build_engines; triton_repo: write_validated_repository;
+engines/evaluation: write_report); this module
 alone wraps them into stages, opens the checkpoint once per run and hands it to them.
 
 Every stage writes into `OUT/.tmp-<stage>` and is renamed into place only when complete, so an
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from . import __version__
 from .export.build_folder import BuildError, BuildFolder
-from .export.options import MOE_PARALLEL, PRECISIONS, TARGETS
+from .export.options import ENGINE_DEVICES, MOE_PARALLEL, PRECISIONS, TARGETS
 
 
 @dataclass
@@ -41,6 +42,9 @@ class BuildOptions:
     calib_data: Path | None = None
     calib_samples: int = 64
     calib_seq_len: int = 256
+    engine_device: str | None = None  # None: cuda when the build runs where CUDA is available, else cpu
+    engine_max_sequences: int = 16  # rows of every engine call (concurrent sequences served)
+    engine_max_length: int = 2048  # tokens per sequence's state slot
     force: bool = False
 
     def __post_init__(self):
@@ -58,6 +62,20 @@ class BuildOptions:
             raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected one of {', '.join(MOE_PARALLEL)}")
         if self.tp < 1:
             raise BuildError(f"--tp {self.tp}: must be >= 1")
+        self._check_engine_options()
+
+    def _check_engine_options(self) -> None:
+        import torch
+
+        if self.engine_device is None:
+            self.engine_device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.engine_device not in ENGINE_DEVICES:
+            raise BuildError(f"--engine-device {self.engine_device!r}: expected one of {', '.join(ENGINE_DEVICES)}")
+        if self.engine_device == "cuda" and not torch.cuda.is_available():
+            raise BuildError("--engine-device cuda: no CUDA device here; engines are compiled where they run")
+        for name in ("engine_max_sequences", "engine_max_length"):
+            if getattr(self, name) < 1:
+                raise BuildError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
 
 
 @dataclass
@@ -149,6 +167,27 @@ def _shard_stage() -> Stage:
                  lambda b, tmp: write_ranks(_shard_source(b), tmp, b.options.tp, b.options.moe_parallel))
 
 
+def _engines_stage() -> Stage:
+    import torch
+
+    from .engines.executors.aot_build import EngineTarget, build_engines
+    from .engines.executors.aot_manifest import FORMAT, host_arch
+    from .engines.runtime.factory import DEFAULT_MTP_DRAFT_TOKENS
+    from .export.checkpoint import open_checkpoint
+
+    def target(b: Build) -> EngineTarget:
+        o = b.options
+        return EngineTarget(o.engine_device, o.engine_max_sequences, o.engine_max_length, 1 + DEFAULT_MTP_DRAFT_TOKENS)
+
+    def inputs(b: Build) -> dict:
+        return {"source": open_checkpoint(_shard_source(b)).fingerprint(), "target": dataclasses.asdict(target(b)),
+                "tp": b.options.tp, "arch": host_arch(b.options.engine_device), "torch": torch.__version__,
+                "format": FORMAT}
+
+    return Stage("engines", "engines", inputs,
+                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b), b.options.tp))
+
+
 def _triton_stage() -> Stage:
     from .triton_repo.build_repository import repository_inputs, repository_options, write_validated_repository
 
@@ -180,8 +219,8 @@ def _report_stage() -> Stage:
                             "options": dc.asdict(compare_options)}, run)
 
 
-STAGES = {"read": _read_stage, "quantize": _quantize_stage, "shard": _shard_stage, "triton_repo": _triton_stage,
-          "report": _report_stage}  # in build order
+STAGES = {"read": _read_stage, "quantize": _quantize_stage, "shard": _shard_stage, "engines": _engines_stage,
+          "triton_repo": _triton_stage, "report": _report_stage}  # in build order
 
 
 def stable_hash(obj) -> str:

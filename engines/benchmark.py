@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..export.build_folder import label_of, model_folder
+from ..export.build_folder import BuildFolder, label_of, model_folder
+from ..export.options import EXECUTORS
 from .runtime.requests import GenerationParams
 
 
@@ -39,6 +40,7 @@ class Target:
     path: Path | None  # None: the built-in model
     mtp: int = 0
     label: str = ""
+    executor: str | None = None  # one of EXECUTORS; None: the build's engines when it has them, else as `compile` says
 
     @property
     def name(self) -> str:
@@ -54,7 +56,7 @@ class Result:
     itl_s: list[float] = field(default_factory=list)  # between consecutive outputs of a request
     tpot_s: list[float] = field(default_factory=list)  # per request: (last - first token time) / (tokens - 1)
     acceptance_length: float | None = None
-    executor: str = "eager"  # how decode steps ran: "eager", "compiled"; transformers: "generate()"
+    executor: str = "eager"  # how decode steps ran: "aot", "compiled", "eager"; transformers: "generate()"
 
     @property
     def tokens_per_s(self) -> float:
@@ -155,27 +157,34 @@ def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload,
 
 def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu", transformers_baseline: bool = True,
                   max_num_tokens: int = 512, compile: bool = True, log=print) -> dict:
-    """Each target, then transformers; `compile`: decode steps of unquantized builds run compiled (CUDA graphs
-    on GPU), compiled before the clock starts. Quantized builds (emulated by QuantLinear) always run eagerly."""
+    """Each target, then transformers. A target's executor (None: a build's AOT engines when it has them, else
+    `compile`: decode steps of unquantized builds run compiled, CUDA graphs on GPU, compiled before the clock
+    starts). Quantized builds (emulated by QuantLinear) always run eagerly."""
     from .executors.compiled_step import unsupported
     from .runtime.factory import StackOptions, open_scheduler
 
     results, prompts = [], None
     for target in targets:
-        if compile:
-            log(f"{target.name}: compiling the decode steps where the model allows it")
-        max_length = workload.input_len + workload.output_len + target.mtp + 1
+        kind = target.executor
+        if kind not in (None, *EXECUTORS):
+            raise ValueError(f"--executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
+        if kind == "compiled" or (kind is None and compile):
+            log(f"{target.name}: compiling the decode steps where the model allows it (unless it has engines)")
+        shape = engine_shape(target.path)  # a build with engines: every executor serves the engines' shapes
+        max_sequences, max_length = shape or (workload.concurrency, workload.input_len + workload.output_len +
+                                              target.mtp + 1)
         engine = open_scheduler(target.path, StackOptions(
-            device=device, max_sequences=workload.concurrency, max_length=max_length, max_num_tokens=max_num_tokens,
-            num_speculative_tokens=target.mtp, compile=compile))
-        compiled = engine.executor.compiled is not None
-        if compile and not compiled:
+            device=device, max_sequences=max_sequences, max_length=max_length, max_num_tokens=max_num_tokens,
+            num_speculative_tokens=target.mtp, compile=compile if kind is None else kind == "compiled",
+            engines=None if kind is None else kind == "aot"))
+        executor = engine.executor.kind
+        if kind in ("compiled", None) and compile and executor == "eager":
             log(f"{target.name}: eager decode steps ({unsupported(engine.executor.model)})")
         prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
         run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
         results.append(run_engine(engine, prompts, workload, target.name))
-        results[-1].executor = "compiled" if compiled else "eager"
-        log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s ({results[-1].executor})")
+        results[-1].executor = executor
+        log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s ({executor})")
     peer = None
     if transformers_baseline:
         for batch_size in sorted({workload.concurrency, 1}, reverse=True):
@@ -188,6 +197,17 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         row["vs_bf16"] = round(r.tokens_per_s / bf16.tokens_per_s, 3)
         row["vs_transformers"] = None if peer is None else round(r.tokens_per_s / peer.tokens_per_s, 3)
     return {"workload": asdict(workload), "device": device, "torch_threads": torch.get_num_threads(), "results": rows}
+
+
+def engine_shape(path) -> tuple[int, int] | None:
+    """(max_sequences, max_length) of a build's engines, or None when it has none."""
+    from .executors.aot_manifest import MANIFEST, Manifest
+
+    build = BuildFolder.of(path)
+    if build is None or not (build.engines / MANIFEST).is_file():
+        return None
+    manifest = Manifest.read(build.engines)
+    return None if manifest.unsupported else (manifest.max_sequences, manifest.max_length)
 
 
 def markdown_table(report: dict) -> str:

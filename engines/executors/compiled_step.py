@@ -64,13 +64,13 @@ class CompiledSteps:
         model, rows = self.model, self.state.max_sequences
         dev = model.device
         slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
-        # a verify records the Mamba states; so does a decode (T=1) batched with another request's verify
-        for T, record in [(1, False)] + ([(1, True), (max_tokens, True)] if max_tokens > 1 else []):
+        for step, T, record in step_shapes(max_tokens, self._mtp is not None):
             with self.state.recording_steps(record):
-                self.backbone(torch.zeros(rows, T, dtype=torch.long, device=dev), slots, past)
-        for T in range(1, max_tokens + 1) if self._mtp is not None else ():
-            self.mtp(torch.zeros(rows, T, dtype=torch.long, device=dev),
-                     torch.zeros(rows, T, model.spec.hidden_size, dtype=model.dtype, device=dev), slots, past)
+                if step == "backbone":
+                    self.backbone(torch.zeros(rows, T, dtype=torch.long, device=dev), slots, past)
+                else:
+                    self.mtp(torch.zeros(rows, T, dtype=torch.long, device=dev),
+                             torch.zeros(rows, T, model.spec.hidden_size, dtype=model.dtype, device=dev), slots, past)
 
     def _call(self, step, *args) -> torch.Tensor:
         if not self._cuda:
@@ -105,12 +105,25 @@ def cpp_compiler() -> str | None:
     return next(filter(None, map(shutil.which, (os.environ.get("CXX", "c++"), "g++", "clang++"))), None)
 
 
+def step_shapes(max_tokens: int, mtp: bool) -> list[tuple[str, int, bool]]:
+    """(step function name in STEPS, tokens per row T, records the Mamba states) of every call a run of up to
+    `max_tokens` tokens per row makes with static shapes: the decode step (T=1); with speculation a verify
+    (T=max_tokens) records the Mamba states, and so does a decode batched with another request's verify; the MTP
+    draft calls of 1..max_tokens tokens. The compiled steps (warm_up) and the AOT engines (aot_build.py) cover these."""
+    backbone = [("backbone", 1, False)] + ([("backbone", 1, True), ("backbone", max_tokens, True)]
+                                           if max_tokens > 1 else [])
+    return backbone + ([("mtp", T, False) for T in range(1, max_tokens + 1)] if mtp else [])
+
+
 def backbone_step(steps: CompiledSteps, ids, slots, past):
     return steps.model.final_hidden(steps.model(ids, steps.state, slots, past))
 
 
 def mtp_step(steps: CompiledSteps, ids, hidden, slots, past):
     return steps.model.mtp(steps.model.backbone.embeddings(ids), hidden, steps.state, slots, past)
+
+
+STEPS = {"backbone": backbone_step, "mtp": mtp_step}  # the step functions, by the names step_shapes uses
 
 
 def own_code(fn):

@@ -1,8 +1,8 @@
 """The one place a serving stack is assembled from a build folder or a checkpoint.
 
 `nemo3 generate`, `nemo3 bench`, the Python API and Triton's model (`load_server`, the default
-`server_factory`) all come here, so the defaults (MTP draft length, compiled or eager decode steps)
-are decided once:
+`server_factory`) all come here, so the defaults (MTP draft length; a build's ahead-of-time engines, else
+compiled or eager decode steps) are decided once:
 
     scheduler = open_scheduler("deploy", StackOptions(max_sequences=8))   # a Scheduler, driven by its caller
     server = load_server(Path("deploy"), device="cuda", tp=1)             # the same on a background thread
@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ...export.build_folder import model_folder
+from ...export.build_folder import BuildFolder, model_folder
+from ..executors.aot_executor import AOTExecutor
+from ..executors.aot_manifest import MANIFEST, Manifest
 from ..executors.torch_executor import TorchExecutor
 from ..network.loading import load
 from .scheduler import Scheduler
@@ -36,6 +38,9 @@ class StackOptions:
     # True: decode steps compiled where the model allows it (executors/compiled_step.unsupported says why not),
     # False: eager; None: compiled on CUDA (CUDA graphs), eager on CPU (compiling costs tens of seconds per shape)
     compile: bool | None = None
+    # a build's ahead-of-time engines (OUT/engines/): None: used when the build has them (their max_sequences and
+    # max_length replace the ones above), True: required, False: not used
+    engines: bool | None = None
 
 
 def open_scheduler(path: str | Path | None = None, options: StackOptions = StackOptions()) -> Scheduler:
@@ -47,10 +52,36 @@ def open_scheduler(path: str | Path | None = None, options: StackOptions = Stack
     k = options.num_speculative_tokens
     if k is None:
         k = DEFAULT_MTP_DRAFT_TOKENS if model.mtp is not None else 0
-    compile = options.compile if options.compile is not None else options.device.startswith("cuda")
-    executor = TorchExecutor(model, options.max_sequences, options.max_length, compile=None if compile else False)
+    engines = _engines(path, folder, options.engines)
+    if engines is not None:
+        executor = AOTExecutor(model, engines)
+    else:
+        compile = options.compile if options.compile is not None else options.device.startswith("cuda")
+        executor = TorchExecutor(model, options.max_sequences, options.max_length, compile=None if compile else False)
     return Scheduler(executor, TextCodec.from_checkpoint(folder, model.spec), max_num_tokens=options.max_num_tokens,
                      num_speculative_tokens=k)
+
+
+def _engines(path, checkpoint: Path, wanted: bool | None) -> Path | None:
+    """The engines folder to serve `path` (whose `checkpoint` is loaded) with, or None; `wanted` True and none
+    there, or engines built from another checkpoint: a one-line error."""
+    from ...export.checkpoint import open_checkpoint
+
+    build = BuildFolder.of(path)
+    folder = build.engines if build is not None else None
+    if wanted is False:
+        return None
+    if folder is None or not (folder / MANIFEST).is_file():
+        if wanted:
+            raise FileNotFoundError(f"{path}: no {MANIFEST} under engines/ (build it with nemo3-build)")
+        return None
+    manifest = Manifest.read(folder)
+    if manifest.unsupported and not wanted:
+        return None  # a build whose model cannot be exported yet: its manifest says why, serving compiles or runs eagerly
+    if manifest.fingerprint != open_checkpoint(checkpoint).fingerprint():
+        raise ValueError(f"{folder / MANIFEST}: engines built from another checkpoint than {checkpoint}: rebuild them "
+                         f"(nemo3-build --output {build.root})")
+    return folder
 
 
 def load_server(build_dir: str | Path, device: str = "cpu", tp: int = 1, **options) -> ThreadedServer:

@@ -26,7 +26,8 @@ from .common import one_line_errors
 @click.option("--calib-samples", type=int, default=64, show_default=True)
 @click.option("--calib-seq-len", type=int, default=256, show_default=True)
 @click.option("--engine-device", type=click.Choice(ENGINE_DEVICES), default=None,
-              help="Where the ahead-of-time engines (OUT/engines/) run  [default: cuda if this machine has it, else cpu].")
+              help="Where the ahead-of-time engines (OUT/engines/) run  [default: cuda where the build runs has it, "
+                   "else cpu].")
 @click.option("--engine-max-sequences", type=int, default=16, show_default=True,
               help="Concurrent sequences the engines serve (every engine call runs this many rows).")
 @click.option("--engine-max-length", type=int, default=2048, show_default=True,

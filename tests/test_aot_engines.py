@@ -20,7 +20,9 @@ from nemo3.engines.runtime.requests import GenerationParams
 from nemo3.export.build_folder import model_folder
 from nemo3.pipeline import BuildOptions, run_stages
 
-pytestmark = pytest.mark.skipif(cpp_compiler() is None, reason="AOTInductor needs a C++ compiler on CPU; none found")
+# the module's build compiles six packages (about 25 s each on an idle 2-core machine, several minutes under load)
+pytestmark = [pytest.mark.skipif(cpp_compiler() is None, reason="AOTInductor needs a C++ compiler on CPU; none found"),
+              pytest.mark.timeout(2400)]
 ROWS, LENGTH = 3, 64
 STAGES = ["quantize", "engines"]
 

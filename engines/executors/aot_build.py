@@ -41,8 +41,8 @@ class EngineTarget:
 
 def pool_fields(state: InferenceState) -> list[tuple[str, object, str]]:
     """(name, layer entry, attribute) of every state pool, in the order engines take them as inputs."""
-    return [(f"{key}.{attr}", entry, attr) for key, entry in state.layers.items() for attr, tensor in vars(entry).items()
-            if isinstance(tensor, torch.Tensor)]
+    return [(f"{key}.{attr}", entry, attr) for key, entry in state.layers.items()
+            for attr, tensor in vars(entry).items() if isinstance(tensor, torch.Tensor)]
 
 
 def pool_tensors(state: InferenceState) -> list[torch.Tensor]:
@@ -82,19 +82,30 @@ def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, lo
     from ...export.checkpoint import open_checkpoint
     from ..network.loading import load
 
-    model = load(source, device=target.device)
+    why = not_built_yet(target.device, tp)
+    model = None if why else load(source, device=target.device)  # (a model without engines is not loaded)
+    dtype = None if model is None else str(model.dtype).removeprefix("torch.")
     manifest = Manifest(device=torch.device(target.device).type, arch=host_arch(target.device),
-                        torch=torch.__version__, dtype=str(model.dtype).removeprefix("torch."),
-                        max_sequences=target.max_sequences, max_length=target.max_length,
-                        fingerprint=open_checkpoint(source).fingerprint())
-    manifest.unsupported = (f"--tp {tp}: per-rank engines are not built yet (a rank's in-place torch.distributed "
-                            "all-reduce would have to be a functional collective in the graph)") if tp > 1 \
-        else unsupported(model)
+                        torch=torch.__version__, dtype=dtype, max_sequences=target.max_sequences,
+                        max_length=target.max_length,
+                        fingerprint=open_checkpoint(source).fingerprint(), unsupported=why or unsupported(model))
     if manifest.unsupported is None:
         manifest.engines = [_compile(model, step, T, record, out, target, log)
                             for step, T, record in step_shapes(target.max_tokens, model.mtp is not None)]
     manifest.write(out)
     return {"engines": len(manifest.engines), "arch": manifest.arch, "unsupported": manifest.unsupported}
+
+
+def not_built_yet(device: str, tp: int) -> str | None:
+    """Why engines for `device` and `tp` ranks are not built, whatever the model, or None."""
+    if tp > 1:
+        return (f"--tp {tp}: per-rank engines are not built yet (a rank's in-place torch.distributed all-reduce "
+                "would have to be a functional collective in the graph)")
+    if torch.device(device).type == "cuda":  # (no GPU was available to this work)
+        return ("--engine-device cuda: not built yet (the Triton kernels must become torch.library.triton_op to be "
+                "compiled into a package; as custom ops they stay Python callbacks, and their inf dt limit breaks "
+                "loading); serving compiles CUDA graphs at load")
+    return None
 
 
 @torch.no_grad()
@@ -110,4 +121,5 @@ def _compile(model, step: str, T: int, record: bool, out: Path, target: EngineTa
     recorded = [f"{key}.{kind}_steps" for key, entry in state.layers.items() if isinstance(entry, MambaState)
                 for kind in ("conv", "ssm")] if record else []
     return EngineEntry(file=file, step=step, tokens=T, record=record,
-                       inputs=[*STEP_ARGS[step], *(name for name, _, _ in pool_fields(state))], outputs=["out", *recorded])
+                       inputs=[*STEP_ARGS[step], *(name for name, _, _ in pool_fields(state))],
+                       outputs=["out", *recorded])

@@ -40,7 +40,7 @@ class Manifest:
     device: str  # "cpu" or "cuda"
     arch: str  # host_arch(device) where it was built
     torch: str
-    dtype: str  # activation dtype, e.g. "float32"
+    dtype: str | None  # activation dtype, e.g. "float32" (None: no engines)
     max_sequences: int  # every engine runs batches of this many rows (the runtime pads to it)
     max_length: int  # tokens per state slot
     fingerprint: str  # of the checkpoint the engines were built from (the one serving loads)

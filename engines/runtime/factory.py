@@ -77,7 +77,7 @@ def _engines(path, checkpoint: Path, wanted: bool | None) -> Path | None:
         return None
     manifest = Manifest.read(folder)
     if manifest.unsupported and not wanted:
-        return None  # a build whose model cannot be exported yet: its manifest says why, serving compiles or runs eagerly
+        return None  # a build whose model cannot be exported yet (its manifest says why): compiled or eager steps
     if manifest.fingerprint != open_checkpoint(checkpoint).fingerprint():
         raise ValueError(f"{folder / MANIFEST}: engines built from another checkpoint than {checkpoint}: rebuild them "
                          f"(nemo3-build --output {build.root})")

@@ -12,6 +12,8 @@ from .common import one_line_errors
 @click.option("--url", default="localhost:8001", show_default=True, help="Triton gRPC endpoint (host:port).")
 @click.option("--model", default="ensemble", show_default=True, help="Model to query.")
 @click.option("--max-tokens", type=int, default=128, show_default=True)
+@click.option("--min-tokens", type=int, default=None,
+              help="No end of sequence or stop before this many tokens (nemo3 targets).")
 @click.option("--temperature", type=float, default=None, help="0: greedy (the server's default when not given).")
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)

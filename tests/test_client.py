@@ -1,5 +1,5 @@
 """The gRPC client against the generated repository served in-process: tritonclient -> KServe v2 gRPC
-test server -> ensemble -> nemo3's model.py (under the python-backend stand-in) -> an engine.
+development server -> ensemble -> nemo3's model.py (under the python-backend shim) -> an engine.
 
 The engine here is a small, real implementation of `serving_api.Server` (it streams the prompt's
 words in reverse order, one per step, with a delay), not the nemo3 runtime: the end-to-end test
@@ -20,7 +20,7 @@ from nemo3.engines.runtime.requests import Delta, FinishReason
 from nemo3.triton_repo.client import (Generation, ModelNotReady, RequestFailed, RequestOptions, RequestTimeout, ServerUnavailable,
                                       TextClient)
 from nemo3.triton_repo.generate import RepositoryOptions, write_repository
-from nemo3.triton_repo.kserve_test_server import KServeTestServer
+from nemo3.triton_repo.dev_server import DevServer
 from nemo3.triton_repo.serving_api import Server
 
 STEP_S = 0.01
@@ -110,7 +110,7 @@ def server(tmp_path_factory):
     write_repository(root / "repo", RepositoryOptions(device="cpu", build_dir=str(root / "build"),
                                                       server_factory="test_client:load_server"))
     ENGINES.clear()
-    with KServeTestServer(root / "repo") as srv:
+    with DevServer(root / "repo") as srv:
         yield srv
     assert ENGINES[-1].closed
 
@@ -134,8 +134,8 @@ def test_engine_factory_got_the_build(server, engine):
 
 def test_streams_a_completion_end_to_end(server, engine):
     prompt = "one two three four five six"
-    options = RequestOptions(max_tokens=50, temperature=0.5, top_k=3, top_p=0.9, seed=2**40 + 7, think_budget=5,
-                             num_speculative_tokens=2)
+    options = RequestOptions(max_tokens=50, min_tokens=4, temperature=0.5, top_k=3, top_p=0.9, seed=2**40 + 7,
+                             think_budget=5, num_speculative_tokens=2)
     chunks = list(TextClient(server.url).stream(prompt, options))
     assert [c.text for c in chunks] == ["six", " five", " four", " three", " two", " one"]
     last = chunks[-1]
@@ -143,8 +143,8 @@ def test_streams_a_completion_end_to_end(server, engine):
     assert (last.num_input_tokens, last.num_output_tokens, last.acceptance_length) == (6, 6, 2.0)
     assert [c.num_output_tokens for c in chunks] == [1, 2, 3, 4, 5, 6]
     _, params = engine.seen[prompt]
-    assert (params.max_tokens, params.temperature, params.top_k, params.seed, params.think_budget,
-            params.num_speculative_tokens) == (50, 0.5, 3, 2**40 + 7, 5, 2)
+    assert (params.max_tokens, params.min_tokens, params.temperature, params.top_k, params.seed, params.think_budget,
+            params.num_speculative_tokens) == (50, 4, 0.5, 3, 2**40 + 7, 5, 2)
     assert params.top_p == pytest.approx(0.9)
 
 
@@ -195,6 +195,8 @@ def test_missing_model_and_bad_request_are_clean_errors(server):
         TextClient(server.url, model="nope").generate("x")
     with pytest.raises(RequestFailed, match=r"max_tokens=0: must be >= 1"):
         TextClient(server.url).generate("x", RequestOptions(max_tokens=0))
+    with pytest.raises(RequestFailed, match=r"min_tokens=9: must be in \[0, max_tokens=3\]"):
+        TextClient(server.url).generate("x", RequestOptions(max_tokens=3, min_tokens=9))
     inputs = TextClient(server.url)._inputs("x", RequestOptions())  # a model gone between check and request
     with pytest.raises(RequestFailed, match=r"^nope at .*: Request for unknown model: 'nope' is not found$"):
         list(Generation(server.url, "nope", inputs, timeout=5))
@@ -213,9 +215,11 @@ def test_server_not_listening_is_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_cli_streams_and_reports_errors(server):
-    result = CliRunner().invoke(cli, ["client", "--url", server.url, "--stats", "alpha beta gamma"])
+def test_cli_streams_and_reports_errors(server, engine):
+    result = CliRunner().invoke(cli, ["client", "--url", server.url, "--stats", "--min-tokens", "2",
+                                      "alpha beta gamma"])
     assert result.exit_code == 0, result.output
+    assert engine.seen["alpha beta gamma"][1].min_tokens == 2
     assert result.stdout == "gamma beta alpha\n"
     assert "finish: stop, input tokens: 3, output tokens: 3" in result.stderr
     many = CliRunner().invoke(cli, ["client", "--url", server.url, "a b", "c d", "e f"])

@@ -3,6 +3,9 @@ MTP speculative decoding, checked against the stateless network (greedy decoding
 
 from __future__ import annotations
 
+import collections
+import copy
+
 import pytest
 import torch
 from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
@@ -164,6 +167,91 @@ def test_stop_strings_cut_the_text(model_and_codec):
     streamed = "".join(d.text for d in engine.stream("import os\n", no_eos(40, stop=(stop,))))
     assert streamed == free.text[:free.text.index(stop)]
     assert_idle(engine)
+
+
+def masked_greedy_reference(model, prompt: list[int], stop: int, min_tokens: int, n: int) -> list[int]:
+    """Greedy full forwards where `stop` cannot be chosen among the first `min_tokens` outputs and ends the
+    output after that: the oracle for min_tokens."""
+    ids = list(prompt)
+    with torch.no_grad():
+        while len(ids) - len(prompt) < n and (len(ids) - len(prompt) <= min_tokens or ids[-1] != stop):
+            logits = model.logits(torch.tensor([ids]))[0, -1]
+            if len(ids) - len(prompt) < min_tokens:
+                logits[stop] = float("-inf")
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
+
+
+def eos_engine(model_and_codec, eos: int, k: int) -> Scheduler:
+    """An engine whose end-of-sequence token is `eos` (a token the model produces early)."""
+    model, codec = model_and_codec
+    codec = copy.copy(codec)
+    codec.eos_ids = {eos}
+    return Scheduler(TorchExecutor(model, 4, 160), codec, num_speculative_tokens=k)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_min_tokens_holds_back_eos_greedy(model_and_codec, k):
+    model, _ = model_and_codec
+    p = prompts(model, 1, seed=5)[0]
+    free = greedy_reference(model, p, 16)
+    eos, m = free[1], 6
+    engine = eos_engine(model_and_codec, eos, k)
+    (plain,) = engine.generate([p], GenerationParams(max_tokens=16))
+    assert plain.token_ids == free[:free.index(eos) + 1] and len(plain.token_ids) < m
+    (held,) = engine.generate([p], GenerationParams(max_tokens=16, min_tokens=m))
+    assert held.token_ids == masked_greedy_reference(model, p, eos, m, 16)
+    assert eos not in held.token_ids[:m] and len(held.token_ids) > m
+    assert held.finish_reason is (FinishReason.STOP if held.token_ids[-1] == eos else FinishReason.LENGTH)
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_min_tokens_holds_back_eos_sampled(model_and_codec, k):
+    """Sampling with a likely end-of-sequence token: without min_tokens some seeds end early, with it none."""
+    model, _ = model_and_codec
+    p, m, seeds = prompts(model, 1, seed=6)[0], 8, range(12)
+    free = make_engine(model_and_codec).generate([p] * len(seeds), [no_eos(m, temperature=0.7, seed=s) for s in seeds])
+    counts = collections.Counter(t for r in free for t in r.token_ids)
+    eos = counts.most_common(1)[0][0]
+    engine = eos_engine(model_and_codec, eos, k)
+    plain = engine.generate([p] * len(seeds), [GenerationParams(max_tokens=16, temperature=0.7, seed=s) for s in seeds])
+    assert any(len(r.token_ids) < m for r in plain)
+    held = engine.generate([p] * len(seeds), [GenerationParams(max_tokens=16, min_tokens=m, temperature=0.7, seed=s)
+                                             for s in seeds])
+    for r in held:
+        assert eos not in r.token_ids[:m] and len(r.token_ids) > m
+        assert eos not in r.token_ids[m:-1] and (r.token_ids[-1] == eos or len(r.token_ids) == 16)
+    assert_idle(engine)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_min_tokens_holds_back_stop_strings(model_and_codec, k, temperature):
+    """A stop string inside the text of the first min_tokens tokens does not end the output; the first one
+    after it does. Stop strings do not change the tokens drawn, so the same seed without stops is the oracle."""
+    _, codec = model_and_codec
+    if codec.tokenizer is None:
+        pytest.skip("stop strings need a tokenizer")
+    engine = make_engine(model_and_codec, num_speculative_tokens=k)
+    m, base = 8, dict(max_tokens=40, temperature=temperature, seed=3)
+    (free,) = engine.generate(["import os\n"], no_eos(**base))
+    head = codec.decode(free.token_ids[:m])
+    stop = head.strip()[:2]
+    assert stop and free.text.index(stop) < len(head)
+    early = "".join(d.text for d in engine.stream("import os\n", no_eos(**base, stop=(stop,))))
+    assert early == free.text[:free.text.index(stop)]
+    held = "".join(d.text for d in engine.stream("import os\n", no_eos(**base, stop=(stop,), min_tokens=m)))
+    cut = free.text.find(stop, len(head))
+    assert held == (free.text if cut < 0 else free.text[:cut]) and len(held) >= len(head)
+    assert_idle(engine)
+
+
+def test_min_tokens_must_fit_max_tokens():
+    with pytest.raises(ValueError, match=r"min_tokens=9: must be in \[0, max_tokens=8\]"):
+        GenerationParams(max_tokens=8, min_tokens=9)
+    with pytest.raises(ValueError, match="min_tokens=-1"):
+        GenerationParams(min_tokens=-1)
 
 
 def test_reasoning_budget_forces_end_of_thinking(model_and_codec):

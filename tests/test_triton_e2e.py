@@ -1,4 +1,4 @@
-"""End to end with the real runtime: tritonclient -> KServe v2 gRPC test server -> the generated ensemble ->
+"""End to end with the real runtime: tritonclient -> KServe v2 gRPC development server -> the generated ensemble ->
 model.py -> nemo3.engines.runtime.factory:load_server -> the runtime. The streamed text must equal the runtime's
 own output for the same greedy request."""
 
@@ -12,7 +12,7 @@ from nemo3.engines.runtime.factory import open_scheduler
 from nemo3.export.builtin import BUILTIN_DIR
 from nemo3.triton_repo.client import RequestOptions, TextClient
 from nemo3.triton_repo.generate import RepositoryOptions, write_repository
-from nemo3.triton_repo.kserve_test_server import KServeTestServer
+from nemo3.triton_repo.dev_server import DevServer
 
 PROMPTS = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:\n    def push(self, item):"]
 
@@ -33,7 +33,7 @@ def checkpoint(tmp_path_factory):
 def server(checkpoint, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(repo, RepositoryOptions(device="cpu", build_dir=str(checkpoint)))
-    with KServeTestServer(repo) as srv:
+    with DevServer(repo) as srv:
         yield srv
 
 

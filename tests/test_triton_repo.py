@@ -25,7 +25,7 @@ from nemo3.triton_repo.validate import RepositoryError, check_repository, valida
 TRTLLM_ENSEMBLE = {"text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "stream": "TYPE_BOOL",
                    "temperature": "TYPE_FP32", "top_k": "TYPE_INT32", "top_p": "TYPE_FP32", "seed": "TYPE_UINT64",
                    "stop_words": "TYPE_STRING", "exclude_input_in_output": "TYPE_BOOL", "text_output": "TYPE_STRING",
-                   "num_input_tokens": "TYPE_INT32", "num_output_tokens": "TYPE_INT32"}
+                   "num_input_tokens": "TYPE_INT32", "num_output_tokens": "TYPE_INT32", "min_tokens": "TYPE_INT32"}
 # What TensorRT-LLM's LLM-API model.py / helpers.py read (triton_backend/all_models/llmapi/tensorrt_llm)
 TRTLLM_LLMAPI = {"text_input": "TYPE_STRING", "streaming": "TYPE_BOOL", "sampling_param_max_tokens": "TYPE_INT32",
                  "sampling_param_temperature": "TYPE_FP32", "sampling_param_top_k": "TYPE_INT32",
@@ -80,7 +80,9 @@ def test_every_generated_config_parses_into_triton_model_config(tmp_path, checkp
     ours = tensors(ensemble)
     assert {name: ours[name] for name in TRTLLM_ENSEMBLE if name in ours} == \
            {name: t for name, t in TRTLLM_ENSEMBLE.items() if name in ours}
-    assert set(ours) >= set(TRTLLM_ENSEMBLE) - {"num_input_tokens", "num_output_tokens"}
+    assert set(ours) >= set(TRTLLM_ENSEMBLE) - {"num_input_tokens", "num_output_tokens", "min_tokens"}
+    # the LLM-API model reads no min_tokens: declared, it would be dropped silently (tensors.py)
+    assert ("min_tokens" in ours) == (target != "trtllm") and "min_length" not in ours
     if target == "trtllm":
         assert tensors(model) == TRTLLM_LLMAPI
     else:
@@ -224,6 +226,7 @@ def test_stage_writes_a_valid_repository_and_skips_when_unchanged(tmp_path):
                                                                 .read_bytes())
     readme = (repo / "README.md").read_text()
     assert f"tritonserver --model-repository={repo.resolve()} --grpc-port=8001" in readme
+    assert f"nemo3 serve {repo.resolve()} --port 8001" in readme
     assert "tensor parallel size 2 (instance 0: GPUs 0,1)" in readme
     logs = []
     run_stages(options, ["triton_repo"], log=logs.append)

@@ -1,7 +1,9 @@
 """`nemo3 bench --server URL`: the runtime benchmark's workload sent through a Triton server.
 
 Prompts are held-out corpus text cut to about `input_len` tokens (4 characters a token: the client
-has no tokenizer); the server's own token counts give the throughput.
+has no tokenizer); the server's own token counts give the throughput. Where the model takes
+`min_tokens` (nemo3's repositories) every request asks for exactly `output_len` tokens, as the
+in-process benchmark does with ignore_eos.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ def server_prompts(workload: Workload) -> list[str]:
 
 def benchmark_server(url: str, model: str, workload: Workload) -> dict:
     client = TextClient(url, model=model)
-    client.check()
-    options = RequestOptions(max_tokens=workload.output_len)
+    fixed = "min_tokens" in client.check()
+    options = RequestOptions(max_tokens=workload.output_len, min_tokens=workload.output_len if fixed else None)
     result = Result(f"triton {model} at {url}", 0, 0.0, executor="triton server")
     accepted: list[float] = []
 

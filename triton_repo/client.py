@@ -48,6 +48,7 @@ class RequestOptions:
     """What one request asks for. None: the input is not sent and the server's default applies."""
 
     max_tokens: int = 128
+    min_tokens: int | None = None  # nemo3 targets (TensorRT-LLM's ensemble name; its LLM-API model has none)
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None

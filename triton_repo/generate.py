@@ -253,6 +253,8 @@ def _readme_nemo3(opts: RepositoryOptions, repo: Path) -> list[str]:
              "## Launch", "",
              f"Where Triton runs, nemo3 must be installed (`pip install '{package}'`) and the build folder visible "
              f"at {repo.parent}. Then:", "", f"    {run}", ""]
+    lines += ["Without Triton, for development only (a KServe v2 gRPC server that is not Triton; CPU tensors, "
+              f"no batching): `nemo3 serve {repo} --port 8001`.", ""]
     if opts.device == "cpu":
         return lines + ["The model runs on the CPU (parameter `device`).", ""]
     lines += ["In NVIDIA's Triton container:", ""]

@@ -11,7 +11,7 @@ from `config.pbtxt` parameters:
     gpu_device_ids        "0,1;2,3": the GPUs of instance 0, 1, ... (cuda only)
 
 Requests carry TensorRT-LLM's text-level tensors (text_input, max_tokens, stream, temperature,
-top_k, top_p, seed, stop_words, exclude_input_in_output) plus think_budget and
+top_k, top_p, seed, stop_words, exclude_input_in_output, min_tokens) plus think_budget and
 num_speculative_tokens. Each request is served on its own thread: with `stream` true every runtime
 delta becomes a response, otherwise one response carries the whole text; the last response has
 the FINAL flag and the counts. A watcher thread cancels in the runtime every request Triton marks
@@ -108,7 +108,8 @@ class TritonPythonModel:
         budget = _scalar(request, "think_budget")
         k = _scalar(request, "num_speculative_tokens")
         params = GenerationParams(
-            max_tokens=int(max_tokens), temperature=float(_scalar(request, "temperature", 0.0)),
+            max_tokens=int(max_tokens), min_tokens=int(_scalar(request, "min_tokens", 0)),
+            temperature=float(_scalar(request, "temperature", 0.0)),
             top_k=int(_scalar(request, "top_k", 0)), top_p=float(_scalar(request, "top_p", 1.0)),
             seed=None if seed is None else int(seed), stop=_strings(request, "stop_words"),
             think_budget=None if budget is None else int(budget), num_speculative_tokens=None if k is None else int(k))

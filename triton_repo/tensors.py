@@ -32,8 +32,12 @@ TEXT_INPUTS = (
 )
 TEXT_OUTPUT = TensorSpec("text_output", "TYPE_STRING", (-1,))
 
-# nemo3's own, served by the nemo3 runtime only.
+# Served by the nemo3 runtime only. min_tokens is TensorRT-LLM's (inflight_batcher_llm/ensemble: TYPE_INT32 [1],
+# optional), but its LLM-API model (the trtllm target) reads no such input (helpers.py,
+# get_sampling_params_from_request), so that target's ensemble does not declare it and Triton refuses the input
+# there rather than dropping it. genai-perf's `min_length` is in neither TensorRT-LLM ensemble and is not accepted.
 NEMO3_INPUTS = TEXT_INPUTS + (
+    TensorSpec("min_tokens", "TYPE_INT32", optional=True),  # no EOS, stop token or stop string before this many
     TensorSpec("think_budget", "TYPE_INT32", optional=True),  # max tokens inside <think> ... </think>
     TensorSpec("num_speculative_tokens", "TYPE_INT32", optional=True),  # MTP draft length, 0: off
 )

@@ -23,6 +23,7 @@ class FinishReason(str, enum.Enum):
 @dataclass(frozen=True)
 class GenerationParams:
     max_tokens: int = 64
+    min_tokens: int = 0  # no EOS, stop token id or stop string before this many output tokens
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -36,6 +37,8 @@ class GenerationParams:
     def __post_init__(self):
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens}: must be >= 1")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens}: must be in [0, max_tokens={self.max_tokens}]")
         if self.think_budget is not None and self.think_budget < 0:
             raise ValueError(f"think_budget={self.think_budget}: must be >= 0")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:

@@ -68,7 +68,7 @@ class Scheduler:
                              f"({self.executor.spec.mtp_pattern!r}) would need MTP state rollback; not supported")
         seq = Sequence(request_id, ids, params, k, params.sampling.generator())
         seq.in_think = self.codec.thinking_after(ids)
-        self._detok[request_id] = Detokenizer(self.codec, params.stop)
+        self._detok[request_id] = Detokenizer(self.codec, params.stop, params.min_tokens)
         # the state must hold the prompt, the output and the drafts of the last verify
         need = len(ids) + params.max_tokens + k
         if not ids:
@@ -117,11 +117,12 @@ class Scheduler:
                                   [row for _, _, rows in plan for row in rows],
                                   keep_steps=any(seq.drafts for seq, _, _ in plan))
         out = self.executor.forward(batch)
-        argmax = out.logits.argmax(-1).tolist()  # greedy choices and verifies, read back in one transfer
+        all_logits = self._hold_back_stops(plan, out.logits)
+        argmax = all_logits.argmax(-1).tolist()  # greedy choices and verifies, read back in one transfer
         now = time.perf_counter()
         logit_at, commits, new = 0, [], []
         for (seq, tokens, rows), start in zip(plan, batch.query_start.tolist()):
-            logits = out.logits[logit_at:logit_at + len(rows)]
+            logits = all_logits[logit_at:logit_at + len(rows)]
             best = argmax[logit_at:logit_at + len(rows)]
             logit_at += len(rows)
             hidden = out.hidden[start:start + len(tokens)]
@@ -170,6 +171,27 @@ class Scheduler:
             budget -= len(tokens)
         return plan
 
+    def _stop_ids(self, params: GenerationParams) -> set[int]:
+        return set(params.stop_token_ids) | (set() if params.ignore_eos else self.codec.eos_ids)
+
+    def _hold_back_stops(self, plan: list[tuple[Sequence, list[int], list[int]]], logits: torch.Tensor
+                         ) -> torch.Tensor:
+        """min_tokens: a logit row that chooses one of a request's first min_tokens output tokens cannot choose
+        a stop id: EOS (TensorRT-LLM masks its end id so) and the request's stop token ids (as vLLM does). Row i
+        of a sequence chooses output token len(output) + i, so a rejected draft is resampled without them too."""
+        rows, ids, at = [], [], 0
+        for seq, _, seq_rows in plan:
+            held = min(len(seq_rows), seq.params.min_tokens - len(seq.output))
+            stops = sorted(self._stop_ids(seq.params)) if held > 0 else []
+            for i in range(held if stops else 0):
+                rows += [at + i] * len(stops)
+                ids += stops
+            at += len(seq_rows)
+        if not rows:
+            return logits
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(ids, device=logits.device))
+        return logits.index_put(index, torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device))
+
     def _choose(self, seq: Sequence, logits: torch.Tensor, argmax: list[int]) -> list[int]:
         """Tokens produced by this step's logits (and their argmax): one sample, or the outcome of verifying
         the drafts."""
@@ -185,7 +207,7 @@ class Scheduler:
     def _apply_limits(self, seq: Sequence, emitted: list[int]) -> list[int]:
         """Reasoning budget, EOS / stop ids and max_tokens, token by token; may shorten `emitted`."""
         params, codec, kept = seq.params, self.codec, []
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else codec.eos_ids)
+        stop_ids = self._stop_ids(params)
         for token in emitted:
             if seq.in_think and params.think_budget is not None and seq.think_tokens >= params.think_budget \
                     and codec.think_end is not None:

@@ -58,30 +58,43 @@ class Detokenizer:
     """Incremental text of one request's output tokens.
 
     `push` returns the text that is final: it holds back a trailing incomplete UTF-8 character
-    (decoded as U+FFFD) and any tail that could still become a stop string.
+    (decoded as U+FFFD) and any tail that could still become a stop string. With `min_tokens`, stop
+    strings are looked for only after the text of the first `min_tokens` tokens, which is never cut.
     """
 
-    def __init__(self, codec: TextCodec, stops: tuple[str, ...] = ()):
-        self.codec, self.stops = codec, tuple(s for s in stops if s)
+    def __init__(self, codec: TextCodec, stops: tuple[str, ...] = (), min_tokens: int = 0):
+        self.codec, self.stops, self.min_tokens = codec, tuple(s for s in stops if s), min_tokens
         self.ids: list[int] = []
         self.sent = 0  # characters already returned
+        self.stops_from = 0 if min_tokens == 0 else None  # where a stop string may start; None: not yet known
 
     def push(self, ids: list[int]) -> tuple[str, bool]:
         """Add tokens; return (new final text, whether a stop string was reached)."""
         self.ids.extend(ids)
         text = self.codec.decode(self.ids)
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stops) if i >= 0]
+        if self.stops_from is None and len(self.ids) >= self.min_tokens:
+            self.stops_from = self._complete(self.codec.decode(self.ids[:self.min_tokens]), 0)
+        if self.stops_from is None:
+            return self._take(text, self._complete(text, self.sent)), False
+        floor = max(self.sent, self.stops_from)
+        hits = [i for i in (text.find(s, max(self.stops_from, self.sent - len(s) + 1)) for s in self.stops) if i >= 0]
         if hits:
             return self._take(text, min(hits)), True
-        end = len(text)
-        while end > self.sent and text[end - 1] == "\ufffd":
-            end -= 1
+        end = self._complete(text, floor)
         for stop in self.stops:  # hold back a suffix that is a prefix of a stop string
-            for n in range(min(len(stop) - 1, end - self.sent), 0, -1):
+            for n in range(min(len(stop) - 1, end - floor), 0, -1):
                 if text[end - n:end] == stop[:n]:
                     end -= n
                     break
         return self._take(text, end), False
+
+    @staticmethod
+    def _complete(text: str, floor: int) -> int:
+        """Where `text` ends without a trailing incomplete character (not before `floor`)."""
+        end = len(text)
+        while end > floor and text[end - 1] == "\ufffd":
+            end -= 1
+        return end
 
     def flush(self) -> str:
         return self._take(self.codec.decode(self.ids), None)

@@ -1,5 +1,6 @@
-"""A small stand-in for Triton's `triton_python_backend_utils`: enough of the Python backend's API
-to run a Triton Python model (nemo3's model.py) outside Triton, with decoupled response senders.
+"""A shim for Triton's `triton_python_backend_utils`, for the development server (dev_server.py): enough
+of the Python backend's API to run a Triton Python model (nemo3's model.py) outside Triton, with
+decoupled response senders. It is not Triton's Python backend.
 
 `install()` registers this module under the real name, so `import triton_python_backend_utils as
 pb_utils` in a model file gets it. Covered: Tensor, InferenceRequest (inputs, request_id,

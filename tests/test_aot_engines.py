@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-
 from nemo3.engines.executors.aot_executor import AOTExecutor
 from nemo3.engines.executors.aot_manifest import MANIFEST
 from nemo3.engines.executors.base import RaggedBatch

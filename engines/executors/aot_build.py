@@ -9,11 +9,13 @@ updated in place, so the runtime keeps its one InferenceState (prefill chunks, w
 layer, the conv and SSM states after each token, which the executor hands to the state's recording.
 
 On CPU the Triton kernels' plain-torch references are traced into the graph (plugins/dispatch.py), so a package
-needs nothing of nemo3 to run.
+needs nothing of nemo3 to run. Prefill chunks are not exported: their length varies, and torch.export specializes
+the chunked scan (network/ssd.py, which pads T to whole chunks) to the example's length when T is made dynamic.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +26,6 @@ from ..network.state import InferenceState, MambaState
 from .aot_manifest import EngineEntry, Manifest, host_arch
 from .compiled_step import STEPS, step_shapes, unsupported
 
-STEP_ARGS = {"backbone": ("ids", "slots", "past"), "mtp": ("ids", "hidden", "slots", "past")}  # STEPS' arguments
 # weights folded into the graph (prepacked GEMMs on CPU), as compiled_step does; no precompiled headers: inductor
 # keeps them in one machine-wide folder ($TMPDIR/torchinductor_$USER) whatever the cache dir, which concurrent
 # builds on a shared machine can remove under each other
@@ -37,6 +38,11 @@ class EngineTarget:
     max_sequences: int = 16
     max_length: int = 2048
     max_tokens: int = 3  # tokens per row of the longest call: 1 + the MTP draft length served
+
+
+def step_args(step: str) -> list[str]:
+    """The tensor arguments of STEPS[step] after `steps` (the object holding the model and the state)."""
+    return list(inspect.signature(STEPS[step]).parameters)[1:]
 
 
 def pool_fields(state: InferenceState) -> list[tuple[str, object, str]]:
@@ -56,7 +62,7 @@ class StepGraph(nn.Module):
     def __init__(self, model, state: InferenceState, step: str, record: bool):
         super().__init__()
         self.model, self.state, self.step, self.record = model, state, STEPS[step], record
-        self.n_args, self.fields = len(STEP_ARGS[step]), pool_fields(state)
+        self.n_args, self.fields = len(step_args(step)), pool_fields(state)
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         for (_, entry, attr), tensor in zip(self.fields, inputs[self.n_args:]):
@@ -68,12 +74,13 @@ class StepGraph(nn.Module):
 
 
 def example_args(model, step: str, rows: int, T: int) -> list[torch.Tensor]:
-    """Inputs of STEPS[step] for `rows` rows of T tokens (continuing sequences in slots 0..rows-1)."""
+    """Inputs of STEPS[step] for `rows` rows of T tokens (continuing sequences in slots 0..rows-1); a step function
+    with an argument of another name needs its example here."""
     dev = model.device
     values = {"ids": torch.zeros(rows, T, dtype=torch.long, device=dev),
               "hidden": torch.zeros(rows, T, model.spec.hidden_size, dtype=model.dtype, device=dev),
               "slots": torch.arange(rows, device=dev), "past": torch.ones(rows, dtype=torch.long, device=dev)}
-    return [values[name] for name in STEP_ARGS[step]]
+    return [values[name] for name in step_args(step)]
 
 
 def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, log=print) -> dict:
@@ -121,5 +128,5 @@ def _compile(model, step: str, T: int, record: bool, out: Path, target: EngineTa
     recorded = [f"{key}.{kind}_steps" for key, entry in state.layers.items() if isinstance(entry, MambaState)
                 for kind in ("conv", "ssm")] if record else []
     return EngineEntry(file=file, step=step, tokens=T, record=record,
-                       inputs=[*STEP_ARGS[step], *(name for name, _, _ in pool_fields(state))],
+                       inputs=[*step_args(step), *(name for name, _, _ in pool_fields(state))],
                        outputs=["out", *recorded])

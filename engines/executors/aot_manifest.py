@@ -52,7 +52,7 @@ class Manifest:
         (Path(folder) / MANIFEST).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def read(cls, folder: str | Path) -> "Manifest":
+    def read(cls, folder: str | Path) -> Manifest:
         path = Path(folder) / MANIFEST
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:

@@ -21,8 +21,7 @@ class EngineSteps:
 
     def __init__(self, folder: Path, manifest: Manifest, state):
         self.state = state
-        self.runners = {(e.step, e.tokens, e.record): torch._inductor.aoti_load_package(str(folder / e.file))
-                        for e in manifest.engines}
+        self.runners = {(e.step, e.tokens, e.record): load_package(folder / e.file) for e in manifest.engines}
 
     def covers(self, T: int, mtp: bool = False) -> bool:
         return (("mtp", T, False) if mtp else ("backbone", T, self._recording())) in self.runners
@@ -44,6 +43,16 @@ class EngineSteps:
 
     def warm_up(self, max_tokens: int) -> None:
         """Nothing to compile; calls the engines do not cover (a draft length they were not built for) run eagerly."""
+
+
+def load_package(path: Path):
+    """torch._inductor.aoti_load_package without its device probe, which compiles a test program per CPU vector ISA
+    to warn about a mismatch (tens of seconds on a busy machine with an empty inductor cache): the manifest's
+    check (check_runs_here) has refused packages of another arch already. One runner, used by one thread at a time
+    (the scheduler's), without thread synchronization."""
+    from torch._inductor.package.package import AOTICompiledModel
+
+    return AOTICompiledModel(torch._C._aoti.AOTIModelPackageLoader(str(path), "model", True, 1, -1))
 
 
 class AOTExecutor(TorchExecutor):

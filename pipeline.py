@@ -5,10 +5,13 @@ quantize_checkpoint; engines/executors: build_engines; triton_repo: write_valida
 engines/evaluation: write_report); this module
 alone wraps them into stages, opens the checkpoint once per run and hands it to them.
 
-Every stage writes into `OUT/.tmp-<stage>` and is renamed into place only when complete, so an
-interrupted build never leaves a half-written stage that a later run trusts. `OUT/build.json`
-records, per stage, the hash of everything the stage depends on (input fingerprint + options); a
-stage whose hash matches and whose folder exists is skipped.
+Before any stage runs, every stage checks the options against the model (`Stage.check`: --tp against the
+ModelSpec, the recipe against the model and --precision, ...), so a bad option fails in seconds, not after
+hours of quantization; and OUT/ must be a writable folder. Every stage writes into `OUT/.tmp-<stage>` and is
+renamed into place only when complete, so an interrupted build never leaves a half-written stage that a later
+run trusts (a rerun removes what an interrupted one left). `OUT/build.json` records, per stage, the hash of
+everything the stage depends on (input fingerprint + options); a stage whose hash matches and whose folder
+exists is skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,14 +31,16 @@ from pathlib import Path
 
 from . import __version__
 from .export.build_folder import BuildError, BuildFolder
-from .export.options import ENGINE_DEVICES, MOE_PARALLEL, PRECISIONS, TARGETS
+from .export.options import DEFAULT_PRECISION, ENGINE_DEVICES, MOE_PARALLEL, PRECISIONS, TARGETS
+
+TMP_PREFIX = ".tmp-"
 
 
 @dataclass
 class BuildOptions:
     output: Path
     checkpoint: Path | None = None  # None: the built-in model
-    precision: str = "nvfp4"
+    precision: str | None = None  # None: what --recipe implies (quant/quantize.py), nvfp4 without a recipe
     recipe: str | None = None  # None: the precision's default recipe
     tp: int = 1
     moe_parallel: str = "ep"
@@ -51,7 +57,9 @@ class BuildOptions:
         self.output = Path(self.output)
         if self.checkpoint is not None:
             self.checkpoint = Path(self.checkpoint)
-        if self.precision not in PRECISIONS:
+        if self.precision is None and self.recipe is None:
+            self.precision = DEFAULT_PRECISION
+        if self.precision is not None and self.precision not in PRECISIONS:
             raise BuildError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.target not in TARGETS:
             raise BuildError(f"--target {self.target!r}: expected one of {', '.join(TARGETS)}")
@@ -86,6 +94,8 @@ class Stage:
     folder: str | None  # a BuildFolder attribute; None: a stage that only checks and records
     inputs: Callable[["Build"], dict]  # everything whose change must redo the stage
     run: Callable[["Build", Path | None], dict]  # returns a summary recorded in build.json
+    # checks the options against the model before any stage runs (may settle an option); returns a note or None
+    check: Callable[["Build"], str | None] | None = None
 
 
 @dataclass
@@ -139,11 +149,25 @@ def _read_stage() -> Stage:
 
 
 def _quantize_stage() -> Stage:
-    from .quant.quantize import quantize_checkpoint, quantize_inputs
+    from .quant.quantize import check_quantize_options, implied_precision, quantize_checkpoint, quantize_inputs
+
+    def check(b: Build) -> str | None:
+        """The recipe fits the model and agrees with --precision (a --recipe alone sets the precision it
+        implies, and says so); the calibration options; the quantized tensors split over --tp."""
+        o, spec = b.options, b.checkpoint.spec
+        implied = implied_precision(b.recipe, spec)
+        note = None
+        if o.precision is None:
+            o.precision, note = implied, f"--recipe {o.recipe} implies --precision {implied}"
+        elif o.recipe is not None and o.precision != implied:
+            raise BuildError(f"--precision {o.precision} conflicts with --recipe {o.recipe}, which builds "
+                             f"{implied}: drop --precision (the recipe implies it) or pass --precision {implied}")
+        check_quantize_options(spec, b.recipe, b.calibration, o.tp, o.moe_parallel)
+        return note
 
     return Stage("quantize", "checkpoint",
                  lambda b: quantize_inputs(b.checkpoint, b.options.precision, b.recipe, b.calibration),
-                 lambda b, tmp: quantize_checkpoint(b.checkpoint, b.recipe, b.calibration, tmp))
+                 lambda b, tmp: quantize_checkpoint(b.checkpoint, b.recipe, b.calibration, tmp), check)
 
 
 def _shard_source(b: Build) -> Path:
@@ -163,8 +187,11 @@ def _shard_stage() -> Stage:
         return {"source": str(source.resolve()), "fingerprint": open_checkpoint(source).fingerprint(),
                 "tp": b.options.tp, "moe_parallel": b.options.moe_parallel, "format": RANK_FORMAT}
 
+    from .export.sharding import check_tp
+
     return Stage("shard", "ranks", inputs,
-                 lambda b, tmp: write_ranks(_shard_source(b), tmp, b.options.tp, b.options.moe_parallel))
+                 lambda b, tmp: write_ranks(_shard_source(b), tmp, b.options.tp, b.options.moe_parallel),
+                 lambda b: check_tp(b.checkpoint.spec, b.options.tp, b.options.moe_parallel))
 
 
 def _engines_stage() -> Stage:
@@ -233,8 +260,13 @@ def run_stages(options: BuildOptions, names: list[str] | None = None, log: Calla
     if unknown:
         raise BuildError(f"unknown stage(s) {', '.join(unknown)}: expected {', '.join(STAGES)}")
     b = Build(options)
+    stages = [STAGES[n]() for n in STAGES if names is None or n in names]
+    for stage in stages:  # every option against the model, before anything is written or computed
+        note = stage.check(b) if stage.check is not None else None
+        if note:
+            log(f"[{stage.name}] {note}")
     folder = b.folder
-    folder.root.mkdir(parents=True, exist_ok=True)
+    prepare_output(folder.root)
     previous = folder.record()
     b.record = {
         "nemo3_version": __version__,
@@ -243,7 +275,7 @@ def run_stages(options: BuildOptions, names: list[str] | None = None, log: Calla
         "versions": _versions(),
         "stages": {},
     }
-    for stage in [STAGES[n]() for n in STAGES if names is None or n in names]:
+    for stage in stages:
         key = stable_hash(stage.inputs(b))
         old = previous.get("stages", {}).get(stage.name, {})
         final = getattr(folder, stage.folder) if stage.folder else None
@@ -253,7 +285,7 @@ def run_stages(options: BuildOptions, names: list[str] | None = None, log: Calla
             continue
         tmp = None
         if final is not None:
-            tmp = folder.root / f".tmp-{stage.folder}"
+            tmp = folder.root / f"{TMP_PREFIX}{stage.folder}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         log(f"[{stage.name}] running")
@@ -269,6 +301,21 @@ def run_stages(options: BuildOptions, names: list[str] | None = None, log: Calla
         log(f"[{stage.name}] done in {seconds:.1f}s")
     _write_record(folder, b.record)
     return b.record
+
+
+def prepare_output(out: Path) -> None:
+    """Make OUT/ a writable folder (one-line BuildError otherwise) and remove what interrupted runs left."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise BuildError(f"--output {out}: cannot write there ({e.strerror or type(e).__name__})") from None
+    for stale in out.glob(f"{TMP_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
 
 
 def _write_record(folder: BuildFolder, record: dict) -> None:

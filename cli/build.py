@@ -13,9 +13,13 @@ from .common import one_line_errors
               help="Hugging Face Nemotron 3 checkpoint folder (default: the built-in tiny model).")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="deploy", show_default=True,
               help="Build folder (build.json, checkpoint/, ranks/, engines/, triton_repo/, report/).")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="nvfp4", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Weight precision [default: nvfp4, or what --recipe implies; one that disagrees with --recipe "
+                   "is refused].")
 @click.option("--recipe", default=None,
-              help="Named recipe (nvfp4, nvfp4-conservative, fp8, bf16, nvfp4-all) or a YAML/JSON recipe file.")
+              help="Named recipe (`nemo3 recipes` lists them: nemo3's, aliases of NVIDIA's such as nvfp4-mse and "
+                   "nvfp4-w4a16, and NVIDIA's Nemotron 3 recipes shipped by ModelOpt), or a recipe file (nemo3's "
+                   "YAML/JSON form or ModelOpt's).")
 @click.option("--tp", type=int, default=1, show_default=True, help="Tensor-parallel ranks.")
 @click.option("--moe-parallel", type=click.Choice(MOE_PARALLEL), default="ep", show_default=True,
               help="Split routed experts across ranks (ep) or each expert's intermediate dimension (tp).")

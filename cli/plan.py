@@ -13,8 +13,9 @@ from .common import one_line_errors
 @click.command("plan")
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
               help="Checkpoint folder whose config.json to plan (default: the built-in model).")
-@click.option("--preset", type=click.Choice(["nano", "super"]), default=None,
-              help="Plan a released model from its shapes alone: Nemotron 3 Nano 30B-A3B or Super 120B-A12B.")
+@click.option("--preset", type=click.Choice(["nano-4b", "nano", "super", "ultra", "lightning"]), default=None,
+              help="Plan a released model from its shapes alone: Nemotron 3 Nano 4B, Nano 30B-A3B, Super "
+                   "120B-A12B, Ultra 550B-A55B or Nemotron 3.5 Lightning 30B-A3B (export/presets.py).")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="nvfp4", show_default=True)
 @click.option("--recipe", default=None,
               help="Named recipe or a YAML/JSON recipe file (default: the precision's recipe, as nemo3-build).")

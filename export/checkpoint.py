@@ -86,6 +86,16 @@ class StoredTensor:
         return f"{self.file}: {self.key}" + (f"[{self.expert}]" if self.expert is not None else "")
 
 
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    """CheckpointError naming `what` (file and tensor) if a floating tensor holds NaN or inf."""
+    if not tensor.is_floating_point():
+        return
+    values = tensor.float() if tensor.element_size() == 1 else tensor  # float8: isfinite needs a wider type
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise CheckpointError(f"{what}: {bad} NaN/inf value(s) in {tuple(tensor.shape)}; the weights are corrupt")
+
+
 def open_checkpoint(path: str | Path) -> "Checkpoint":
     """Open a checkpoint folder: parse config.json and the safetensors headers (no tensor data is read)."""
     path = Path(path)
@@ -166,6 +176,7 @@ class Checkpoint:
             tensor = handle.get_slice(t.key)[t.expert] if t.expert is not None else handle.get_tensor(t.key)
         except SafetensorError as e:
             raise CheckpointError(f"{t.describe()}: cannot read ({e})") from None
+        check_finite(tensor, t.describe())  # every reader of the weights passes here: no second pass over them
         return tensor.to(dtype) if dtype is not None else tensor
 
     def close(self) -> None:

@@ -7,8 +7,10 @@ The model is loaded from the checkpoint folder in BF16, the deployment dtype (th
 unquantized tensors are exported in it, and ModelOpt packs the BF16 weights). ModelOpt wraps each
 fused `NemotronHExperts` in its `_QuantNonGatedFusedExperts` (one weight quantizer per expert, one
 input quantizer per layer) and each attention module for K/V quantization; the recipe decides which
-quantizers are on (quant/recipes.py). Calibration is `max`: one forward over every window, in
-batches, with `use_cache=False` (transformers' cache building fails for some layer patterns), and
+quantizers are on (quant/recipes.py). Calibration is the recipe's algorithm (`max` for nemo3's
+tables; NVIDIA's recipes also use `mse`, with the FP8 scale sweep or four-over-six multipliers, whose
+static NVFP4 weight search runs nemo3's torch copy of ModelOpt's kernel on CPU: quant/modelopt_cpu.py),
+with one forward over every window, in batches, with `use_cache=False` (transformers' cache building fails for some layer patterns), and
 on transformers' torch Mamba path with one chunk per window (`single_chunk_scan`: its multi-chunk
 scan is wrong in 5.14). Runs on CPU and CUDA. transformers drops the `mtp.*` weights; they stay BF16 (quant/export.py).
 """
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..export.checkpoint import canonical_name, check_finite
+from .modelopt_cpu import cpu_static_nvfp4
 from .recipes import Recipe
 
 ARCHITECTURE = "NemotronHForCausalLM"
@@ -41,6 +45,8 @@ def load_transformers_model(folder: str | Path, device: str | torch.device = "cp
         model = NemotronHForCausalLM.from_pretrained(folder, dtype=dtype)
     finally:
         logging.set_verbosity(verbosity)
+    for name, tensor in model.state_dict().items():  # the build's first read of the weights: check them here
+        check_finite(tensor, f"{folder}: {canonical_name(name)}")
     model.config.architectures = [ARCHITECTURE]
     return model.to(device).eval()
 
@@ -70,7 +76,8 @@ def calibrate(folder: str | Path, recipe: Recipe, windows: torch.Tensor, device:
                 bar.update(batch.shape[0])
 
     single_chunk_scan(model, windows.shape[1], device)
-    mtq.quantize(model, quant_cfg, forward_loop)
+    with cpu_static_nvfp4():
+        mtq.quantize(model, quant_cfg, forward_loop)
     return model
 
 

@@ -9,6 +9,11 @@ gets wrong for nemotron_h:
   `backbone.layers.0.mixer.conv1d.\\x00backbone.pt_name_sentinel`: the sentinel ModelOpt appends
   before renaming `model.` to `backbone.` is renamed too and never stripped. The suffix is removed;
   MTP models get `mtp*` in `exclude_modules` (the MTP layers stay BF16);
+* `quantized_layers` lists a layer's fused routed experts once, as `backbone.layers.N.mixer.experts`;
+  NVIDIA's published NVFP4 checkpoints list every expert and projection
+  (`backbone.layers.N.mixer.experts.E.up_proj` / `.down_proj`), and TensorRT-LLM's Nemotron-H MoE
+  looks the experts' format up by that per-expert prefix (a layer-level key falls through to the
+  global MIXED_PRECISION config: BF16 buffers, then a shape mismatch). The key is expanded so;
 * the embedding is written as `backbone.embedding.weight`; hub checkpoints, and vLLM's nemotron_h
   loader (which maps the substring `embeddings` to `embed_tokens` and has no parameter named
   `embedding`), need `backbone.embeddings.weight`, so it is renamed;
@@ -41,11 +46,13 @@ from ..export.checkpoint import CONFIG_FILE, DTYPES, INDEX_FILE, QUANT_CONFIG_FI
 from ..export.names import EMBEDDING, fp32_tensors
 from ..export.safetensors_writer import SafetensorsWriter, tensor_bytes
 from ..export.spec import ModelSpec
+from .modelopt_cpu import cpu_static_nvfp4
 
 DTYPE = torch.bfloat16
 MTP_FILE = "model-mtp.safetensors"
 MODELOPT_EMBEDDING = "backbone.embedding.weight"
 MTP_EXCLUDE = "mtp*"
+EXPERT_PROJECTIONS = ("up_proj", "down_proj")
 MAX_SHARD_BYTES = 5 * 2**30
 # ModelOpt 0.47's leftover: `.` + NUL + whatever its own renaming made of "modelopt_name_sentinel"
 _SENTINEL = re.compile(r"\.?\x00[^*\x00]*?name_sentinel")
@@ -65,17 +72,31 @@ def clean_module_name(name: str, source: str = QUANT_CONFIG_FILE) -> str:
     return cleaned
 
 
-def clean_quantization(quantization: dict, has_mtp: bool) -> dict:
-    """hf_quant_config.json's `quantization` with clean module names (and `mtp*` excluded for MTP models)."""
+def clean_quantization(quantization: dict, spec: ModelSpec) -> dict:
+    """hf_quant_config.json's `quantization` with clean module names, routed experts listed per expert and
+    projection, and `mtp*` excluded for MTP models."""
     out = dict(quantization)
+    has_mtp = bool(spec.num_nextn_predict_layers)
     if "exclude_modules" in out or has_mtp:
         excluded = [clean_module_name(n) for n in out.get("exclude_modules") or []]
         if has_mtp and MTP_EXCLUDE not in excluded:
             excluded.append(MTP_EXCLUDE)
         out["exclude_modules"] = excluded
     if isinstance(out.get("quantized_layers"), dict):
-        out["quantized_layers"] = {clean_module_name(k): v for k, v in out["quantized_layers"].items()}
+        layers = {}
+        for key, value in out["quantized_layers"].items():
+            for name in per_expert(clean_module_name(key), spec.n_routed_experts):
+                layers[name] = value
+        out["quantized_layers"] = layers
     return out
+
+
+def per_expert(module: str, n_experts: int) -> list[str]:
+    """`backbone.layers.N.mixer.experts` -> `...experts.{e}.up_proj`, `...experts.{e}.down_proj` for every
+    expert (how NVIDIA's checkpoints list them); any other module name stays as it is."""
+    if not module.endswith(".mixer.experts"):
+        return [module]
+    return [f"{module}.{e}.{proj}" for e in range(n_experts) for proj in EXPERT_PROJECTIONS]
 
 
 def hub_config(spec: ModelSpec, quantization_config: dict | None = None) -> dict:
@@ -174,19 +195,21 @@ def export_quantized(model, source: Checkpoint, out: str | Path, provenance: dic
     out = Path(out)
     spec = source.spec
     model.config.architectures = ["NemotronHForCausalLM"]
-    export_hf_checkpoint(model, dtype=DTYPE, export_dir=out)
+    with cpu_static_nvfp4():  # ModelOpt's export runs its static NVFP4 fake quant (MSE-calibrated weights)
+        export_hf_checkpoint(model, dtype=DTYPE, export_dir=out)
     quant_path = out / QUANT_CONFIG_FILE
     if not quant_path.is_file():
         raise ExportError(f"{out}: ModelOpt wrote no {QUANT_CONFIG_FILE}; the recipe quantized nothing "
                           "(use export_unquantized for BF16)")
     modelopt_config = json.loads(quant_path.read_text())
-    quantization = clean_quantization(modelopt_config.get("quantization", {}), bool(spec.num_nextn_predict_layers))
+    quantization = clean_quantization(modelopt_config.get("quantization", {}), spec)
     hf_quant = {"producer": modelopt_config.get("producer"), "quantization": quantization}
     config = hub_config(spec, convert_hf_quant_config_format(copy.deepcopy(hf_quant)))
     _write_json(quant_path, {**hf_quant, "nemo3": provenance or {}})
     _write_json(out / CONFIG_FILE, config)
 
     for file in sorted(out.glob("*.safetensors")):
+        file.chmod(0o644)  # ModelOpt 0.47 leaves its shards 0600, unlike every other file of a build
         if MODELOPT_EMBEDDING in read_header(file):
             rename_tensors(file, {MODELOPT_EMBEDDING: EMBEDDING})
     mtp = [name for name in source.names() if name.startswith("mtp.")]

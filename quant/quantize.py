@@ -27,9 +27,26 @@ class CalibrationOptions:
     seq_len: int = 256
 
 
-def quantizes(recipe: Recipe) -> bool:
-    """Whether `recipe` quantizes anything (layers or the KV cache)."""
-    return recipe.kv_cache != BF16 or any(rule.format != BF16 for rule in recipe.layers)
+def implied_precision(recipe: Recipe, spec) -> str:
+    """The --precision a recipe amounts to: its narrowest format (nvfp4 before fp8 before bf16)."""
+    formats = set(recipe.assign(spec).values()) | {recipe.kv_cache}
+    return next((p for p in ("nvfp4", "fp8") if any(f.startswith(p) for f in formats)), BF16)
+
+
+def check_quantize_options(spec, recipe: Recipe, calibration: CalibrationOptions, tp: int = 1,
+                           moe_parallel: str = "ep") -> None:
+    """Before any work: the recipe fits the model, the calibration options are sane, and the quantized tensors
+    split over `tp` ranks. One-line errors naming the option."""
+    from ..export.planner import checkpoint_tensors
+    from ..export.sharding import check_tp
+
+    if recipe.quantizes():
+        recipe.to_modelopt_quant_cfg(spec)
+        for flag, value, least in (("--calib-samples", calibration.samples, 1),
+                                   ("--calib-seq-len", calibration.seq_len, 2)):
+            if value < least:
+                raise BuildError(f"{flag} {value}: must be >= {least}")
+    check_tp(spec, tp, moe_parallel, checkpoint_tensors(spec, recipe.assign(spec), recipe.kv_cache))
 
 
 def _calibration_inputs(calibration: CalibrationOptions) -> dict:
@@ -42,7 +59,7 @@ def _calibration_inputs(calibration: CalibrationOptions) -> dict:
 
 def quantize_inputs(source: Checkpoint, precision: str, recipe: Recipe, calibration: CalibrationOptions) -> dict:
     inputs = {"checkpoint": source.fingerprint(), "precision": precision, "recipe": recipe.to_dict()}
-    if quantizes(recipe):
+    if recipe.quantizes():
         import importlib.metadata as md
 
         inputs["calibration"] = _calibration_inputs(calibration)
@@ -58,18 +75,14 @@ def quantize_checkpoint(source: Checkpoint, recipe: Recipe, calibration: Calibra
         raise BuildError(f"{source.path}: the checkpoint is already quantized (hf_quant_config.json); "
                          "build from its BF16 checkpoint")
     formats = _format_counts(recipe, source.spec)
-    if not quantizes(recipe):
+    if not recipe.quantizes():
         return {"recipe": recipe.name, "formats": formats, **export_unquantized(source, out)}
     import torch
 
     from .calibrate import calibrate, default_device
     from .data import calibration_windows
 
-    for flag, value, least in (("--calib-samples", calibration.samples, 1),
-                               ("--calib-seq-len", calibration.seq_len, 2)):
-        if value < least:
-            raise BuildError(f"{flag} {value}: must be >= {least}")
-    recipe.to_modelopt_quant_cfg(source.spec)  # a recipe that does not fit the model fails before the data is read
+    check_quantize_options(source.spec, recipe, calibration)  # before the data is read
     windows, data = calibration_windows(source.path, source.spec, calibration.data, calibration.samples,
                                         calibration.seq_len)
     device = default_device()

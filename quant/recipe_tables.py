@@ -1,4 +1,5 @@
-"""The built-in recipes, in exactly the form a user recipe file takes (YAML or JSON; see quant/recipes.py).
+"""nemo3's own recipes, in exactly the form a user recipe file takes (YAML or JSON; see quant/recipes.py),
+and the short names of NVIDIA's (ALIASES, at the end).
 
 `layers` is an ordered table of fnmatch patterns over canonical layer names (export/names.py without
 the `.weight`, e.g. `backbone.layers.3.mixer.in_proj`, `backbone.layers.1.mixer.experts.7.up_proj`,
@@ -11,23 +12,10 @@ Formats: `nvfp4` (W4A4 NVFP4), `nvfp4_w4a16` (NVFP4 weights only), `fp8` (W8A8 p
 `bf16` (unquantized). `kv_cache`: `fp8` or `bf16`. `ssm_state`: the Mamba SSM cache dtype.
 """
 
-NVFP4 = {
-    "name": "nvfp4",
-    "description": "NVIDIA's Nemotron 3 NVFP4 layout: routed experts NVFP4; shared experts and Mamba in/out "
-                   "projections FP8; attention, latent projections, router, conv1d, MTP and lm_head BF16",
-    "kv_cache": "fp8",
-    "ssm_state": "float32",
-    "layers": [
-        {"pattern": "backbone.layers.*.mixer.experts.*", "format": "nvfp4"},
-        {"pattern": "backbone.layers.*.mixer.shared_experts.*", "format": "fp8"},
-        {"pattern": "backbone.layers.*.mixer.in_proj", "format": "fp8"},
-        {"pattern": "backbone.layers.*.mixer.out_proj", "format": "fp8"},
-    ],
-}
-
 NVFP4_CONSERVATIVE = {
     "name": "nvfp4-conservative",
-    "description": "Like nvfp4, with the Mamba in/out projections BF16 too",
+    "description": "NVIDIA's Super NVFP4 layout with the Mamba in/out projections BF16 too (routed experts NVFP4, "
+                   "shared experts FP8, FP8 KV cache)",
     "kv_cache": "fp8",
     "ssm_state": "float32",
     "layers": [
@@ -70,4 +58,16 @@ NVFP4_ALL = {
     ],
 }
 
-BUILTIN = [NVFP4, NVFP4_CONSERVATIVE, FP8, BF16, NVFP4_ALL]
+BUILTIN = [NVFP4_CONSERVATIVE, FP8, BF16, NVFP4_ALL]
+
+# Short names for NVIDIA's recipes as ModelOpt 0.47 ships them (quant/modelopt_recipes.py): nemo3 runs
+# those files, it does not copy them. `nvfp4` (the default of --precision nvfp4) is Super's layout with
+# max calibration: routed experts NVFP4, shared experts and Mamba in/out projections FP8, FP8 KV cache,
+# the rest BF16.
+_NVIDIA = "nvidia/NVIDIA-Nemotron-3"
+ALIASES = {
+    "nvfp4": f"{_NVIDIA}-Super-120B-A12B-BF16/ptq/nvfp4-max-calib",
+    "nvfp4-mse": f"{_NVIDIA}-Super-120B-A12B-BF16/ptq/nvfp4-mse",
+    "nvfp4-4o6": f"{_NVIDIA}-Ultra-550B-A55B-BF16/ptq/nvfp4-4o6",
+    "nvfp4-w4a16": f"{_NVIDIA}.5-Lightning-30B-A3B-BF16/ptq/w4a16_nvfp4_4o6",
+}

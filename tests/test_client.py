@@ -88,6 +88,9 @@ class ReverseEngine:
         event.set()
         return True
 
+    def ready(self):
+        return not self.closed
+
     def close(self):
         self.closed = True
 
@@ -227,3 +230,43 @@ def test_cli_streams_and_reports_errors(server, engine):
     down = CliRunner().invoke(cli, ["client", "--url", f"127.0.0.1:{free_port()}", "x"])
     assert down.exit_code == 1 and down.output.startswith("Error: no Triton server answers at 127.0.0.1:")
     assert len(down.output.strip().splitlines()) == 1
+
+
+def client_threads() -> int:
+    """Threads of this process that are not the in-process server's (its gRPC workers, stream readers and
+    model.py's request threads) nor the engines' own."""
+    return sum(not t.name.startswith(("kserve", "nemo3-")) for t in threading.enumerate())
+
+
+def test_no_thread_outlives_its_request(server, engine):
+    """tritonclient ends a stream's request-feeding gRPC thread only when its request queue ends: finished,
+    failed, timed-out and cancelled generations must all leave no thread behind."""
+    client = TextClient(server.url)
+    client.check()
+    before = client_threads()
+    client.generate_many([f"a{i} b c" for i in range(12)], RequestOptions(max_tokens=5), concurrency=6)
+    for i in range(6):
+        generation = client.stream(" ".join(f"k{i}z{j}" for j in range(100)), RequestOptions(max_tokens=200))
+        next(generation)
+        generation.cancel()
+        with pytest.raises(RequestFailed):
+            client.generate("x", RequestOptions(max_tokens=0))
+    with pytest.raises(RequestTimeout):
+        TextClient(server.url, timeout=0.2).generate(" ".join(["w"] * 100), RequestOptions(max_tokens=200))
+    assert wait_for(lambda: client_threads() <= before), [t.name for t in threading.enumerate()]
+
+
+def test_model_readiness_follows_the_engine(server, engine):
+    assert TextClient(server.url, model="nemo3").check()
+    engine.closed = True  # an engine that cannot serve any more
+    try:
+        with pytest.raises(ModelNotReady, match="model 'nemo3' is not ready"):
+            TextClient(server.url, model="nemo3").check()
+    finally:
+        engine.closed = False
+
+
+def test_cli_seed_out_of_range_is_one_line(server):
+    result = CliRunner().invoke(cli, ["client", "--url", server.url, "--seed", "-1", "--temperature", "1", "hi"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"Error: seed=-1: model 'ensemble' takes a UINT64 (0 to {2**64 - 1})")

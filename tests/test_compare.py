@@ -20,7 +20,7 @@ from nemo3.quant.calibrate import calibrate
 from nemo3.engines.evaluation.compare import CompareOptions, common_prefix, compare, format_table, score
 from nemo3.quant.data import calibration_windows
 from nemo3.quant.export import export_quantized, export_unquantized
-from nemo3.quant.recipes import RECIPES
+from nemo3.quant.recipes import load_recipe
 
 pytest.importorskip("modelopt.torch.quantization")
 
@@ -36,7 +36,7 @@ def build_checkpoint(source_folder, recipe_name: str, out, windows: torch.Tensor
     """OUT/checkpoint as the quantize stage writes it, for one recipe."""
     source = open_checkpoint(source_folder)
     out.mkdir(parents=True)
-    recipe = RECIPES[recipe_name]
+    recipe = load_recipe(recipe_name)
     if recipe_name == "bf16":
         export_unquantized(source, out)
     else:
@@ -66,6 +66,11 @@ def test_scores_by_hand():
     assert common_prefix(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[0, 2], [3, 4]])).tolist() == [0, 2]
     same = score("r", "p", reference, reference, targets, keep, ref_cont, ref_cont)
     assert same.kl_mean == 0 and same.top1_agreement == 1 and same.greedy_prefix == 4
+    broken = reference.clone()
+    broken[0, 2] = float("nan")  # what an overflowing (or NaN) weight gives: NaN rows "agree" with NaN rows
+    for build_logprobs, ref_logprobs in ((broken, broken), (broken, reference)):
+        with pytest.raises(ValueError, match=r"^p: NaN or inf log-probabilities at 1 of 9 held-out positions"):
+            score("b", "p", build_logprobs, ref_logprobs, targets, keep, cont, ref_cont)
 
 
 def test_compare_cli(tiny_folder, tmp_path):

@@ -217,3 +217,41 @@ def test_activation_fake_quant_matches_modelopt_kernel(dtype):
     expected = torch.tensor([0.0, -1, 1, -2, 2, 4, 4, 0, 0, 6, 1, 2, 3, 4, 4, 6])
     assert torch.equal(ours[2, 32:48].float(), expected)
     assert ours[3].abs().max() == 6 * 448 / 256
+
+
+@triton.jit
+def _modelopt_static_fp4_block(x_ptr, scale_ptr, y_ptr, BLOCK: tl.constexpr):
+    """ModelOpt's `static_blockwise_fp4_fake_quant_kernel`: its `nvfp4_scalar_quant` on one block per program,
+    rounding with ModelOpt's `fp4_round_magnitude` (the NaN/inf guard written without libdevice, which the
+    interpreter lacks)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs).to(tl.float32)
+    scale = tl.load(scale_ptr + tl.program_id(0)).to(tl.float32)
+    zero = scale == 0.0
+    safe = tl.where(zero | (scale != scale) | (tl.abs(scale) == float("inf")), 1.0, scale)
+    rescaled = fp4_round_magnitude(tl.abs(x) / safe) * safe
+    tl.store(y_ptr + offs, tl.where(zero, 0.0, tl.where(x >= 0, rescaled, -rescaled)))
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="needs Triton's interpreter")
+@pytest.mark.parametrize("fp8_max", [448.0, 256.0])  # ModelOpt's default, and four-over-six's normalization
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_fake_quant_matches_modelopts_kernel(dtype, fp8_max):
+    """quant/modelopt_cpu.py, which MSE calibration uses on CPU, against ModelOpt's static-block kernel (in the
+    interpreter) fed ModelOpt's own `compute_fp4_scales`."""
+    from modelopt.torch.kernels.quantization.gemm.fp4_kernel import compute_fp4_scales
+
+    from nemo3.quant.modelopt_cpu import static_fake_quantize
+
+    x = spread(6, 64, seed=5).to(dtype)
+    x[0, :16] = 0.0  # a zero block: zero amax, zero scale
+    x[1, :16] = torch.tensor([0.25, -0.75, 1.25, -1.75, 2.5, 3.5, 5.0, 0.0, -0.0, 6.0, 1, 2, 3, 4, 5, 6]) * 1.5 / 6
+    block_amax = x.float().reshape(-1, 16).abs().amax(-1)
+    amax = block_amax * torch.tensor([1.0, 1.5]).repeat(block_amax.numel() // 2)  # four-over-six picks M=4 (x1.5)
+    amax[4] = 1.5  # the tie block: every value on the grid or a tie
+    ours = static_fake_quantize(x, amax, amax.max(), True, fp8_max, dtype)
+    scale = compute_fp4_scales(amax, amax.max(), True, fp8_max)
+    theirs = torch.empty(x.numel())
+    _modelopt_static_fp4_block[(amax.numel(),)](x.float().contiguous().view(-1), scale.contiguous(), theirs, BLOCK=16)
+    assert ours.dtype == dtype and torch.equal(ours, theirs.view(x.shape).to(dtype))
+    assert (ours[0, :16] == 0).all() and not torch.equal(ours, x)

@@ -21,7 +21,7 @@ from nemo3.export.presets import PRESETS
 from nemo3.export.rank_writer import write_ranks
 from nemo3.export.spec import ModelSpec
 from nemo3.quant.layout import linear_layouts
-from nemo3.quant.recipes import RECIPES
+from nemo3.quant.recipes import load_recipe
 
 GiB = 2**30
 
@@ -52,7 +52,7 @@ def test_planned_bf16_weights_are_the_bytes_written_for_a_transformers_checkpoin
 
 def recipes_of(spec: ModelSpec):
     """formats_for: each precision's built-in recipe (the CLI's default)."""
-    return lambda precision: RECIPES[precision].assign(spec)
+    return lambda precision: load_recipe(precision).assign(spec)
 
 
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
@@ -63,7 +63,7 @@ def test_planned_quantized_weights_are_the_bytes_written(tmp_path, precision):
     layouts = linear_layouts(open_checkpoint(source))
     quantized = {f"{layer}.weight": layout.weight_format for layer, layout in layouts.items()
                  if layout.weight_format != "bf16"}
-    assert quantized == {n: f for n, f in RECIPES[precision].assign(spec).items() if f != "bf16"}
+    assert quantized == {n: f for n, f in load_recipe(precision).assign(spec).items() if f != "bf16"}
     assert {layout.output_scale for layout in layouts.values()} == {None, "k_scale", "v_scale"}
     for tp, moe in [(2, "ep"), (4, "tp")]:
         write_ranks(source, tmp_path / f"ranks{tp}", tp, moe)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,12 +45,15 @@ from nemo3.quant.calibrate import calibrate, load_transformers_model, single_chu
 from nemo3.quant.data import DataError, calibration_windows, read_texts
 from nemo3.quant.export import clean_module_name, export_quantized, export_unquantized
 from nemo3.quant.layout import linear_layouts
-from nemo3.quant.recipes import BF16, FP8, NVFP4, RECIPES, layer_of
+from nemo3.quant.modelopt_cpu import cpu_static_nvfp4
+from nemo3.quant.recipes import BF16, FP8, NVFP4, NVFP4_W4A16, layer_of, load_recipe
 
 pytest.importorskip("modelopt.torch.quantization")
 
 BACKEND = "nemo3-nvfp4"
 RECIPE_NAMES = ["nvfp4", "fp8", "nvfp4-all"]
+# NVIDIA's recipes with MSE calibration (Super: FP8 scale sweep; Lightning: W4A16 with four-over-six), tiny only
+MSE_RECIPE_NAMES = ["nvfp4-mse", "nvfp4-w4a16"]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,7 +76,7 @@ def source_folder(which: str, tiny_folder):
 # ---- the oracle ---------------------------------------------------------------------------------------
 def hf_module_of(layer: str) -> tuple[str, str | None, int | None]:
     """Canonical layer -> (transformers module name, fused expert parameter, expert index)."""
-    name = "model." + layer.removeprefix("backbone.")
+    name = layer if layer == "lm_head" else "model." + layer.removeprefix("backbone.")
     expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)", name)
     return (expert[1], expert[3], int(expert[2])) if expert else (name, None, None)
 
@@ -84,11 +88,34 @@ def exported_weight(ckpt, layout) -> torch.Tensor:
     return fp8.dequantize(get("weight"), get("weight_scale"))
 
 
+def e2m1_value(codes: torch.Tensor) -> torch.Tensor:
+    values = nvfp4.E2M1_VALUES[(codes & 7).long()]
+    return torch.where(codes >= 8, -values, values)
+
+
 def e4m3_step_distance(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """How many E4M3 codes apart two dequantized FP8 tensors are (same sign assumed where both are nonzero)."""
     codes = [(t / scale).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int16) for t in (a, b)]
     magnitude = [(c & 0x7F) * torch.where((c & 0x80) > 0, -1, 1) for c in codes]
     return (magnitude[0] - magnitude[1]).abs()
+
+
+def check_static_nvfp4(ckpt, layer: str, weight: torch.Tensor, quantizer, ours: torch.Tensor) -> None:
+    """An MSE-calibrated (static block scales, four-over-six included) NVFP4 weight: nemo3's packing with the
+    exported scales is the exported tensor bit for bit, and ModelOpt's own fake quantization (on CPU through
+    quant/modelopt_cpu.py) rounds to the same E2M1 values except at exact ties between two of them, where its
+    scale, multiplied out in another order, is one fp32 ulp off and breaks the tie the other way."""
+    packed, block_scale, global_scale = (ckpt.get(f"{layer}.{s}") for s in ("weight", "weight_scale", "weight_scale_2"))
+    assert torch.equal(nvfp4.quantize(weight.to(torch.bfloat16), global_scale, block_scale).packed, packed), layer
+    with cpu_static_nvfp4():
+        theirs = quantizer(weight.clone()).detach()
+    step = (block_scale.float() * global_scale).unsqueeze(-1)
+    blocks = lambda t: t.reshape(*block_scale.shape, 16)  # noqa: E731
+    differ = e2m1_value(nvfp4.e2m1_codes(blocks(theirs) / step)) != e2m1_value(blocks(nvfp4.unpack(packed)))
+    ties = torch.isin((blocks(weight) / step).abs(), torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]))
+    assert not (differ & ~ties).any(), layer
+    same = ~differ.reshape(theirs.shape)
+    assert ((theirs - ours).abs() <= 2**-22 * theirs.abs())[same].all(), layer
 
 
 def make_oracle(calibrated, out) -> tuple[torch.nn.Module, list[float]]:
@@ -111,6 +138,8 @@ def make_oracle(calibrated, out) -> tuple[torch.nn.Module, list[float]]:
             quantizer = getattr(module, f"{fused}_weight_quantizers")[e] if fused else module.weight_quantizer
             assert quantizer.is_enabled, f"{layout.layer}: exported quantized, but ModelOpt did not quantize it"
             ours = exported_weight(ckpt, layout)
+            if layout.weight_format == NVFP4 and quantizer.block_sizes["type"] == "static":
+                check_static_nvfp4(ckpt, layout.layer, weight, quantizer, ours)
             if layout.weight_format == FP8:
                 theirs = quantizer(weight.clone())
                 scale = ckpt.get(f"{layout.layer}.weight_scale")
@@ -126,14 +155,14 @@ def make_oracle(calibrated, out) -> tuple[torch.nn.Module, list[float]]:
     return oracle, fp8_mismatch
 
 
-@pytest.fixture(scope="module", params=[(m, r) for m in ("tiny", "builtin") for r in RECIPE_NAMES],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=[(m, r) for m in ("tiny", "builtin") for r in RECIPE_NAMES]
+                + [("tiny", r) for r in MSE_RECIPE_NAMES], ids=lambda p: f"{p[0]}-{p[1]}")
 def exported(request, tiny_folder, tmp_path_factory):
     """Calibrate, keep a copy of the calibrated model for the oracle, export: what the tests look at."""
     which, name = request.param
     folder = source_folder(which, tiny_folder)
     source = open_checkpoint(folder)
-    recipe = RECIPES[name]
+    recipe = load_recipe(name)
     out = tmp_path_factory.mktemp(f"{which}-{name}") / "checkpoint"
     model = calibrate(folder, recipe, random_windows(source.spec.vocab_size), progress=False)
     kept = copy.deepcopy(model)
@@ -164,14 +193,15 @@ def test_tensor_names_dtypes_and_shapes_follow_the_recipe(exported):
             want[name] = ("F32" if fp32_tensors(name) else "BF16", shape)
             continue
         layer, (rows, cols) = name.removesuffix(".weight"), shape
-        if fmt == NVFP4:
+        if fmt in (NVFP4, NVFP4_W4A16):
             want[name] = ("U8", (rows, cols // 2))
             want[f"{layer}.weight_scale"] = ("F8_E4M3", (rows, cols // 16))
             want[f"{layer}.weight_scale_2"] = ("F32", ())
         else:
             want[name] = ("F8_E4M3", shape)
             want[f"{layer}.weight_scale"] = ("F32", ())
-        want[f"{layer}.input_scale"] = ("F32", ())
+        if fmt != NVFP4_W4A16:
+            want[f"{layer}.input_scale"] = ("F32", ())
     if recipe.kv_cache == "fp8":
         for i in spec.layers_of("*"):
             want[f"backbone.layers.{i}.mixer.k_proj.k_scale"] = ("F32", ())
@@ -180,6 +210,12 @@ def test_tensor_names_dtypes_and_shapes_follow_the_recipe(exported):
     assert stored == want
     assert any(n.startswith("backbone.layers.") and ".experts." in n and v[0] == "U8" for n, v in stored.items()) \
         == (recipe.name != "fp8")
+
+
+def test_every_file_has_the_same_mode(exported):
+    """ModelOpt 0.47 writes its shards 0600; every file of the checkpoint gets the mode the others have."""
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in exported["out"].iterdir()}
+    assert len(set(modes.values())) == 1, modes
 
 
 def test_mtp_tensors_are_carried_in_bf16(exported):
@@ -204,14 +240,14 @@ def test_quant_config_names_are_clean_and_configs_hub_style(exported):
     for pattern in excluded:  # every entry names a module of the checkpoint
         assert pattern == "mtp*" or pattern in modules or any(m.startswith(pattern + ".") for m in modules), pattern
     assert quant["kv_cache_quant_algo"] == "FP8"
-    algo = {NVFP4: "NVFP4", FP8: "FP8"}
-    if recipe.name == "nvfp4":
+    algo = {NVFP4: "NVFP4", NVFP4_W4A16: "W4A16_NVFP4", FP8: "FP8"}
+    if recipe.modelopt is not None:
         assert quant["quant_algo"] == "MIXED_PRECISION"
         expected = {}
         for name, fmt in recipe.assign(spec).items():
             layer = layer_of(name)
-            if layer and fmt != BF16:  # a layer's fused experts are listed once, as `...mixer.experts`
-                expected[re.sub(r"\.experts\.\d+\..*", ".experts", layer)] = algo[fmt]
+            if layer and fmt != BF16:  # every expert projection, as NVIDIA's checkpoints list them
+                expected[layer] = algo[fmt]
         assert {k: v["quant_algo"] for k, v in quant["quantized_layers"].items()} == expected
     else:
         assert quant["quant_algo"] == algo[recipe.layers[-1].format]
@@ -394,3 +430,40 @@ def test_calibration_windows_from_text_and_jsonl(tiny_folder, tmp_path):
         calibration_windows(tiny_folder, spec, jsonl, samples=1, seq_len=4096)
     windows, source = calibration_windows(tiny_folder, spec, None, samples=2, seq_len=64)
     assert windows.shape == (2, 64) and "train split" in source
+
+
+# ---- hf_quant_config.json as NVIDIA publishes it ---------------------------------------------------------
+PUBLISHED_SUPER = Path(__file__).with_name("data") / "super_nvfp4_hf_quant_config.json"
+
+
+def layer_kind(module: str) -> str:
+    """`backbone.layers.1.mixer.experts.511.up_proj` -> `backbone.layers.N.mixer.experts.E.up_proj`."""
+    return re.sub(r"\.experts\.\d+\.", ".experts.E.", re.sub(r"^backbone\.layers\.\d+\.", "backbone.layers.N.", module))
+
+
+def test_hf_quant_config_has_the_published_super_nvfp4_structure(exported):
+    """tests/data/super_nvfp4_hf_quant_config.json is the structure of nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4's
+    hf_quant_config.json, written from its documented form (ModelOpt's Super recipe header, and the excerpts that
+    TensorRT-LLM, vLLM and SGLang test their loaders with): MIXED_PRECISION, FP8 KV cache, and `quantized_layers`
+    naming every routed expert's up_proj and down_proj (NVFP4, group 16), the shared experts and the Mamba
+    in/out projections (FP8). A build with NVIDIA's Super layout writes the same structure, for every expert
+    of every MoE layer."""
+    if exported["recipe"].name not in ("nvfp4", "nvfp4-mse"):
+        pytest.skip("the Super layout")
+    published = json.loads(PUBLISHED_SUPER.read_text())
+    ours = json.loads((exported["out"] / QUANT_CONFIG_FILE).read_text())
+    assert set(ours) == set(published) | {"nemo3"} and ours["producer"]["name"] == published["producer"]["name"]
+    for key in ("quant_algo", "kv_cache_quant_algo"):
+        assert ours["quantization"][key] == published["quantization"][key]
+    kinds = {layer_kind(m): v for m, v in published["quantization"]["quantized_layers"].items()}
+    our_kinds = {}
+    for module, value in ours["quantization"]["quantized_layers"].items():
+        our_kinds.setdefault(layer_kind(module), []).append(value)
+    assert set(our_kinds) == set(kinds)
+    assert all(all(v == kinds[kind] for v in values) for kind, values in our_kinds.items())
+    spec = exported["source"].spec
+    expert_keys = {m for m in ours["quantization"]["quantized_layers"] if ".experts." in m}
+    assert expert_keys == {f"backbone.layers.{i}.mixer.experts.{e}.{proj}" for i in spec.layers_of("E")
+                           for e in range(spec.n_routed_experts) for proj in ("up_proj", "down_proj")}
+    config = json.loads((exported["out"] / "config.json").read_text())["quantization_config"]
+    assert {m for m in config["quantized_layers"] if ".experts." in m} == expert_keys

@@ -11,8 +11,12 @@ import torch
 import yaml
 from conftest import hf_model, make_config
 
+from nemo3.quant.modelopt_cpu import cpu_static_nvfp4
+
 from nemo3.export.names import expected_tensors
 from nemo3.export.spec import ModelSpec
+from nemo3.quant.modelopt_recipes import shipped
+from nemo3.quant.recipe_tables import ALIASES
 from nemo3.quant.recipes import RECIPES, Recipe, RecipeError, Rule, load_recipe
 
 # the tiny model with a shared-expert width that NVFP4 blocks divide, so every recipe applies
@@ -71,7 +75,7 @@ def test_builtin_tables(model):
                       "out_proj": "nvfp4", "q_proj": "nvfp4", "o_proj": "nvfp4", "fc1_latent_proj": "nvfp4"},
     }
     for name, want in expected.items():
-        assignment = RECIPES[name].assign(spec)
+        assignment = load_recipe(name).assign(spec)
         assert set(assignment) == set(expected_tensors(spec))
         kinds = formats_by_kind(assignment)
         for kind, fmt in want.items():
@@ -79,12 +83,12 @@ def test_builtin_tables(model):
                 assert kinds[kind] == {fmt}, (name, kind)
         for kind in NEVER_QUANTIZED:
             assert kinds.get(kind, {"bf16"}) == {"bf16"}, (name, kind)
-    assert RECIPES["nvfp4"].kv_cache == "fp8" and RECIPES["bf16"].kv_cache == "bf16"
+    assert load_recipe("nvfp4").kv_cache == "fp8" and RECIPES["bf16"].kv_cache == "bf16"
     assert {r.ssm_state for r in RECIPES.values()} == {"float32"}
 
 
 def test_format_of_names_and_tensors():
-    recipe = RECIPES["nvfp4"]
+    recipe = load_recipe("nvfp4")
     assert recipe.format_of("backbone.layers.7.mixer.experts.511.down_proj") == "nvfp4"
     assert recipe.format_of("backbone.layers.7.mixer.experts.511.down_proj.weight") == "nvfp4"
     assert recipe.format_of("backbone.layers.0.mixer.in_proj.weight") == "fp8"
@@ -165,7 +169,7 @@ def test_nvfp4_needs_whole_blocks():
     # conftest's shared experts are 24 wide: their down_proj cannot be NVFP4 (ModelOpt's export refuses it too)
     with pytest.raises(RecipeError, match=r"shared_experts\.down_proj\.weight \[32, 24\] cannot be nvfp4"):
         RECIPES["nvfp4-all"].assign(spec_of(make_config("latent_grouped")))
-    RECIPES["nvfp4"].assign(spec_of(make_config("latent_grouped")))  # FP8 there: fine
+    load_recipe("nvfp4").assign(spec_of(make_config("latent_grouped")))  # FP8 there: fine
 
 
 def test_modelopt_cfg_errors():
@@ -179,8 +183,8 @@ def test_modelopt_cfg_errors():
 
 
 def test_modelopt_cfg_compact_for_super():
-    cfg = RECIPES["nvfp4"].to_modelopt_quant_cfg(real_spec("super"))
-    assert len(cfg["quant_cfg"]) == 14  # deny-all, 2 x 6 layer kinds, KV: one entry per kind, not per layer
+    cfg = RECIPES["nvfp4-conservative"].to_modelopt_quant_cfg(real_spec("super"))
+    assert len(cfg["quant_cfg"]) == 10  # deny-all, 2 x 4 layer kinds, KV: one entry per kind, not per layer
     assert cfg["algorithm"] == "max"
 
 
@@ -192,7 +196,7 @@ def test_quantizer_attributes_are_modelopts_presets():
         return Attributes(**next(e["cfg"] for e in cfg["quant_cfg"] if e["quantizer_name"] == name))
 
     entries = {e["quantizer_name"]: Attributes(**e["cfg"])
-               for e in RECIPES["nvfp4"].to_modelopt_quant_cfg(spec_of(TINY))["quant_cfg"] if "cfg" in e}
+               for e in NVFP4_TABLE.to_modelopt_quant_cfg(spec_of(TINY))["quant_cfg"] if "cfg" in e}
     experts = "model.layers.*.mixer.experts."
     assert entries[experts + "up_proj_weight_quantizer"] == preset(NVFP4_DEFAULT_CFG, "*weight_quantizer")
     assert entries[experts + "down_proj_input_quantizer"] == preset(NVFP4_DEFAULT_CFG, "*input_quantizer")
@@ -237,6 +241,11 @@ def intended_quantizers(recipe: Recipe, spec: ModelSpec) -> dict[str, str]:
     return out
 
 
+# NVIDIA's Super NVFP4 layout as a nemo3 table (what `nvfp4` was before it became ModelOpt's own file)
+NVFP4_TABLE = Recipe("nvfp4-table", (Rule("backbone.layers.*.mixer.experts.*", "nvfp4"),
+                                     Rule("backbone.layers.*.mixer.shared_experts.*", "fp8"),
+                                     Rule("backbone.layers.*.mixer.in_proj", "fp8"),
+                                     Rule("backbone.layers.*.mixer.out_proj", "fp8")), kv_cache="fp8")
 MIXED = Recipe("mixed", (Rule("backbone.layers.1.mixer.experts.*", "nvfp4_w4a16"),
                          Rule("backbone.layers.4.mixer.experts.*", "nvfp4"),
                          Rule("backbone.layers.0.mixer.in_proj", "fp8"),
@@ -244,20 +253,91 @@ MIXED = Recipe("mixed", (Rule("backbone.layers.1.mixer.experts.*", "nvfp4_w4a16"
                          Rule("lm_head", "fp8")), kv_cache="bf16")
 
 
-@pytest.mark.parametrize("name", [*RECIPES, "mixed"])
+NVIDIA_CAN_BUILD = [name for name in shipped() if "Nano-4B" not in name]
+
+
+@pytest.mark.parametrize("name", [*RECIPES, "mixed", "nvfp4-table", *NVIDIA_CAN_BUILD])
 def test_quant_cfg_enables_exactly_the_recipe(name):
-    recipe = MIXED if name == "mixed" else RECIPES[name]
+    """ModelOpt itself, applying the recipe's config to transformers' model, is the oracle for which layer
+    gets which format (for NVIDIA's recipes: for nemo3's reading of ModelOpt's pattern matching)."""
+    recipe = {"mixed": MIXED, "nvfp4-table": NVFP4_TABLE}.get(name) or load_recipe(name)
     spec = spec_of(TINY)
-    enabled = quantized(TINY, recipe.to_modelopt_quant_cfg(spec))
+    with cpu_static_nvfp4():
+        enabled = quantized(TINY, recipe.to_modelopt_quant_cfg(spec))
     intended = intended_quantizers(recipe, spec)
     assert set(enabled) == set(intended)
+    static = recipe.modelopt is not None and recipe.modelopt.quantize["algorithm"]["method"] == "mse"
     for qname, fmt in intended.items():
         q = enabled[qname]
         if fmt.startswith("nvfp4"):
-            assert q.num_bits == (2, 1) and q.block_sizes[-1] == 16 and q.block_sizes["type"] == "dynamic"
+            dynamic_weight = qname.endswith("input_quantizer") or not static
+            assert q.num_bits == (2, 1) and q.block_sizes[-1] == 16
+            assert q.block_sizes["type"] == ("dynamic" if dynamic_weight else "static"), qname
         else:
             assert q.num_bits == (4, 3) and q.block_sizes is None and q.axis is None
         assert q.amax is not None, f"{qname} was not calibrated"
+
+
+def test_nvfp4_is_nvidias_super_layout():
+    """The `nvfp4` alias runs ModelOpt's Super nvfp4-max-calib file: the same layer formats as the table it
+    replaced, on every model shape."""
+    for spec in (spec_of(TINY), real_spec("nano"), real_spec("super")):
+        assert load_recipe("nvfp4").assign(spec) == NVFP4_TABLE.assign(spec)
+    assert load_recipe("nvfp4").modelopt.name == ALIASES["nvfp4"]
+    assert load_recipe("nvfp4").to_modelopt_quant_cfg(spec_of(TINY))["algorithm"] == {"method": "max"}
+
+
+def test_every_shipped_nemotron_recipe_builds_or_says_why():
+    """Every NVIDIA Nemotron 3 PTQ recipe ModelOpt ships fits the built-in model, except Nano 4B's, which
+    quantizes the embedding (NVFP4 W4A16): refused in one line that says so."""
+    from nemo3.export.builtin import BUILTIN_DIR
+    from nemo3.export.checkpoint import open_checkpoint
+
+    spec = open_checkpoint(BUILTIN_DIR).spec
+    assert len(shipped()) >= 5 and all(name.startswith("nvidia/NVIDIA-Nemotron-3") for name in shipped())
+    assert set(ALIASES.values()) <= set(shipped())
+    for name in shipped():
+        recipe = load_recipe(name)
+        if name in NVIDIA_CAN_BUILD:
+            cfg = recipe.to_modelopt_quant_cfg(spec)
+            assert set(recipe.assign(spec).values()) - {"bf16"}, name
+            assert cfg["algorithm"]["method"] in ("max", "mse"), name
+            continue
+        with pytest.raises(RecipeError) as err:
+            recipe.to_modelopt_quant_cfg(spec)
+        assert str(err.value) == (f"recipe {name}: quantizes the embedding (weight_quantizer), which nemo3 keeps BF16: "
+                                  "its runtime has no quantized embedding or conv1d")
+
+
+def test_nano_4b_recipe_does_quantize_the_embedding():
+    """The refusal above is true: ModelOpt, given Nano 4B's config, quantizes transformers' embedding."""
+    name = next(n for n in shipped() if "Nano-4B" in n)
+    enabled = quantized(TINY, copy.deepcopy(load_recipe(name).modelopt.quantize))
+    assert "model.embeddings.weight_quantizer" in enabled
+
+
+def test_w4a16_recipe_is_nvfp4_weight_only():
+    recipe = load_recipe("nvfp4-w4a16")
+    kinds = formats_by_kind(recipe.assign(real_spec("super")))
+    assert kinds["experts.up_proj"] == kinds["shared_experts.down_proj"] == kinds["lm_head"] == {"nvfp4_w4a16"}
+    assert kinds["in_proj"] == {"fp8"} and kinds["q_proj"] == kinds["fc1_latent_proj"] == kinds["mtp"] == {"bf16"}
+    assert recipe.kv_cache == "fp8"
+    assert recipe.to_modelopt_quant_cfg(real_spec("nano"))["algorithm"]["stop_multiplier"] == 1.5  # four over six
+
+
+def test_modelopt_recipe_by_path_and_bad_files(tmp_path):
+    path = shipped()[ALIASES["nvfp4-mse"]]
+    by_path = load_recipe(path)
+    assert by_path.modelopt.quantize == load_recipe("nvfp4-mse").modelopt.quantize and by_path.name == "nvfp4-mse"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("metadata: {recipe_type: ptq}\nquantize: {quant_cfg: 5}\n")
+    with pytest.raises(RecipeError, match="bad.yaml: ModelOpt cannot load it"):
+        load_recipe(bad)
+    int8 = tmp_path / "int8.yaml"
+    int8.write_text("metadata: {recipe_type: ptq}\nquantize:\n  quant_cfg:\n    - {quantizer_name: '*', enable: false}\n"
+                    "    - {quantizer_name: '*mixer.in_proj.weight_quantizer', cfg: {num_bits: 8, axis: 0}}\n")
+    with pytest.raises(RecipeError, match=r"backbone.layers.0.mixer.in_proj weight: num_bits=8 .* neither NVFP4"):
+        load_recipe(int8).assign(spec_of(TINY))
 
 
 def test_nvfp4_all_is_modelopts_stock_nvfp4():
@@ -266,3 +346,19 @@ def test_nvfp4_all_is_modelopts_stock_nvfp4():
     stock["quant_cfg"] += mtq.FP8_KV_CFG["quant_cfg"]
     ours = RECIPES["nvfp4-all"].to_modelopt_quant_cfg(spec_of(TINY))
     assert set(quantized(TINY, ours)) == set(quantized(TINY, stock))
+
+
+def test_recipes_command_lists_every_recipe_once():
+    from click.testing import CliRunner
+
+    from nemo3.cli.main import main as cli
+
+    result = CliRunner().invoke(cli, ["recipes"])
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == [*RECIPES, *ALIASES, *shipped()]
+    by_name = dict(zip(names, lines))
+    assert "[alias of nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16/ptq/nvfp4-mse] mse, FP8 scale sweep calibration" \
+        in by_name["nvfp4-mse"]
+    assert "[ModelOpt] mse, four over six calibration: Lightning" in by_name[ALIASES["nvfp4-w4a16"]]

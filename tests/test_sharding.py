@@ -19,7 +19,7 @@ from nemo3.export.rank_writer import write_ranks
 from nemo3.export.sharding import ShardError, check_tp, rank_layout, shard_tensor, valid_tp
 from nemo3.export.spec import ModelSpec
 from nemo3.quant import fp8, nvfp4
-from nemo3.quant.recipes import RECIPES
+from nemo3.quant.recipes import load_recipe
 
 # Every count divides by 4 and every `in` dimension split by columns holds whole 16-value NVFP4
 # blocks at tp 4: attention q 4 x 16, Mamba I = 8 x 8 in 4 groups, intermediate sizes 64.
@@ -36,8 +36,8 @@ def make_tensors(spec: ModelSpec, recipe: str, seed: int = 0) -> dict[str, torch
     """A checkpoint's tensors as a ModelOpt export of `recipe` lays them out (quant/layout.py): random
     weights, quantized with our NVFP4/FP8 numerics where the recipe says, KV-cache scales included."""
     g = torch.Generator().manual_seed(seed)
-    formats = RECIPES[recipe].assign(spec)
-    layout = checkpoint_tensors(spec, formats, RECIPES[recipe].kv_cache)
+    formats = load_recipe(recipe).assign(spec)
+    layout = checkpoint_tensors(spec, formats, load_recipe(recipe).kv_cache)
     out = {}
     for name, shape in expected_tensors(spec).items():
         w, head = torch.randn(shape, generator=g), name[: -len("weight")]
@@ -168,7 +168,7 @@ def test_non_divisible_splits_name_the_dimension_and_the_valid_tp_values():
     with pytest.raises(ShardError, match="16-value NVFP4 blocks"):
         shard_tensor(name[:-len("weight")] + "weight_scale", q.block_scale, spec, 4, 0, "tp")
     assert shard_tensor(name, q.packed, spec, 4, 0, "ep") is not None  # whole experts: nothing to cut
-    assert valid_tp(spec, "tp", checkpoint_tensors(spec, RECIPES["nvfp4"].assign(spec))) == [1, 2]
+    assert valid_tp(spec, "tp", checkpoint_tensors(spec, load_recipe("nvfp4").assign(spec))) == [1, 2]
     with pytest.raises(ShardError, match="no sharding rule"):
         shard_tensor("backbone.layers.0.mixer.mystery.weight", torch.zeros(2), spec, 2, 0)
 

@@ -58,3 +58,16 @@ def test_bench_through_the_server(server):
                                       str(server.repository.parent / "bench")])
     assert result.exit_code == 0, result.output
     assert "| triton ensemble at" in result.output
+
+
+def test_cuda_repository_on_a_machine_without_cuda_is_one_line(checkpoint, tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # model.py sets it for its instance; restored afterwards
+    write_repository(tmp_path / "repo", RepositoryOptions(device="cuda", build_dir=str(checkpoint)))
+    with pytest.raises(Exception, match=r"/repo/nemo3: nemo3: device='cuda', but torch .* sees no CUDA device here") as info:
+        DevServer(tmp_path / "repo").start()
+    assert type(info.value.__cause__).__name__ == "TritonModelException" and "\n" not in str(info.value)
+    assert 'config.pbtxt parameter device to "cpu"' in str(info.value)

@@ -19,7 +19,7 @@ from nemo3.cli.main import main as cli
 from nemo3.pipeline import BuildOptions, run_stages
 from nemo3.triton_repo import generate as generate_module
 from nemo3.triton_repo.generate import HEADER, RepositoryOptions, write_repository
-from nemo3.triton_repo.validate import RepositoryError, check_repository, validate_repository
+from nemo3.triton_repo.validate import LLMAPI_SOURCE, RepositoryError, check_repository, validate_repository
 
 # TensorRT-LLM's text-level tensors (triton_backend/all_models/inflight_batcher_llm/ensemble/config.pbtxt)
 TRTLLM_ENSEMBLE = {"text_input": "TYPE_STRING", "max_tokens": "TYPE_INT32", "stream": "TYPE_BOOL",
@@ -87,10 +87,16 @@ def test_every_generated_config_parses_into_triton_model_config(tmp_path, checkp
         assert tensors(model) == TRTLLM_LLMAPI
     else:
         assert tensors(model) == ours and {"think_budget", "num_speculative_tokens", "acceptance_length"} <= set(ours)
-    report = validate_repository(repo)
+    report = validate_repository(repo, complete=False)
     assert report.errors == []
     assert report.notes == (["triton_repo/tensorrt_llm/1/model.py: not there yet; copy TensorRT-LLM's LLM-API "
                              "model.py and helpers.py into it (README.md)"] if target == "trtllm" else [])
+    if target == "trtllm":  # as a server would load it: TensorRT-LLM's model code is missing
+        version = repo / "tensorrt_llm" / "1"
+        assert validate_repository(repo).errors == [
+            f"triton_repo/tensorrt_llm/1: missing model.py and helpers.py (TensorRT-LLM's LLM-API Triton model, from "
+            f"the container's TensorRT-LLM release); copy them: cp {LLMAPI_SOURCE}/model.py {LLMAPI_SOURCE}/helpers.py "
+            f"{version}/"]
 
 
 def test_llmapi_model_yaml_uses_tensorrt_llm_argument_names(tmp_path, checkpoint_dir):
@@ -212,6 +218,23 @@ def test_validate_repo_command(tmp_path):
     assert "error: triton_repo/nemo3/1: no model.py for the python backend" in bad.stderr
     assert bad.stderr.strip().splitlines()[-1] == (f"Error: {repo}: 1 problem(s); the first: triton_repo/nemo3/1: "
                                                    "no model.py for the python backend")
+
+
+def test_validate_repo_command_needs_tensorrt_llms_model_code(tmp_path, checkpoint_dir):
+    repo = generate(tmp_path, target="trtllm", checkpoint=checkpoint_dir)
+    version = repo / "tensorrt_llm" / "1"
+    bad = CliRunner().invoke(cli, ["validate-repo", str(repo)])
+    assert bad.exit_code == 1
+    assert (f"error: triton_repo/tensorrt_llm/1: missing model.py and helpers.py (TensorRT-LLM's LLM-API Triton "
+            f"model, from the container's TensorRT-LLM release); copy them: cp {LLMAPI_SOURCE}/model.py "
+            f"{LLMAPI_SOURCE}/helpers.py {version}/") in bad.stderr
+    (version / "model.py").write_text("# TensorRT-LLM's\n")
+    bad = CliRunner().invoke(cli, ["validate-repo", str(repo)])
+    assert bad.exit_code == 1 and "missing helpers.py" in bad.stderr and f"cp {LLMAPI_SOURCE}/helpers.py {version}/" \
+        in bad.stderr
+    (version / "helpers.py").write_text("# TensorRT-LLM's\n")
+    ok = CliRunner().invoke(cli, ["validate-repo", str(repo)])
+    assert ok.exit_code == 0 and ok.stdout == f"{repo}: ok (ensemble, tensorrt_llm)\n"
 
 
 def test_stage_writes_a_valid_repository_and_skips_when_unchanged(tmp_path):

@@ -104,7 +104,7 @@ class Generation:
         self.url, self.model, self.timeout = url, model, timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._queue: queue.Queue = queue.Queue()
-        self._done = False
+        self._done = self._finished = False  # _finished: the server sent the final response
         self._client = grpcclient.InferenceServerClient(url)
         self._client.start_stream(callback=lambda result, error: self._queue.put((result, error)),
                                   stream_timeout=timeout)
@@ -128,6 +128,7 @@ class Generation:
                 raise RequestFailed(f"{self.model} at {self.url}: {_first_line(error)}")
             chunk = self._chunk(result)
             if chunk.final:
+                self._finished = True
                 self.cancel()
             if chunk.text or chunk.finish_reason or chunk.num_output_tokens is not None:
                 return chunk
@@ -153,11 +154,24 @@ class Generation:
                      value("num_output_tokens", int), value("acceptance_length", float), final)
 
     def cancel(self) -> None:
-        """End the stream; a request still running is cancelled on the server. No-op once finished."""
-        if not self._done:
-            self._done = True
+        """End the stream; a request still running is cancelled on the server. No-op once finished.
+
+        tritonclient 2.73 feeds the gRPC request stream from a queue that a gRPC thread reads until it finds
+        None. `stop_stream(cancel_requests=False)` puts that None (and waits for the server to end the
+        stream: at once after a final response); `cancel_requests=True` cancels the call but never puts it,
+        which leaves that thread blocked for the life of the process. So a cancel mid-stream ends the
+        request queue itself after cancelling."""
+        if self._done:
+            return
+        self._done = True
+        if self._finished:
+            self._client.stop_stream(cancel_requests=False)
+        else:
+            stream = self._client._stream  # tritonclient's _InferStream, whose request queue must be ended
             self._client.stop_stream(cancel_requests=True)
-            self._client.close()
+            if stream is not None:
+                stream._request_queue.put(None)
+        self._client.close()
 
     def __enter__(self) -> "Generation":
         return self
@@ -210,7 +224,14 @@ class TextClient:
             if datatype == "BYTES":
                 array = np.array([str(v).encode("utf-8") for v in values], dtype=np.object_)
             else:
-                array = np.array(values, dtype=triton_to_np_dtype(datatype))
+                dtype = np.dtype(triton_to_np_dtype(datatype))
+                if dtype.kind in "iu":  # numpy raises a bare OverflowError for a value the type cannot hold
+                    info = np.iinfo(dtype)
+                    for v in values:
+                        if not info.min <= v <= info.max:
+                            raise ValueError(f"{name}={v}: model {self.model!r} takes a {datatype} "
+                                             f"({info.min} to {info.max})")
+                array = np.array(values, dtype=dtype)
             tensor = grpcclient.InferInput(name, list(array.shape), datatype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)

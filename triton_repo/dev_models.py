@@ -182,6 +182,18 @@ class ServedModel:
             return
         deliver(None, None, True)
 
+    def ready(self) -> bool:
+        """As Triton's Python backend: the model's own `is_ready()` when it defines one (a failing check is not
+        ready), else ready once loaded; an ensemble is ready when its steps are."""
+        if self.config.platform == "ensemble":
+            return all(self.models[s.model_name].ready() for s in self.steps)
+        if self.instance is None or not hasattr(self.instance, "is_ready"):
+            return True
+        try:
+            return self.instance.is_ready() is True
+        except Exception:  # noqa: BLE001  (a model whose readiness check raises is not ready)
+            return False
+
     def close(self) -> None:
         if self.instance is not None and hasattr(self.instance, "finalize"):
             self.instance.finalize()

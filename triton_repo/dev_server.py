@@ -14,7 +14,8 @@ Triton does wherever a client can tell:
 - ServerMetadata lists the extensions implemented, `statistics` among them, and ModelStatistics
   returns per-model counts (dev_stats.py).
 
-RPCs: ServerLive, ServerReady, ServerMetadata, ModelReady, ModelMetadata, ModelConfig,
+RPCs: ServerLive, ServerReady, ServerMetadata, ModelReady (a Python model's `is_ready()` when it has one, as
+Triton's Python backend), ModelMetadata, ModelConfig,
 ModelStatistics, ModelInfer, ModelStreamInfer.
 
     with DevServer("deploy/triton_repo") as server:
@@ -68,7 +69,7 @@ class DevServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         except Exception:
             self.stop()
             raise
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers))
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kserve"))
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self, self._server)
         self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
         self._server.start()
@@ -103,7 +104,8 @@ class DevServer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
 
     def ModelReady(self, request, context):
-        return service_pb2.ModelReadyResponse(ready=request.name in self.models)
+        model = self.models.get(request.name)
+        return service_pb2.ModelReadyResponse(ready=model is not None and model.ready())
 
     def _model(self, name: str, context) -> ServedModel:
         if name not in self.models:

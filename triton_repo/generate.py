@@ -238,8 +238,8 @@ def _nemo3_install() -> tuple[str, Path | None]:
     """The pip argument that installs this nemo3 where Triton runs, and the folder to mount for it."""
     root = Path(__file__).resolve().parent.parent
     if (root / "pyproject.toml").exists():  # a source checkout
-        return f"{root}[serve]", root
-    return f"nemo3[serve]=={__version__}", None
+        return str(root), root
+    return f"nemo3=={__version__}", None
 
 
 def _readme_nemo3(opts: RepositoryOptions, repo: Path) -> list[str]:

@@ -14,8 +14,10 @@ Requests carry TensorRT-LLM's text-level tensors (text_input, max_tokens, stream
 top_k, top_p, seed, stop_words, exclude_input_in_output, min_tokens) plus think_budget and
 num_speculative_tokens. Each request is served on its own thread: with `stream` true every runtime
 delta becomes a response, otherwise one response carries the whole text; the last response has
-the FINAL flag and the counts. A watcher thread cancels in the runtime every request Triton marks
-cancelled (client gone, stream cancelled, deadline passed).
+the FINAL flag and the counts. A request the engine refuses or fails gets an error response and the
+engine serves on; `is_ready` (Triton's model readiness) turns false if it cannot. A watcher thread
+cancels in the runtime every request Triton marks cancelled (client gone, stream cancelled,
+deadline passed).
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class TritonPythonModel:
             threading.Thread(target=self._serve, args=(request,), name="nemo3-request", daemon=True).start()
         return None
 
+    def is_ready(self):
+        """Triton's model readiness (the Python backend asks it for v2/models/<model>/ready): False once the
+        engine cannot serve any request."""
+        return bool(self.engine.ready())
+
     def finalize(self):
         self.stopping.set()
         self.watcher.join()
@@ -134,8 +141,8 @@ class TritonPythonModel:
         try:
             for delta in self.engine.stream(prompt, params, request_id):
                 reason = delta.finish_reason.value if delta.finish_reason is not None else ""
-                if reason == "refused":
-                    error = pb_utils.TritonError(delta.stats.get("error", "request refused"))
+                if reason in ("refused", "error"):  # never servable, or its step failed: this request's error
+                    error = pb_utils.TritonError(f"nemo3: {delta.stats.get('error', f'request {reason}')}")
                     sender.send(pb_utils.InferenceResponse(error=error), flags=final)
                     return
                 text = delta.text if stream else text + delta.text

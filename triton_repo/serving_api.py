@@ -1,9 +1,9 @@
 """The one interface between nemo3's Triton model (`model.py`) and the nemo3 runtime.
 
 `model.py` knows nothing of executors, schedulers or ranks. It loads an engine once per model
-instance through an *engine factory* named in `config.pbtxt` (parameter `server_factory`, an import
-spec `"module:function"`, default `DEFAULT_SERVER_FACTORY`) and then only calls the three methods
-of `Server`:
+instance through a *server factory* named in `config.pbtxt` (parameter `server_factory`, an import
+spec `"module:function"`, default `DEFAULT_SERVER_FACTORY`) and then only calls the methods
+of `Server` (and asks `ready` whenever Triton checks the model's readiness):
 
     factory(build_dir: Path, device: str, tp: int) -> Server
         build_dir: the build output folder (build.json, ranks/, engines/, checkpoint/).
@@ -20,12 +20,17 @@ of `Server`:
         `finished=True`, the last, carrying `finish_reason` and `stats` with at least
         "input_tokens" and "output_tokens", plus "acceptance_length" (tokens per verify step) when
         MTP speculation ran. A request the engine can never serve ends with
-        `finish_reason=REFUSED` and `stats["error"]` (one line). Invalid parameters raise
-        ValueError before the first delta.
+        `finish_reason=REFUSED` and `stats["error"]` (one line); one whose step raised ends with
+        `finish_reason=ERROR` and `stats["error"]`, and the engine serves on. Invalid parameters
+        raise ValueError (one line naming the field) before the first delta.
 
     engine.cancel(request_id: str) -> bool
         Thread-safe. The request's stream ends soon with a final delta whose finish_reason is
         CANCELLED and its state is freed. False if the id is unknown or already finished.
+
+    engine.ready() -> bool
+        Thread-safe and cheap. False once the engine cannot serve any request (its serving thread
+        stopped, or its device keeps failing); Triton then reports the model not ready.
 
     engine.close() -> None
         Stop the ranks and free the memory (Triton's `finalize`).
@@ -55,6 +60,8 @@ class Server(Protocol):
     def stream(self, prompt: str, params: GenerationParams, request_id: str) -> Iterator[Delta]: ...
 
     def cancel(self, request_id: str) -> bool: ...
+
+    def ready(self) -> bool: ...
 
     def close(self) -> None: ...
 

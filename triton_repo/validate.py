@@ -19,6 +19,9 @@ PLACEHOLDER = re.compile(r"\$\{[^}]*\}")
 PATH_KEY_SUFFIXES = ("_dir", "_path", "_file", "_filename")
 MAMBA_SSM_CACHE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 SPECULATIVE_DECODING_TYPES = ("MTP", "Eagle", "Eagle3", "NGram", "Draft_Target", "PARD", "AUTO", "Medusa")
+# TensorRT-LLM's LLM-API Triton model: a `tensorrt_llm/1/` next to a model.yaml needs these, copied by hand
+LLMAPI_FILES = ("model.py", "helpers.py")
+LLMAPI_SOURCE = "TensorRT-LLM/triton_backend/all_models/llmapi/tensorrt_llm/1"
 
 
 class RepositoryError(ValueError):
@@ -79,9 +82,11 @@ def parse_model_config(path: Path, label: str | None = None):
         raise RepositoryError(f"{label}:{line_no}: {name or '?'}: {detail}") from None
 
 
-def validate_repository(folder: str | Path, label: str | None = None) -> RepositoryReport:
+def validate_repository(folder: str | Path, label: str | None = None, complete: bool = True) -> RepositoryReport:
     """Collect every problem of the repository at `folder` (nothing raised for a bad config).
-    Messages name files as `<label>/<model>/config.pbtxt` (label: the folder's name)."""
+    Messages name files as `<label>/<model>/config.pbtxt` (label: the folder's name). `complete=False`:
+    a TensorRT-LLM model folder may still lack the model code copied in by hand (a note, not an error;
+    how the build checks the repository it just wrote)."""
     folder = Path(folder)
     report = RepositoryReport(folder, label or folder.name)
     if not folder.is_dir():
@@ -100,14 +105,14 @@ def validate_repository(folder: str | Path, label: str | None = None) -> Reposit
     if not report.models and not report.errors:
         report.errors.append(f"{folder}: no models (folders with a config.pbtxt)")
     for name, config in report.models.items():
-        checker = _ModelChecker(report, folder / name, config)
+        checker = _ModelChecker(report, folder / name, config, complete)
         checker.check()
     return report
 
 
-def check_repository(folder: str | Path, label: str | None = None) -> RepositoryReport:
+def check_repository(folder: str | Path, label: str | None = None, complete: bool = True) -> RepositoryReport:
     """`validate_repository`, raising RepositoryError on the first problem."""
-    return validate_repository(folder, label).raise_for_errors()
+    return validate_repository(folder, label, complete).raise_for_errors()
 
 
 def _type_name(data_type: int) -> str:
@@ -121,8 +126,8 @@ def _dims_compatible(a, b) -> bool:
 
 
 class _ModelChecker:
-    def __init__(self, report: RepositoryReport, model_dir: Path, config):
-        self.report, self.dir, self.config = report, model_dir, config
+    def __init__(self, report: RepositoryReport, model_dir: Path, config, complete: bool = True):
+        self.report, self.dir, self.config, self.complete = report, model_dir, config, complete
         self.label = f"{report.label}/{model_dir.name}/config.pbtxt"
 
     def error(self, field_: str, problem: str, file: str | None = None) -> None:
@@ -206,15 +211,27 @@ class _ModelChecker:
             where = f"{self.report.label}/{self.dir.name}/{version.name}"
             if (version / "model.yaml").exists():
                 self._check_model_yaml(version / "model.yaml", f"{where}/model.yaml")
-            if self.config.backend == "python":
-                filename = self.config.default_model_filename or "model.py"
-                if (version / filename).exists():
-                    continue
-                if (version / "model.yaml").exists():
-                    self.report.notes.append(f"{where}/{filename}: not there yet; copy TensorRT-LLM's LLM-API "
-                                             "model.py and helpers.py into it (README.md)")
-                else:
-                    self.report.errors.append(f"{where}: no {filename} for the python backend")
+            if self.config.backend != "python":
+                continue
+            if (version / "model.yaml").exists():
+                self._check_llmapi_code(version, where)
+                continue
+            filename = self.config.default_model_filename or "model.py"
+            if not (version / filename).exists():
+                self.report.errors.append(f"{where}: no {filename} for the python backend")
+
+    def _check_llmapi_code(self, version: Path, where: str) -> None:
+        """TensorRT-LLM's LLM-API model.py and helpers.py, which the repository cannot ship."""
+        missing = [name for name in LLMAPI_FILES if not (version / name).exists()]
+        if not missing:
+            return
+        copy = f"cp {' '.join(f'{LLMAPI_SOURCE}/{name}' for name in missing)} {version}/"
+        if self.complete:
+            self.report.errors.append(f"{where}: missing {' and '.join(missing)} (TensorRT-LLM's LLM-API Triton "
+                                      f"model, from the container's TensorRT-LLM release); copy them: {copy}")
+        else:
+            self.report.notes.append(f"{where}/{missing[0]}: not there yet; copy TensorRT-LLM's LLM-API "
+                                     "model.py and helpers.py into it (README.md)")
 
     def _check_model_yaml(self, path: Path, label: str) -> None:
         import yaml

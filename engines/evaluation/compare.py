@@ -77,6 +77,10 @@ def score(label: str, path: str, logprobs: torch.Tensor, reference: torch.Tensor
     nll = -logprobs.gather(-1, targets[..., None]).squeeze(-1)[keep].double()
     kl = (reference.exp() * (reference - logprobs)).sum(-1)[keep].double().clamp(min=0)
     top1 = (logprobs.argmax(-1) == reference.argmax(-1))[keep]
+    bad = int((~torch.isfinite(nll) | torch.isnan(logprobs[keep]).any(-1)).sum())
+    if bad:  # NaN rows agree with NaN rows: no number of this build can be reported
+        raise ValueError(f"{path}: NaN or inf log-probabilities at {bad} of {int(keep.sum())} held-out positions; "
+                         "its weights overflow (no accuracy is reported for it)")
     return Accuracy(label=label, path=path, perplexity=math.exp(float(nll.mean())), kl_mean=float(kl.mean()),
                     kl_p99=float(torch.quantile(kl, 0.99)), top1_agreement=float(top1.float().mean()),
                     greedy_prefix=float(common_prefix(continuation, reference_continuation).float().mean()),

@@ -46,6 +46,9 @@ class StackOptions:
 def open_scheduler(path: str | Path | None = None, options: StackOptions = StackOptions()) -> Scheduler:
     """A scheduler serving `path` (a build folder's checkpoint, a checkpoint, or None: the built-in model)."""
     folder = model_folder(path)
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={options.device!r}, but torch {torch.__version__} sees no CUDA device here: serve on "
+                         "a GPU machine or set the model's config.pbtxt parameter device to \"cpu\"")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (is {path} a nemo3 build or checkpoint folder?)")
     model = load(folder, device=options.device, dtype=options.dtype)

@@ -10,7 +10,10 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
+from .checks import check_integer
 from .sampling import SamplingParams
+
+MAX_SPECULATIVE_TOKENS = 16  # MTP draft length; acceptance falls off long before
 
 
 class FinishReason(str, enum.Enum):
@@ -18,6 +21,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     CANCELLED = "cancelled"
     REFUSED = "refused"  # can never fit the engine (too long for its state pool)
+    ERROR = "error"  # a step serving it failed; stats["error"] says why (the engine serves on)
 
 
 @dataclass(frozen=True)
@@ -35,15 +39,25 @@ class GenerationParams:
     num_speculative_tokens: int | None = None  # MTP draft length k; None: the engine's default, 0: off
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens}: must be >= 1")
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        """Every field checked here, at the request boundary: a bad value is a one-line ValueError naming it."""
+        check_integer("max_tokens", self.max_tokens, minimum=1)
+        check_integer("min_tokens", self.min_tokens, minimum=0)
+        if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens}: must be in [0, max_tokens={self.max_tokens}]")
-        if self.think_budget is not None and self.think_budget < 0:
-            raise ValueError(f"think_budget={self.think_budget}: must be >= 0")
-        if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
-            raise ValueError(f"num_speculative_tokens={self.num_speculative_tokens}: must be >= 0")
-        self.sampling  # validates temperature / top_k / top_p
+        self.sampling  # validates temperature / top_k / top_p / seed
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop={self.stop!r}: must be a tuple of non-empty strings")
+        if not isinstance(self.stop_token_ids, tuple):
+            raise ValueError(f"stop_token_ids={self.stop_token_ids!r}: must be a tuple of token ids")
+        for token in self.stop_token_ids:
+            check_integer("stop_token_ids", token, minimum=0)
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos={self.ignore_eos!r}: must be a bool")
+        if self.think_budget is not None:
+            check_integer("think_budget", self.think_budget, minimum=0)
+        if self.num_speculative_tokens is not None:
+            check_integer("num_speculative_tokens", self.num_speculative_tokens, minimum=0,
+                          maximum=MAX_SPECULATIVE_TOKENS)
 
     @property
     def sampling(self) -> SamplingParams:

@@ -11,6 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_integer, check_number
+
+MAX_SEED = 2**64 - 1  # a torch.Generator seed (TensorRT-LLM's `seed` input is UINT64 too)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -20,12 +24,13 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per request
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature}: must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k}: must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        check_number("temperature", self.temperature, minimum=0)
+        check_integer("top_k", self.top_k, minimum=0)
+        check_number("top_p", self.top_p, minimum=0, maximum=1)
+        if self.top_p == 0:
+            raise ValueError(f"top_p={self.top_p!r}: must be in (0, 1]")
+        if self.seed is not None:
+            check_integer("seed", self.seed, minimum=0, maximum=MAX_SEED)
 
     @property
     def greedy(self) -> bool:

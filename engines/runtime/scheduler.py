@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..executors.base import Executor, RaggedBatch
+from .checks import check_integer
 from .requests import Delta, FinishReason, GenerationParams, new_request_id
 from .sampling import distribution, sample
 from .sequence import Sequence
@@ -52,13 +53,20 @@ class Scheduler:
         self.running: dict[str, Sequence] = {}
         self._detok: dict[str, Detokenizer] = {}
         self._finished: list[Delta] = []  # cancellations and refusals, reported by the next step
+        self.failed_steps = 0  # consecutive steps whose shared work raised (0 after a good step)
         executor.warm_up(1 + num_speculative_tokens)
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: GenerationParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or GenerationParams()
+        if not isinstance(params, GenerationParams):
+            raise ValueError(f"params: expected GenerationParams, got {type(params).__name__}")
         ids = self.codec.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        vocab = self.executor.spec.vocab_size
+        for name, tokens in (("prompt", ids), ("stop_token_ids", params.stop_token_ids)):
+            for token in tokens:
+                check_integer(f"{name} token id", token, minimum=0, maximum=vocab - 1)
         request_id = request_id or new_request_id()
         k = self.default_k if params.num_speculative_tokens is None else params.num_speculative_tokens
         if k and not self.executor.has_mtp:
@@ -105,6 +113,9 @@ class Scheduler:
 
     # ---- one scheduler step --------------------------------------------------------------------
     def step(self) -> list[Delta]:
+        """One scheduler step. A request never takes the engine down: an exception while serving one sequence
+        (sampling) fails that request; one in the shared work (the forward, state commits, MTP drafting) fails
+        the requests of this step. Either way they end with FinishReason.ERROR and their slots are free."""
         deltas, self._finished = self._finished, []
         while self.waiting and self.slots.free:
             seq = self.waiting.popleft()
@@ -113,6 +124,27 @@ class Scheduler:
         if not self.running:
             return deltas
         plan = self._plan()
+        try:
+            new = self._forward(plan)
+        except Exception as e:  # noqa: BLE001 - the step's requests fail, the engine serves on
+            self.failed_steps += 1
+            return deltas + [self._fail(seq, e) for seq, _, _ in plan]
+        for seq, emitted in new:
+            deltas.append(self._fail(seq, emitted) if isinstance(emitted, Exception) else self._delta(seq, emitted))
+            if seq.finished:
+                self._finish(seq, seq.finish_reason)
+        drafting = [seq for seq, emitted in new if seq.mtp_k and not seq.finished]
+        try:
+            self._draft(drafting)
+        except Exception as e:  # noqa: BLE001
+            self.failed_steps += 1
+            return deltas + [self._fail(seq, e) for seq in drafting]
+        self.failed_steps = 0
+        return deltas
+
+    def _forward(self, plan: list[tuple[Sequence, list[int], list[int]]]) -> list[tuple[Sequence, list[int] | Exception]]:
+        """The executor forward over the plan, then each finishing row's tokens (or the exception choosing them
+        raised); commits the Mamba states of verified drafts."""
         batch = RaggedBatch.build([(tokens, seq.computed, seq.slot) for seq, tokens, _ in plan],
                                   [row for _, _, rows in plan for row in rows],
                                   keep_steps=any(seq.drafts for seq, _, _ in plan))
@@ -130,7 +162,11 @@ class Scheduler:
                 seq.computed += len(tokens)
                 seq.mtp_hidden.extend(hidden) if seq.mtp_k else None
                 continue
-            emitted = self._choose(seq, logits, best)
+            try:
+                emitted = self._choose(seq, logits, best)
+            except Exception as e:  # noqa: BLE001 - this request fails alone
+                new.append((seq, e))
+                continue
             emitted = self._apply_limits(seq, emitted)
             processed = len(tokens) if seq.prefilling else len(emitted)  # inputs whose state is kept
             if seq.drafts:
@@ -144,12 +180,15 @@ class Scheduler:
             new.append((seq, emitted))
         if commits:
             self.executor.commit_steps([s for s, _ in commits], [k for _, k in commits])
-        for seq, emitted in new:
-            deltas.append(self._delta(seq, emitted))
-            if seq.finished:
-                self._finish(seq, seq.finish_reason)
-        self._draft([seq for seq, _ in new if seq.mtp_k and not seq.finished])
-        return deltas
+        return new
+
+    def _fail(self, seq: Sequence, error: Exception) -> Delta:
+        """End a request whose step raised: its final delta carries the error in one line; its slot is freed."""
+        message = (str(error).strip().splitlines() or [""])[0]
+        self._finish(seq, FinishReason.ERROR)
+        self._detok.pop(seq.request_id, None)
+        stats = {**seq.stats(), "error": f"{type(error).__name__}: {message}" if message else type(error).__name__}
+        return Delta(seq.request_id, [], "", True, FinishReason.ERROR, stats)
 
     def _plan(self) -> list[tuple[Sequence, list[int], list[int]]]:
         """(sequence, its new tokens, rows whose logits are needed) for this step, within the token budget."""

@@ -16,6 +16,7 @@ from .requests import Delta, GenerationParams
 from .scheduler import Scheduler
 
 _CLOSE = object()
+MAX_FAILED_STEPS = 3  # consecutive steps whose shared work raised before the engine reports not ready
 
 
 class ThreadedServer:
@@ -57,6 +58,11 @@ class ThreadedServer:
             self._inbox.put(("cancel", request_id))
         return known
 
+    def ready(self) -> bool:
+        """False once the engine cannot serve: its thread stopped, or its last MAX_FAILED_STEPS steps all
+        failed (a broken device, not a bad request); Triton's model readiness reports this."""
+        return self._thread.is_alive() and self._error is None and self.engine.failed_steps < MAX_FAILED_STEPS
+
     def close(self) -> None:
         self._inbox.put(_CLOSE)
         self._thread.join(timeout=30)
@@ -96,8 +102,8 @@ class ThreadedServer:
             _, prompt, params, request_id = item
             try:
                 self.engine.add_request(prompt, params, request_id)
-            except ValueError as e:  # bad parameters: the caller's stream raises
-                self._send(request_id, e)
+            except Exception as e:  # noqa: BLE001 - a bad request: its caller's stream raises, the engine serves on
+                self._send(request_id, e if isinstance(e, ValueError) else ValueError(f"{type(e).__name__}: {e}"))
         else:
             self.engine.cancel(item[1])
 

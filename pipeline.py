@@ -48,6 +48,7 @@ class BuildOptions:
     calib_data: Path | None = None
     calib_samples: int = 64
     calib_seq_len: int = 256
+    engines: bool = True  # compile the ahead-of-time engines (False: the stage records that they were not asked for)
     engine_device: str | None = None  # None: cuda when the build runs where CUDA is available, else cpu
     engine_max_sequences: int = 16  # rows of every engine call (concurrent sequences served)
     engine_max_length: int = 2048  # tokens per sequence's state slot
@@ -206,13 +207,20 @@ def _engines_stage() -> Stage:
         o = b.options
         return EngineTarget(o.engine_device, o.engine_max_sequences, o.engine_max_length, 1 + DEFAULT_MTP_DRAFT_TOKENS)
 
+    def skipped(b: Build) -> str | None:
+        if not b.options.engines:
+            return "--no-engines: not asked for"
+        if b.options.target != "torch":
+            return f"--target {b.options.target}: its repository serves with another runtime"
+        return None
+
     def inputs(b: Build) -> dict:
         return {"source": open_checkpoint(_shard_source(b)).fingerprint(), "target": dataclasses.asdict(target(b)),
                 "tp": b.options.tp, "arch": host_arch(b.options.engine_device), "torch": torch.__version__,
-                "format": FORMAT}
+                "format": FORMAT, "skipped": skipped(b)}
 
     return Stage("engines", "engines", inputs,
-                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b), b.options.tp))
+                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b), b.options.tp, skipped(b)))
 
 
 def _triton_stage() -> Stage:

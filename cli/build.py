@@ -29,6 +29,8 @@ from .common import one_line_errors
               help="Calibration text or JSONL (default: the train split of the built-in corpus).")
 @click.option("--calib-samples", type=int, default=64, show_default=True)
 @click.option("--calib-seq-len", type=int, default=256, show_default=True)
+@click.option("--engines/--no-engines", default=True, show_default=True,
+              help="Compile the ahead-of-time engines serving runs (OUT/engines/; --target torch).")
 @click.option("--engine-device", type=click.Choice(ENGINE_DEVICES), default=None,
               help="Where the ahead-of-time engines (OUT/engines/) run  [default: cuda where the build runs has it, "
                    "else cpu].")

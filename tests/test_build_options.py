@@ -24,7 +24,8 @@ def checkpoint(tmp_path_factory):
 
 
 def build(checkpoint, out, *args):
-    return CliRunner().invoke(build_main, ["--checkpoint", str(checkpoint), "--output", str(out), *args])
+    return CliRunner().invoke(build_main, ["--checkpoint", str(checkpoint), "--output", str(out), "--no-engines",
+                                           *args])
 
 
 def assert_one_line_error(result, *fragments):

@@ -127,7 +127,7 @@ def test_build_end_to_end_and_rerun(tiny_folder, tmp_path):
 
 
 def test_bf16_build_and_bad_calibration_file(tiny_folder, tmp_path):
-    result = CliRunner().invoke(build_main, ["--checkpoint", str(tiny_folder), "--precision", "bf16",
+    result = CliRunner().invoke(build_main, ["--checkpoint", str(tiny_folder), "--precision", "bf16", "--no-engines",
                                              "--output", str(tmp_path / "bf16")])
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "bf16" / "build.json").read_text())

@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
 def build(checkpoint, out):
     # bf16: the read stage's tests need no calibration (these checkpoints have no tokenizer to encode text with)
     return CliRunner().invoke(build_main, ["--checkpoint", str(checkpoint), "--output", str(out),
-                                           "--precision", "bf16"])
+                                           "--precision", "bf16", "--no-engines"])
 
 
 def test_read_stage_records_checkpoint(checkpoint, tmp_path):

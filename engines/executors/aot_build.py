@@ -83,13 +83,15 @@ def example_args(model, step: str, rows: int, T: int) -> list[torch.Tensor]:
     return [values[name] for name in step_args(step)]
 
 
-def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, log=print) -> dict:
+def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, skipped: str | None = None,
+                  log=print) -> dict:
     """Compile the engines of the checkpoint `source` (what serving loads: a build's checkpoint/) into `out`, with
-    manifest.json; returns the stage's summary. A model that cannot be exported gets a manifest saying why."""
+    manifest.json; returns the stage's summary. A model that cannot be exported, or a build that `skipped` them (the
+    reason), gets a manifest saying why."""
     from ...export.checkpoint import open_checkpoint
     from ..network.loading import load
 
-    why = not_built_yet(target.device, tp)
+    why = skipped or not_built_yet(target.device, tp)
     model = None if why else load(source, device=target.device)  # (a model without engines is not loaded)
     dtype = None if model is None else str(model.dtype).removeprefix("torch.")
     manifest = Manifest(device=torch.device(target.device).type, arch=host_arch(target.device),

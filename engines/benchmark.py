@@ -180,9 +180,12 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         executor = engine.executor.kind
         if kind in ("compiled", None) and compile and executor == "eager":
             log(f"{target.name}: eager decode steps ({unsupported(engine.executor.model)})")
-        prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
-        run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
-        results.append(run_engine(engine, prompts, workload, target.name))
+        try:
+            prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
+            run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
+            results.append(run_engine(engine, prompts, workload, target.name))
+        finally:
+            engine.executor.close()  # (a --tp N build's worker ranks)
         results[-1].executor = executor
         log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s ({executor})")
     peer = None

@@ -113,6 +113,9 @@ def mtp_step(steps: CompiledSteps, ids, hidden, slots, past):
     return steps.model.mtp(steps.model.backbone.embeddings(ids), hidden, steps.state, slots, past)
 
 
+STEPS = {"backbone": backbone_step, "mtp": mtp_step}  # the step functions, by the names step_shapes uses
+
+
 def own_code(fn):
     """A copy of fn with a code object of its own: dynamo keeps compiled graphs, and its limit of
     recompilations, per code object, so engines built one after another (bench, tests) do not share them."""

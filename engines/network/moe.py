@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...export.spec import ModelSpec
+from ...plugins.dispatch import functional_mode
 from ...plugins.latent_moe_route import latent_moe_route
 from .mlp import ReLU2MLP
 from .parallel import SINGLE, Parallel
@@ -86,6 +87,10 @@ class MoE(nn.Module):
                 return self.run_experts_dense(x, weights, ids)
             return self.run_experts_gathered(x, weights, ids)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        if functional_mode():  # an ONNX export of unstacked (quantized) experts: static shapes, every expert runs
+            for e, expert in self.experts.items():  # (in the loop's order below; unrouted tokens add zeros)
+                out += expert(x, reduce=False).float() * (weights * (ids == int(e))).sum(-1, keepdim=True)
+            return out.to(x.dtype)
         for e in ids.unique().tolist():
             if str(e) not in self.experts:
                 continue

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...export.checkpoint import Checkpoint
-from ...quant import fp8, nvfp4
+from ...plugins.dispatch import functional_mode
+from ...quant import fp8, nvfp4, qdq_ops
 from ...quant.layout import BF16, FP8, NVFP4, LinearLayout, linear_layouts
 
 
@@ -75,15 +76,21 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fmt = self.layout.weight_format
+        as_ops = functional_mode()  # (an ONNX export: the formats stay quantization nodes, quant/qdq_ops.py)
+        fp8_qdq = qdq_ops.fp8_qdq if as_ops else fp8.fake_quantize
         if self.layout.input_scale:
-            x = nvfp4.fake_quantize(x, self.input_scale) if fmt == NVFP4 else fp8.fake_quantize(x, self.input_scale)
+            nvfp4_qdq = qdq_ops.nvfp4_qdq if as_ops else nvfp4.fake_quantize
+            x = nvfp4_qdq(x, self.input_scale) if fmt == NVFP4 else fp8_qdq(x, self.input_scale)
         if fmt == BF16:
             weight = self.weight
+        elif as_ops:
+            weight = (qdq_ops.nvfp4_dequantize_weight(self.weight, self.weight_scale, self.weight_scale_2)
+                      if fmt == NVFP4 else qdq_ops.fp8_dequantize_weight(self.weight, self.weight_scale))
         else:
             weight = self.dequantized if self.dequantized is not None else self.dequantize_weight(x.dtype)
         y = F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.layout.output_scale:
-            y = fp8.fake_quantize(y, getattr(self, self.layout.output_scale))
+            y = fp8_qdq(y, getattr(self, self.layout.output_scale))
         return y
 
     def extra_repr(self) -> str:

@@ -72,8 +72,10 @@ def compare_step(model, shape: StepShape, proto, seed: int = 0) -> dict[str, flo
     diffs = {}
     for name, expected in want.items():
         actual = torch.from_numpy(np.asarray(got[name], dtype=np.float32)).reshape(expected.shape)
-        torch.testing.assert_close(actual, expected.float(), **TOLERANCE,
-                                   msg=lambda m, name=name: f"{shape.name}: output {name}: {m}")
+        try:
+            torch.testing.assert_close(actual, expected.float(), **TOLERANCE)
+        except AssertionError as e:
+            raise ValueError(f"{shape.name}: output {name} differs from the torch executor: {e}") from e
         diffs[name] = float((actual - expected.float()).abs().max()) if expected.numel() else 0.0
     return diffs
 

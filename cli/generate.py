@@ -9,8 +9,9 @@ from .common import one_line_errors
 
 @click.command("generate")
 @click.argument("prompt")
-@click.option("--checkpoint", "path", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Checkpoint or build folder (default: the built-in model).")
+@click.option("--checkpoint", "--build", "path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Checkpoint or build folder (default: the built-in model); a --tp N build runs on N ranks, "
+                   "this process leading the N - 1 it starts.")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0: no limit.")
@@ -39,9 +40,12 @@ def command(prompt, path, max_tokens, temperature, top_k, top_p, seed, stop, mtp
                                                compile=compile_steps, num_speculative_tokens=mtp))
     click.echo(prompt, nl=False)
     last = None
-    for delta in engine.stream(prompt, params):
-        click.echo(delta.text, nl=False)
-        last = delta
+    try:  # (Ctrl-C included: a --tp N build's worker ranks stop with it)
+        for delta in engine.stream(prompt, params):
+            click.echo(delta.text, nl=False)
+            last = delta
+    finally:
+        engine.executor.close()
     click.echo()
     if stats and last is not None:
         for key, value in last.stats.items():

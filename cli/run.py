@@ -30,8 +30,8 @@ def command(prompt, path, build, tp, moe_parallel, max_tokens, device):
     """Print PROMPT and its greedy continuation, the network split over --tp ranks.
 
     The ranks are spawned here and meet on 127.0.0.1; under torchrun this process is one of them:
-    `torchrun --nproc-per-node 4 --no-python nemo3 run --tp 4 PROMPT`. Rank 0 prints. (The full
-    runtime of `nemo3 generate` is single-process for now.)
+    `torchrun --nproc-per-node 4 --no-python nemo3 run --tp 4 PROMPT`. Rank 0 prints. (`nemo3 generate
+    --build OUT` serves a --tp N build through the full runtime.)
     """
     from ..engines.runtime.launcher import default_backend, launch, under_torchrun
     from ..engines.network.loading import read_rank_config

@@ -171,9 +171,12 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         compiled = engine.executor.compiled is not None
         if compile and not compiled:
             log(f"{target.name}: eager decode steps ({unsupported(engine.executor.model)})")
-        prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
-        run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
-        results.append(run_engine(engine, prompts, workload, target.name))
+        try:
+            prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
+            run_engine(engine, prompts[:1], Workload(1, workload.input_len, 4, 1), target.name)  # warm-up
+            results.append(run_engine(engine, prompts, workload, target.name))
+        finally:
+            engine.executor.close()  # (a --tp N build's worker ranks)
         results[-1].executor = "compiled" if compiled else "eager"
         log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s ({results[-1].executor})")
     peer = None

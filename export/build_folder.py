@@ -78,9 +78,10 @@ class BuildFolder:
 
     @property
     def label(self) -> str:
-        """What the build is: its recipe, else its precision."""
+        """What the build is: its recipe, else its precision; "tp N" added for a tensor-parallel build."""
         options = self.options
-        return options.get("recipe") or options.get("precision") or "build"
+        name = options.get("recipe") or options.get("precision") or "build"
+        return f"{name} tp{options['tp']}" if options.get("tp", 1) > 1 else name
 
 
 def model_folder(path: str | Path | None) -> Path:

@@ -50,9 +50,12 @@ class LinearLayout:
         return [f"{self.layer}.{s}" for s in suffixes]
 
 
-def linear_layouts(ckpt: Checkpoint) -> dict[str, LinearLayout]:
-    """Every linear layer of `ckpt` that carries quantization tensors -> its checked layout."""
-    expected = expected_tensors(ckpt.spec)
+def linear_layouts(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, LinearLayout]:
+    """Every linear layer of `ckpt` that carries quantization tensors -> its checked layout.
+
+    `expected` maps tensor names to their logical shapes (default: the whole model's, expected_tensors); a
+    tensor-parallel rank's checkpoint passes the shapes of the rank's parts."""
+    expected = expected_tensors(ckpt.spec) if expected is None else expected
     first_companion: dict[str, str] = {}
     for name in ckpt.names():
         layer, _, suffix = name.rpartition(".")

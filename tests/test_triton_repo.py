@@ -251,6 +251,7 @@ def test_stage_writes_a_valid_repository_and_skips_when_unchanged(tmp_path):
     assert f"tritonserver --model-repository={repo.resolve()} --grpc-port=8001" in readme
     assert f"nemo3 serve {repo.resolve()} --port 8001" in readme
     assert "tensor parallel size 2 (instance 0: GPUs 0,1)" in readme
+    assert "runs 2 ranks: its own process is rank 0" in readme and "NCCL, one GPU per rank" in readme
     logs = []
     run_stages(options, ["triton_repo"], log=logs.append)
     assert logs == ["[triton_repo] up to date, skipped"]

@@ -255,6 +255,7 @@ def _readme_nemo3(opts: RepositoryOptions, repo: Path) -> list[str]:
              f"at {repo.parent}. Then:", "", f"    {run}", ""]
     lines += ["Without Triton, for development only (a KServe v2 gRPC server that is not Triton; CPU tensors, "
               f"no batching): `nemo3 serve {repo} --port 8001`.", ""]
+    lines += _ranks_lines(opts)
     if opts.device == "cpu":
         return lines + ["The model runs on the CPU (parameter `device`).", ""]
     lines += ["In NVIDIA's Triton container:", ""]
@@ -262,7 +263,24 @@ def _readme_nemo3(opts: RepositoryOptions, repo: Path) -> list[str]:
                      f"pip install '{package}' && {run}")
     return lines + [""] + _gpu_lines(
         opts, "each instance of `nemo3` sets CUDA_VISIBLE_DEVICES to its `gpu_device_ids` group and starts its "
-              "`tensor_parallel_size` ranks itself (torch.distributed over NCCL), so no mpirun is needed.")
+              "`tensor_parallel_size` ranks itself (torch.distributed over NCCL, one GPU per rank), so no mpirun "
+              "is needed.")
+
+
+def _ranks_lines(opts: RepositoryOptions) -> list[str]:
+    """What a multi-rank instance does, as the runtime implements it (engines/runtime/factory.py)."""
+    from ..engines.runtime.factory import RANK_TIMEOUT_S
+
+    if opts.tp == 1:
+        return []
+    backend = "NCCL, one GPU per rank" if opts.device == "cuda" else "gloo"
+    return ["## Tensor parallelism", "",
+            f"Each instance of `nemo3` runs {opts.tp} ranks: its own process is rank 0 (it schedules and samples) "
+            f"and it starts the {opts.tp - 1} other ranks as worker processes ({backend}) from the build's "
+            "`ranks/` folder, which must have been written for the same --tp. Every step's batch goes to every "
+            "rank; decode steps run eagerly (compiled steps and CUDA graphs serve --tp 1 builds). A rank that exits "
+            f"or does not answer within {RANK_TIMEOUT_S:.0f} s fails the requests in flight and every later one "
+            "with a one-line error; unloading the model (or stopping the server) stops the worker processes.", ""]
 
 
 def _readme_trtllm(opts: RepositoryOptions, repo: Path) -> list[str]:

@@ -30,10 +30,11 @@ of `Server` (and asks `ready` whenever Triton checks the model's readiness):
 
     engine.ready() -> bool
         Thread-safe and cheap. False once the engine cannot serve any request (its serving thread
-        stopped, or its device keeps failing); Triton then reports the model not ready.
+        stopped, its device keeps failing, or a tensor-parallel rank exited or did not answer in time: every
+        stream then fails with that one line); Triton then reports the model not ready.
 
     engine.close() -> None
-        Stop the ranks and free the memory (Triton's `finalize`).
+        Stop the ranks (no worker process is left behind) and free the memory (Triton's `finalize`).
 
 `GenerationParams`, `Delta` and `FinishReason` are the runtime's own request types
 (`nemo3.engines.runtime.requests`), so the engine passes them through without translation.

@@ -68,3 +68,10 @@ class Executor(Protocol):
     def warm_up(self, max_tokens: int) -> None:
         """Prepare (compile, capture) whatever calls of up to `max_tokens` new tokens per sequence need, before
         the first request; a no-op for an executor with nothing to prepare."""
+
+    def failure(self) -> str | None:
+        """Why this executor can no longer run (a tensor-parallel rank exited or failed), one line; None while
+        it can."""
+
+    def close(self) -> None:
+        """Free what the executor holds beyond memory: the worker processes of tensor-parallel ranks."""

@@ -89,6 +89,8 @@ def unsupported(model) -> str | None:
     """Why `model` cannot run compiled steps on its device, or None if it can."""
     from ..network.moe import MoE
 
+    if model.parallel.sharded:
+        return "a tensor-parallel rank runs eagerly (compiled steps with collectives are not verified)"
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         return ("the model is quantized (the layers of a ModelOpt checkpoint emulate their formats eagerly); "
                 "compiled steps need an unquantized one")

@@ -103,3 +103,9 @@ class TorchExecutor:
     def warm_up(self, max_tokens: int) -> None:
         if self.compiled is not None:
             self.compiled.warm_up(max_tokens)
+
+    def failure(self) -> str | None:
+        return None  # (one process: nothing can fail apart from a call, which raises)
+
+    def close(self) -> None:
+        pass  # (the memory goes with the executor)

@@ -39,7 +39,8 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
     ckpt = open_checkpoint(source)
     ckpt.validate()
     if ckpt.quantized and parallel.sharded:
-        raise ValueError(f"{source}: a quantized checkpoint loads unsharded only (tp 1)")
+        raise ValueError(f"{source}: a quantized checkpoint loads unsharded only (tp 1); a build's per-rank "
+                         "weights (load_rank) load on tensor-parallel ranks")
     spec, world, rank = ckpt.spec, parallel.world_size, parallel.rank
     shards = {name: shard_of(name, ckpt.shape(name), ckpt.dtype(name), spec, world, rank, parallel.moe)
               for name in ckpt.names()}
@@ -52,21 +53,24 @@ def load(path: str | Path | None = None, device: str | torch.device = "cpu", dty
 def load_rank(folder: str | Path, parallel: Parallel, device: str | torch.device = "cpu",
               dtype: torch.dtype | None = None) -> Model:
     """Rank `parallel.rank`'s `Model` from per-rank checkpoints (`folder/rank{r}/`, export/rank_writer.py):
-    `folder` is a build's `OUT/ranks` or a build folder holding one."""
-    from safetensors import safe_open
-
+    `folder` is a build's `OUT/ranks` or a build folder holding one. Quantized rank weights (a rank folder with
+    hf_quant_config.json) load as QuantLinears of the rank's shapes: NVFP4 codes and block scales cut along
+    the same rows or whole 16-value blocks, per-tensor scales whole."""
+    from ...export.checkpoint import read_header
     from ...export.rank_writer import RANK_FILE
 
     where, config = read_rank_config(folder, parallel.rank)
     if (config["world_size"], config["moe_parallel"]) != (parallel.world_size, parallel.moe):
         raise ValueError(f"{where}: written for --tp {config['world_size']} --moe-parallel {config['moe_parallel']}, "
                          f"not --tp {parallel.world_size} --moe-parallel {parallel.moe}")
-    if config.get("quantization"):
-        raise ValueError(f"{where}: quantized rank weights; the torch network loads unquantized ones only")
     spec = ModelSpec.from_config(config["model"], source=str(where / "config.json"))
-    with safe_open(where / RANK_FILE, framework="pt") as handle:
-        return _assemble(spec, parallel, list(handle.keys()), handle.get_tensor, str(where / RANK_FILE), device,
-                         dtype)
+    ckpt = Checkpoint(where, spec, list(read_header(where / RANK_FILE).values()))
+    if bool(config.get("quantization")) != ckpt.quantized:
+        raise ValueError(f"{where}: config.json and hf_quant_config.json disagree on whether the weights are "
+                         "quantized")
+    with ckpt:
+        return _assemble(spec, parallel, ckpt.names(), ckpt.get, str(where / RANK_FILE), device, dtype,
+                         quantized=ckpt if ckpt.quantized else None)
 
 
 def read_rank_config(folder: str | Path, rank: int = 0) -> tuple[Path, dict]:
@@ -98,7 +102,10 @@ def _assemble(spec: ModelSpec, parallel: Parallel, names: list[str], read: Calla
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with torch.device("meta"):
         model = Model(spec, parallel)
-    stored_as_is = install_quant_linears(model, quantized) if quantized is not None else set()
+    stored_as_is = set()
+    if quantized is not None:  # a rank's checkpoint holds its parts: its layers are checked against the rank's shapes
+        expected = {name: tuple(t.shape) for name, t in model.state_dict().items()} if parallel.sharded else None
+        stored_as_is = install_quant_linears(model, quantized, expected)
     wanted, present = set(model.state_dict()), set(names)
     if wanted != present:
         missing, extra = sorted(wanted - present), sorted(present - wanted)

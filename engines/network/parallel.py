@@ -108,6 +108,14 @@ class Parallel:
         dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x on every rank (in place)."""
+        if self.sharded:
+            import torch.distributed as dist
+
+            dist.broadcast(x, src=0, group=self.group)
+        return x
+
     def row_parallel(self, linear: nn.Module, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """`linear(x)` for a row-parallel layer: x [..., in] is this rank's share of the input (its slice of
         the features, whose columns `linear` holds, or a partial sum), and the ranks' products add up to

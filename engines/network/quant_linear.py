@@ -32,6 +32,7 @@ from ...export.checkpoint import Checkpoint
 from ...plugins.dispatch import functional_mode
 from ...quant import fp8, nvfp4, qdq_ops
 from ...quant.layout import BF16, FP8, NVFP4, LinearLayout, linear_layouts
+from .parallel import Parallel, VocabHead
 
 
 class QuantLinear(nn.Module):
@@ -100,13 +101,27 @@ class QuantLinear(nn.Module):
                 f"weight {self.layout.weight_format}{act}{kv}, bias={self.bias is not None}")
 
 
-def install_quant_linears(model: nn.Module, ckpt: Checkpoint) -> set[str]:
+class QuantVocabHead(QuantLinear):
+    """A quantized lm_head holding this rank's vocabulary rows: its logits are all-gathered, as VocabHead's."""
+
+    def __init__(self, layout: LinearLayout, parallel: Parallel):
+        super().__init__(layout)
+        self.parallel = parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_gather(super().forward(x))
+
+
+def install_quant_linears(model: nn.Module, ckpt: Checkpoint, expected: dict[str, tuple[int, ...]] | None = None
+                          ) -> set[str]:
     """Replace each nn.Linear of `model` that `ckpt` stores quantized (or with K/V scales) by a QuantLinear.
 
-    Returns the state-dict names of the quantization tensors, which load in their stored dtype.
+    `expected`: the logical shapes of `ckpt`'s tensors when it is a tensor-parallel rank's part of the model
+    (quant/layout.py's linear_layouts). Returns the state-dict names of the quantization tensors, which load
+    in their stored dtype.
     """
     stored_as_is = set()
-    for layer, layout in linear_layouts(ckpt).items():
+    for layer, layout in linear_layouts(ckpt, expected).items():
         parent_name, _, child = layer.rpartition(".")
         try:
             old = model.get_submodule(layer)
@@ -115,7 +130,9 @@ def install_quant_linears(model: nn.Module, ckpt: Checkpoint) -> set[str]:
         if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (layout.out_features,
                                                                                     layout.in_features):
             raise ValueError(f"{ckpt.path}: quantized layer {layer} is not a linear layer of the network")
-        setattr(model.get_submodule(parent_name), child, QuantLinear(layout, bias=old.bias is not None))
+        new = QuantVocabHead(layout, old.parallel) if isinstance(old, VocabHead) else \
+            QuantLinear(layout, bias=old.bias is not None)
+        setattr(model.get_submodule(parent_name), child, new)
         stored_as_is.update(layout.tensor_names())
     return stored_as_is
 

@@ -6,23 +6,33 @@ are decided once:
 
     scheduler = open_scheduler("deploy", StackOptions(max_sequences=8))   # a Scheduler, driven by its caller
     server = load_server(Path("deploy"), device="cuda", tp=1)             # the same on a background thread
+
+A build made with `--tp N` (N > 1) is served by N ranks: this process is rank 0, runs the Scheduler over a
+`DistributedExecutor` and starts the N - 1 worker ranks itself (runtime/launcher.py's start_workers; gloo on
+CPU, NCCL on GPU, one GPU per rank). `scheduler.executor.close()` (or the server's close()) stops them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from ...export.build_folder import model_folder
+from ...export.build_folder import BuildFolder, model_folder
+from ..executors.base import Executor
+from ..executors.distributed import DistributedExecutor, serve_rank
 from ..executors.torch_executor import TorchExecutor
-from ..network.loading import load
+from ..network.loading import load, load_rank, read_rank_config
+from ..network.parallel import Parallel
+from .launcher import READY, default_backend, start_workers
 from .scheduler import Scheduler
 from .serving import ThreadedServer
 from .text import TextCodec
 
 DEFAULT_MTP_DRAFT_TOKENS = 2  # draft length when the model has an MTP head and the caller does not say
+RANK_TIMEOUT_S = 60.0  # tensor-parallel builds: how long a rank waits for the others at one collective
 
 
 @dataclass(frozen=True)
@@ -36,33 +46,71 @@ class StackOptions:
     # True: decode steps compiled where the model allows it (executors/compiled_step.unsupported says why not),
     # False: eager; None: compiled on CUDA (CUDA graphs), eager on CPU (compiling costs tens of seconds per shape)
     compile: bool | None = None
+    # tensor-parallel builds: how long a rank waits for the others at one collective before the stack fails
+    # (a rank that hangs)
+    rank_timeout_s: float = RANK_TIMEOUT_S
 
 
 def open_scheduler(path: str | Path | None = None, options: StackOptions = StackOptions()) -> Scheduler:
-    """A scheduler serving `path` (a build folder's checkpoint, a checkpoint, or None: the built-in model)."""
+    """A scheduler serving `path` (a build folder, a checkpoint, or None: the built-in model); a build made with
+    --tp N > 1 runs on N ranks (module docstring)."""
     folder = model_folder(path)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={options.device!r}, but torch {torch.__version__} sees no CUDA device here: serve on "
                          "a GPU machine or set the model's config.pbtxt parameter device to \"cpu\"")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json (is {path} a nemo3 build or checkpoint folder?)")
-    model = load(folder, device=options.device, dtype=options.dtype)
-    k = options.num_speculative_tokens
-    if k is None:
-        k = DEFAULT_MTP_DRAFT_TOKENS if model.mtp is not None else 0
+    executor = open_executor(path, options)
+    try:
+        k = options.num_speculative_tokens
+        if k is None:
+            k = DEFAULT_MTP_DRAFT_TOKENS if executor.has_mtp else 0
+        return Scheduler(executor, TextCodec.from_checkpoint(folder, executor.spec),
+                         max_num_tokens=options.max_num_tokens, num_speculative_tokens=k)
+    except BaseException:
+        executor.close()
+        raise
+
+
+def build_ranks(path: str | Path | None) -> tuple[int, str]:
+    """(tp, moe_parallel) a build folder's per-rank weights were written for; (1, "ep") for anything else."""
+    build = BuildFolder.of(path)
+    if build is None or not build.ranks.is_dir():
+        return 1, "ep"
+    _, config = read_rank_config(build.ranks)
+    return config["world_size"], config["moe_parallel"]
+
+
+def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
+    """The executor of `path`: the torch executor over the whole model, or over rank 0 driving the others."""
+    tp, moe = build_ranks(path)
     compile = options.compile if options.compile is not None else options.device.startswith("cuda")
-    executor = TorchExecutor(model, options.max_sequences, options.max_length, compile=None if compile else False)
-    return Scheduler(executor, TextCodec.from_checkpoint(folder, model.spec), max_num_tokens=options.max_num_tokens,
-                     num_speculative_tokens=k)
+    if tp == 1:
+        model = load(model_folder(path), device=options.device, dtype=options.dtype)
+        return TorchExecutor(model, options.max_sequences, options.max_length, compile=None if compile else False)
+    ranks = str(BuildFolder(Path(path)).ranks)
+    workers = start_workers(serve_rank, tp, default_backend(options.device),
+                            args=(ranks, moe, options.device, options.dtype, options.max_sequences,
+                                  options.max_length, READY),
+                            timeout=timedelta(seconds=options.rank_timeout_s))
+    try:
+        model = load_rank(ranks, Parallel.from_process_group(moe), options.device, options.dtype)
+        local = TorchExecutor(model, options.max_sequences, options.max_length, compile=False)
+    except BaseException:
+        workers.close()
+        raise
+    workers.wait_ready()
+    return DistributedExecutor(local, workers)
 
 
 def load_server(build_dir: str | Path, device: str = "cpu", tp: int = 1, **options) -> ThreadedServer:
     """The server factory Triton's model.py calls (triton_repo/serving_api.py): serve a build folder or a checkpoint.
 
-    `options` are StackOptions fields; serving defaults to 16 sequences of up to 2048 tokens and the model's MTP."""
-    if tp != 1:
-        raise ValueError(f"tensor_parallel_size={tp}: the torch executor serves one rank per instance; "
-                         "multi-rank serving goes through the trtllm target (--target trtllm)")
+    `options` are StackOptions fields; serving defaults to 16 sequences of up to 2048 tokens and the model's MTP.
+    `tp` must be the --tp the build was made with."""
+    built = build_ranks(build_dir)[0]
+    if tp != built:
+        raise ValueError(f"tensor_parallel_size={tp}: {build_dir} was built for --tp {built}")
     stack = replace(StackOptions(max_sequences=16, max_length=2048, num_speculative_tokens=None), device=device,
                     **options)
     return ThreadedServer(open_scheduler(build_dir, stack))

@@ -59,13 +59,16 @@ class ThreadedServer:
         return known
 
     def ready(self) -> bool:
-        """False once the engine cannot serve: its thread stopped, or its last MAX_FAILED_STEPS steps all
-        failed (a broken device, not a bad request); Triton's model readiness reports this."""
-        return self._thread.is_alive() and self._error is None and self.engine.failed_steps < MAX_FAILED_STEPS
+        """False once the engine cannot serve: its thread stopped, its last MAX_FAILED_STEPS steps all failed (a
+        broken device, not a bad request), or its executor can no longer run (a tensor-parallel rank exited or
+        hung); Triton's model readiness reports this."""
+        return (self._thread.is_alive() and self._error is None and self.engine.failed_steps < MAX_FAILED_STEPS
+                and self.engine.executor.failure() is None)
 
     def close(self) -> None:
         self._inbox.put(_CLOSE)
         self._thread.join(timeout=30)
+        self.engine.executor.close()
 
     def _loop(self) -> None:
         try:

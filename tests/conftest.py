@@ -127,3 +127,18 @@ def tiny_checkpoint(tmp_path):
 
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
+
+
+def assert_expert_paths_equal_the_loop(moe, hidden_size: int, token_counts: tuple[int, int]) -> None:
+    """An MoE layer's static-shape expert paths (gathered: few (token, expert) pairs; dense: more pairs than
+    experts) give the sum of its experts' own forwards, for each number of tokens."""
+    g = torch.Generator().manual_seed(5)
+    for tokens in token_counts:
+        x = torch.randn(tokens, moe.stacked[0].shape[2], generator=g)
+        weights, ids = moe.gate(torch.randn(tokens, hidden_size, generator=g))
+        loop = torch.zeros(x.shape)
+        for t in range(tokens):
+            for w, e in zip(weights[t], ids[t].tolist()):
+                loop[t] += w * moe.experts[str(e)](x[t:t + 1], reduce=False)[0]
+        for path in (moe.run_experts_gathered, moe.run_experts_dense):
+            assert torch.allclose(path(x, weights, ids), loop, rtol=1e-5, atol=1e-6), (tokens, path.__name__)

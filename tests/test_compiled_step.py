@@ -7,7 +7,8 @@ import copy
 
 import pytest
 import torch
-from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
+from conftest import (add_missing_tensors, assert_expert_paths_equal_the_loop, hf_model, make_config,
+                      save_hf_checkpoint)
 
 from nemo3.engines.executors.compiled_step import cpp_compiler
 from nemo3.engines.executors.base import RaggedBatch, SpeculativeBatch
@@ -120,13 +121,5 @@ def test_moe_dense_and_gathered_paths_equal_the_expert_loop(model):
     """The static-shape expert paths of decode and compiled steps (gathered: few pairs; dense: more pairs than
     experts) give the per-expert loop's sum."""
     moe = next(m for m in model.modules() if type(m).__name__ == "MoE")
-    g = torch.Generator().manual_seed(5)
-    for tokens in (2, 9):  # 2 tokens x top-3 = 6 pairs <= 8 experts; 9 x 3 = 27 > 8
-        x = torch.randn(tokens, moe.stacked[0].shape[2], generator=g)
-        weights, ids = moe.gate(torch.randn(tokens, model.spec.hidden_size, generator=g))
-        loop = torch.zeros(x.shape)
-        for t in range(tokens):
-            for w, e in zip(weights[t], ids[t].tolist()):
-                loop[t] += w * moe.experts[str(e)](x[t:t + 1], reduce=False)[0]
-        for path in (moe.run_experts_gathered, moe.run_experts_dense):
-            assert torch.allclose(path(x, weights, ids), loop, rtol=1e-5, atol=1e-6), (tokens, path.__name__)
+    # 2 tokens x top-3 = 6 pairs <= 8 experts; 9 x 3 = 27 > 8
+    assert_expert_paths_equal_the_loop(moe, model.spec.hidden_size, (2, 9))

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from conftest import assert_expert_paths_equal_the_loop
 from quant_fixtures import BUILTIN_DIR, needs_builtin, random_windows
 
 from nemo3.engines.executors.base import RaggedBatch
@@ -74,16 +75,8 @@ def test_stacked_quantized_experts_equal_the_expert_loop(quantized_builtin):
     model = load(quantized_builtin)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     assert moe.stacked is not None
-    g = torch.Generator().manual_seed(5)
-    for tokens in (3, 9):  # 3 x top-2 = 6 pairs <= 8 experts; 9 x 2 = 18 > 8
-        x = torch.randn(tokens, moe.stacked[0].shape[2], generator=g)
-        weights, ids = moe.gate(torch.randn(tokens, model.spec.hidden_size, generator=g))
-        loop = torch.zeros(x.shape)
-        for t in range(tokens):
-            for w, e in zip(weights[t], ids[t].tolist()):
-                loop[t] += w * moe.experts[str(e)](x[t:t + 1], reduce=False)[0]
-        for path in (moe.run_experts_gathered, moe.run_experts_dense):
-            assert torch.allclose(path(x, weights, ids), loop, rtol=1e-5, atol=1e-6), (tokens, path.__name__)
+    # 3 x top-2 = 6 pairs <= 8 experts; 9 x 2 = 18 > 8
+    assert_expert_paths_equal_the_loop(moe, model.spec.hidden_size, (3, 9))
 
 
 @needs_builtin

@@ -22,6 +22,7 @@ from .dispatch import eager_reference, use_triton
 from .pool_rows import write_rows
 
 WHERE = "plugins/mamba2_state_update.py"
+FLOAT_MAX = torch.finfo(torch.float32).max  # an unbounded dt limit, as graphs spell it (no inf in ONNX or TensorRT)
 
 
 def mamba2_state_update_reference(state_pool, x, dt, A, B, C, D, dt_bias, slots, z=None, dt_softplus=True,

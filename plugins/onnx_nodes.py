@@ -32,6 +32,8 @@ class NodeSpec:
 MAMBA_ATTRS = {"dt_softplus": "int", "dt_min": "float", "dt_max": "float"}
 MAMBA_INPUTS = ("state_pool", "x", "dt", "A", "B", "C", "D", "dt_bias", "slots")
 CONV_INPUTS = ("x", "conv_pool", "weight", "bias", "slots")
+ATTENTION_INPUTS = ("q", "k_pages", "v_pages", "block_table", "seq_lens")
+ATTENTION_ATTRS = {"scale": "float", "max_pages": "int"}  # max_pages: the pages per row the reference reads
 NODES = {spec.op_type: spec for spec in (
     NodeSpec("mamba2_state_update", MAMBA_INPUTS, ("y", "state_pool_out"), MAMBA_ATTRS, {1: 0}),
     NodeSpec("mamba2_state_update_steps", MAMBA_INPUTS + ("intermediate_states",),
@@ -39,6 +41,8 @@ NODES = {spec.op_type: spec for spec in (
     NodeSpec("causal_conv1d_update", CONV_INPUTS, ("out", "conv_pool_out"), {"silu": "int"}, {1: 1}),
     NodeSpec("causal_conv1d_update_steps", CONV_INPUTS + ("intermediate_states",),
              ("out", "conv_pool_out", "intermediate_states_out"), {"silu": "int"}, {1: 1, 2: 5}),
+    NodeSpec("paged_attention", ATTENTION_INPUTS, ("out",), ATTENTION_ATTRS, {}),
+    NodeSpec("paged_attention_fp8", ATTENTION_INPUTS + ("k_scale", "v_scale"), ("out",), ATTENTION_ATTRS, {}),
     NodeSpec("latent_moe_route", ("router_logits", "correction_bias"), ("weights", "expert_ids"),
              {"top_k": "int", "n_group": "int", "topk_group": "int", "norm_topk_prob": "int",
               "routed_scaling_factor": "float"}, {}),
@@ -101,6 +105,13 @@ def translation_table() -> dict:
             top_k=int(top_k), n_group=int(n_group), topk_group=int(topk_group), norm_topk_prob=int(norm_topk_prob),
             routed_scaling_factor=float(routed_scaling_factor)))
 
+    def attention(q, k_pages, v_pages, block_table, seq_lens, scale: float, k_scale=None, v_scale=None,
+                  max_pages: int = -1, impl: str = ""):
+        attrs = plugin_attributes(scale=float(scale), max_pages=int(max_pages))
+        if k_scale is None:
+            return nemo3.paged_attention(q, k_pages, v_pages, block_table, seq_lens, **attrs)
+        return nemo3.paged_attention_fp8(q, k_pages, v_pages, block_table, seq_lens, k_scale, v_scale, **attrs)
+
     ops = torch.ops.nemo3
     return {ops.mamba2_state_update_functional.default: mamba2, ops.causal_conv1d_update_functional.default: conv,
-            ops.latent_moe_route.default: route}
+            ops.latent_moe_route.default: route, ops.paged_attention.default: attention}

@@ -1,0 +1,120 @@
+"""Running an exported ONNX step graph on CPU in onnx's reference evaluator and comparing it with the torch executor.
+
+The evaluator executes nemo3 nodes through the plugins' references (plugins/onnx_reference_ops.py) and TensorRT's
+quantization nodes by their documented semantics (quant/onnx_reference_ops.py). `compare_step(model, shape, proto)`
+fills a TorchExecutor's state with prompts (slot 0 starts fresh in a prefill graph, every other row continues a
+sequence), runs the same call through the executor (eager) and through the graph from the same block table and
+pools, and returns the largest absolute difference of each output: the logits and final hidden states (backbone),
+the tokens (speculative: equal), every updated pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..network.mamba2 import MAX_STEP_TOKENS
+from .base import RaggedBatch, SpeculativeBatch
+from .step_export import TABLE, StepShape, input_names, output_names, pool_fields
+from .torch_executor import TorchExecutor
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding: the evaluator sums in numpy's order, torch in its own
+
+
+def evaluator(proto):
+    from onnx.reference import ReferenceEvaluator
+
+    from ...plugins.onnx_nodes import register_schemas
+    from ...plugins.onnx_reference_ops import NEMO3_OPS
+    from ...quant.onnx_reference_ops import QUANT_OPS
+
+    register_schemas()
+    return ReferenceEvaluator(proto, new_ops=NEMO3_OPS + QUANT_OPS)
+
+
+def _prompts(executor: TorchExecutor, shape: StepShape, generator: torch.Generator) -> list[int]:
+    """Prefill every slot with a random prompt; the past lengths of the call to compare (0 for a fresh slot 0 in
+    a prefill graph)."""
+    vocab, rows = executor.spec.vocab_size, shape.rows
+    lengths = torch.randint(1, 9, (rows,), generator=generator).tolist()
+    sequences = [(torch.randint(0, vocab, (n,), generator=generator).tolist(), 0, slot)
+                 for slot, n in enumerate(lengths)]
+    executor.forward(RaggedBatch.build(sequences, [0]))
+    if shape.step == "backbone" and shape.tokens > MAX_STEP_TOKENS:
+        lengths[0] = 0
+    return lengths
+
+
+def _run_executor(executor: TorchExecutor, shape: StepShape, values: dict) -> dict[str, torch.Tensor]:
+    rows, T = shape.rows, shape.tokens
+    ids, past = values["ids"], values["past"].tolist()
+    if shape.step == "speculative":
+        zeros = torch.zeros(rows)
+        tokens = executor.speculate(SpeculativeBatch(ids, values["num_drafts"], values["past"], values["slots"], zeros,
+                                                     zeros.long(), zeros + 1, None))
+        return {"tokens": torch.tensor(tokens)}
+    batch = RaggedBatch.build([(ids[r].tolist(), past[r], r) for r in range(rows)], list(range(rows * T)))
+    out = executor.forward(batch)
+    return {"logits": out.logits, "hidden.out": out.hidden}
+
+
+@torch.inference_mode()
+def compare_step(model, shape: StepShape, proto, seed: int = 0) -> dict[str, float]:
+    """{output name: max |graph - executor|} for one call of `shape` (module docstring)."""
+    from ...plugins.onnx_reference_ops import to_numpy, to_torch
+
+    g = torch.Generator().manual_seed(seed)
+    executor = TorchExecutor(model, shape.rows, shape.max_length)
+    past = _prompts(executor, shape, g)
+    rows, T = shape.rows, shape.tokens
+    values = {"ids": torch.randint(0, model.spec.vocab_size, (rows, T), generator=g),
+              "num_drafts": torch.randint(0, T, (rows,), generator=g), "slots": torch.arange(rows),
+              "past": torch.tensor(past), TABLE: executor.state.pages.table.clone()}
+    values.update({name: getattr(entry, attr).clone() for name, entry, attr in pool_fields(executor.state)})
+    feeds = {name: to_numpy(values[name]) for name in input_names(executor.state, shape)}
+    got = dict(zip(output_names(executor.state, shape), evaluator(proto).run(None, feeds)))
+
+    want = _run_executor(executor, shape, values)
+    want.update({f"{name}.out": getattr(entry, attr) for name, entry, attr in pool_fields(executor.state)})
+    diffs = {}
+    for name, expected in want.items():
+        actual = to_torch(got[name]).reshape(expected.shape)
+        try:
+            if name == "tokens":
+                torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCE)
+        except AssertionError as e:
+            raise ValueError(f"{shape.name}: output {name} differs from the torch executor: {e}") from e
+        diffs[name] = float((actual.float() - expected.float()).abs().max()) if expected.numel() else 0.0
+    return diffs
+
+
+def check_graph(proto) -> list[str]:
+    """onnx.checker with the nemo3 schemas registered, and the plugin attributes of every nemo3 node; returns the
+    problems (empty when the graph is fine)."""
+    import onnx
+
+    from ...plugins.onnx_nodes import DOMAIN, NODES, PLUGIN_NAMESPACE, PLUGIN_VERSION, register_schemas
+    from ...quant.onnx_nodes import register_schemas as register_trt_schemas
+
+    register_schemas()
+    register_trt_schemas()
+    problems = []
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        problems.append(f"onnx.checker: {str(e).splitlines()[0]}")
+    shadowed = {f.name for f in proto.functions} & set(NODES)
+    if shadowed:
+        problems.append(f"local functions shadow plugin nodes: {sorted(shadowed)}")
+    for node in proto.graph.node:
+        if node.domain != DOMAIN:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        spec = NODES.get(node.op_type)
+        if spec is None:
+            problems.append(f"node {node.name}: unknown nemo3 op_type {node.op_type}")
+        elif attrs.get("plugin_namespace") != PLUGIN_NAMESPACE.encode() or \
+                attrs.get("plugin_version") != PLUGIN_VERSION.encode() or not set(spec.attributes) <= set(attrs):
+            problems.append(f"node {node.name} ({node.op_type}): plugin attributes {sorted(attrs)} are incomplete")
+    return problems

@@ -1,0 +1,98 @@
+"""OUT/engines/tensorrt/: the step graphs of a checkpoint as ONNX for TensorRT, with manifest.json.
+
+One graph per step shape (`tensorrt_shapes`): the decode step (T=1), the speculative verify (T=max_tokens,
+recording the Mamba states), a prefill chunk (T=prefill_tokens, starting or continuing sequences) and the MTP steps
+(T=1..max_tokens), each for max_sequences rows (onnx_export.py, step_export.py). The manifest lists each graph's
+inputs and outputs and its aliased pairs (updated pool -> pool), the nemo3 plugins it uses, and the command that
+builds the engines where TensorRT is installed (tensorrt_build.py). `validate_tensorrt_folder` runs every graph in
+onnx's reference evaluator against the torch executor (onnx_validate.py): `nemo3 validate-onnx OUT`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..network.mamba2 import MAX_STEP_TOKENS
+from .step_export import StepShape
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TensorRTTarget:
+    max_sequences: int = 16
+    max_length: int = 2048
+    max_tokens: int = 3  # tokens per row of a verify: 1 + the MTP draft length served
+    prefill_tokens: int = 64  # tokens per row of a prefill chunk (> MAX_STEP_TOKENS)
+
+
+def build_command(folder: Path) -> str:
+    return f"python -m nemo3.engines.executors.tensorrt_build {folder}"
+
+
+def tensorrt_shapes(target: TensorRTTarget, mtp: bool) -> list[StepShape]:
+    if target.prefill_tokens <= MAX_STEP_TOKENS:
+        raise ValueError(f"prefill_tokens={target.prefill_tokens}: a prefill chunk has more than {MAX_STEP_TOKENS} "
+                         "tokens per row (shorter calls are decode steps)")
+    rows, length = target.max_sequences, target.max_length
+    shapes = [StepShape("backbone", rows, 1, max_length=length),
+              StepShape("backbone", rows, target.prefill_tokens, max_length=length)]
+    if target.max_tokens > 1:
+        shapes.append(StepShape("backbone", rows, target.max_tokens, record=True, max_length=length))
+    return shapes + [StepShape("mtp", rows, T, max_length=length) for T in range(1, target.max_tokens + 1) if mtp]
+
+
+def write_tensorrt_folder(model, out: Path, shapes: list[StepShape], log=print) -> dict:
+    """Export `shapes` of `model` into `out` (graphs + manifest.json); returns the stage's summary."""
+    from ...plugins.onnx_nodes import DOMAIN, NODES
+    from .onnx_export import write_step_onnx
+    from .step_export import input_names, output_names
+
+    graphs = []
+    for shape in shapes:
+        file = f"rank0/{shape.name}.onnx"
+        proto = write_step_onnx(model, shape, out / file)
+        state = model.new_state(1, 1, mtp=model.mtp is not None)
+        inputs, outputs = input_names(state, shape), output_names(state, shape)
+        graphs.append({"file": file, "shape": asdict(shape), "inputs": inputs, "outputs": outputs,
+                       "aliased": {name: name.removesuffix(".out") for name in outputs
+                                   if name.endswith(".out") and name.removesuffix(".out") in inputs},
+                       "plugins": sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})})
+        log(f"[tensorrt] {file}")
+    used = sorted({p for g in graphs for p in g["plugins"]})
+    manifest = {"format": FORMAT, "dtype": str(model.dtype).removeprefix("torch."), "graphs": graphs,
+                "plugins": {name: list(NODES[name].inputs) for name in used},
+                "engines": "not built: TensorRT is not installed where this build ran; build them where it is with "
+                           f"`{build_command(Path('<this folder>'))}` (a .plan next to each graph)"}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return {"graphs": len(graphs), "plugins": used}
+
+
+def read_manifest(folder: Path) -> dict:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no TensorRT manifest (build with --target tensorrt)")
+    return json.loads(path.read_text())
+
+
+def validate_tensorrt_folder(model, folder: Path, log=print) -> dict[str, dict[str, float]]:
+    """Check every graph of `folder` (onnx.checker with the nemo3 schemas, plugin attributes) and compare it with
+    the torch executor on `model` in the reference evaluator; {graph file: {output: max abs difference}}.
+    Raises AssertionError/ValueError naming the graph and output that differ."""
+    import onnx
+
+    from .onnx_validate import check_graph, compare_step
+
+    results = {}
+    for graph in read_manifest(folder)["graphs"]:
+        proto = onnx.load(str(Path(folder) / graph["file"]))
+        problems = check_graph(proto)
+        if problems:
+            raise ValueError(f"{Path(folder) / graph['file']}: {'; '.join(problems)}")
+        results[graph["file"]] = compare_step(model, StepShape(**graph["shape"]), proto)
+        log(f"{graph['file']}: {len(results[graph['file']])} outputs equal the torch executor's "
+            f"(max |diff| {max(results[graph['file']].values()):.2e})")
+    return results

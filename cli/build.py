@@ -29,6 +29,12 @@ from .common import one_line_errors
               help="Calibration text or JSONL (default: the train split of the built-in corpus).")
 @click.option("--calib-samples", type=int, default=64, show_default=True)
 @click.option("--calib-seq-len", type=int, default=256, show_default=True)
+@click.option("--engine-max-sequences", type=int, default=16, show_default=True,
+              help="Rows of every engine call (--target tensorrt: the ONNX graphs' batch).")
+@click.option("--engine-max-length", type=int, default=2048, show_default=True,
+              help="Tokens per sequence's state slot in the engines.")
+@click.option("--engine-prefill-tokens", type=int, default=64, show_default=True,
+              help="Tokens per row of a prefill chunk (--target tensorrt).")
 @click.option("--force", is_flag=True, help="Redo every stage even if build.json says it is up to date.")
 @one_line_errors
 def main(**kwargs):

@@ -39,12 +39,13 @@ def _meta_tensor(trt, desc, op_type: str, index: int) -> torch.Tensor:
 
 
 def _outputs(trtp, trt, spec, inputs: list, attrs: dict):
-    """Output descriptors: aliased pools, else the op's fake shapes (out/y like x; routing [tokens, top_k])."""
+    """Output descriptors: aliased pools, else the op's fake shapes (out/y like x, attention's like q; routing
+    [tokens, top_k])."""
     if spec.op_type == "latent_moe_route":
         rows = inputs[0].shape_expr[0]
         return (trtp.from_shape_expr((rows, attrs["top_k"]), dtype=trt.float32),
                 trtp.from_shape_expr((rows, attrs["top_k"]), dtype=trt.int32))
-    x = inputs[spec.inputs.index("x")]
+    x = inputs[spec.inputs.index("x") if "x" in spec.inputs else 0]  # (attention: out like q)
     return tuple(inputs[spec.aliased[i]].aliased() if i in spec.aliased else x.like()
                  for i in range(len(spec.outputs)))
 

@@ -23,9 +23,10 @@ from nemo3.plugins.onnx_nodes import DOMAIN, NODES  # noqa: E402
 
 pytestmark = pytest.mark.timeout(1800)
 ROWS, LENGTH, PREFILL = 2, 32, 9
-# decode, a prefill chunk (slot 0 starts its sequence in it), a verify of 2 drafts recording the Mamba states
+# decode, a prefill chunk (slot 0 starts its sequence in it), a greedy speculative step of 2 drafts (row 0's
+# accepted, row 1's random)
 SHAPES = [StepShape("backbone", ROWS, 1, max_length=LENGTH), StepShape("backbone", ROWS, PREFILL, max_length=LENGTH),
-          StepShape("backbone", ROWS, 3, record=True, max_length=LENGTH)]
+          StepShape("speculative", ROWS, 3, max_length=LENGTH)]
 
 
 def options(out, precision: str) -> BuildOptions:
@@ -38,32 +39,33 @@ def bf16_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "bf16"
     logs = []
     record = run_stages(options(out, "bf16"), ["quantize", "tensorrt"], log=logs.append)
-    assert record["stages"]["tensorrt"]["graphs"] == 6, logs  # decode, prefill, verify, MTP T=1..3
-    assert any("tensorrt_build" in line and "not built here" in line for line in logs), logs
+    assert record["stages"]["tensorrt"]["graphs"] == 3, logs  # decode, prefill, speculative
+    assert any("tensorrt_build" in line and "must be built where" in line for line in logs), logs
     return out
 
 
 def test_bf16_build_graphs_equal_the_torch_executor(bf16_build):
-    """Every graph of the stage's folder: checker, plugin attributes, and every output (logits, hidden, each updated
-    pool, each recorded Mamba state) equals the torch executor's to fp32 rounding."""
+    """Every graph of the stage's folder: checker, plugin attributes, and every output (logits, hidden, the
+    speculative step's tokens, each updated pool) equals the torch executor's to fp32 rounding."""
     folder = BuildFolder(bf16_build).tensorrt
     manifest = read_manifest(folder)
     results = validate_tensorrt_folder(load(model_folder(bf16_build)), folder, log=lambda line: None)
-    assert len(results) == 6
+    assert len(results) == 3
     for graph in manifest["graphs"]:
         outputs = results[graph["file"]]
         assert set(outputs) == set(graph["outputs"])  # every output was compared
         assert graph["aliased"] and all(graph["aliased"][name] in graph["inputs"] for name in graph["aliased"])
-    verify = next(g for g in manifest["graphs"] if g["shape"]["record"])
-    assert {"mamba2_state_update_steps", "causal_conv1d_update_steps", "latent_moe_route"} <= set(verify["plugins"])
-    assert any(name.endswith(".ssm_steps") for name in verify["outputs"])
+    verify = next(g for g in manifest["graphs"] if g["shape"]["step"] == "speculative")
+    assert {"mamba2_state_update_steps", "causal_conv1d_update_steps", "latent_moe_route",
+            "paged_attention"} <= set(verify["plugins"])
+    assert "pages.table" in verify["inputs"] and "pages.table" not in verify["aliased"].values()
 
 
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
 def test_quantized_graphs_equal_the_torch_executor(tmp_path, precision):
     """fp8: FLOAT8E4M3FN weights with DequantizeLinear, activations through QuantizeLinear/DequantizeLinear; nvfp4:
     FLOAT4E2M1 weights with two DequantizeLinear and trt::TRT_FP4DynamicQuantize activations; decode, prefill and
-    verify graphs equal the torch executor's outputs."""
+    speculative graphs equal the torch executor's outputs."""
     out = tmp_path / precision
     run_stages(options(out, precision), ["quantize"], log=lambda line: None)
     model = load(model_folder(out))
@@ -85,7 +87,8 @@ def test_plugin_nodes_carry_the_plugin_attributes(bf16_build):
     folder = BuildFolder(bf16_build).tensorrt
     proto = onnx.load(str(folder / read_manifest(folder)["graphs"][0]["file"]))
     nodes = [node for node in proto.graph.node if node.domain == DOMAIN]
-    assert {node.op_type for node in nodes} == {"mamba2_state_update", "causal_conv1d_update", "latent_moe_route"}
+    assert {node.op_type for node in nodes} == {"mamba2_state_update", "causal_conv1d_update", "latent_moe_route",
+                                                "paged_attention"}
     for node in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["plugin_namespace"] == b"nemo3" and attrs["plugin_version"] == b"1"
@@ -102,7 +105,7 @@ def test_validate_onnx_cli(bf16_build):
 
     result = CliRunner().invoke(command, [str(bf16_build)])
     assert result.exit_code == 0, result.output
-    assert "6 graphs equal the torch executor" in result.output
+    assert "3 graphs equal the torch executor" in result.output
 
 
 def test_tensorrt_target_options():

@@ -3,18 +3,25 @@
     python -m nemo3.engines.executors.tensorrt_build OUT/engines/tensorrt
 
 Each graph becomes `<graph>.plan` next to it: a strongly typed network (the graph's own Q/DQ precisions), static
-shapes (the graphs have them), parsed by TensorRT's ONNX parser, which finds each `nemo3` node's plugin by op_type,
-`plugin_namespace` and `plugin_version` in TensorRT's plugin registry. `tensorrt` is imported only here.
+shapes (the graphs have them: no optimization profile), parsed by TensorRT's ONNX parser, which finds each `nemo3`
+node's plugin by op_type, `plugin_namespace` and `plugin_version` in TensorRT's plugin registry, where
+plugins/tensorrt_plugins.py registers them (AOT: each kernel's PTX goes into the engine). `tensorrt` is imported only
+here and there.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 from .tensorrt_folder import read_manifest
 
 WHERE = "engines/executors/tensorrt_build.py"
+
+
+def tensorrt_installed() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
 
 
 def import_tensorrt():
@@ -28,7 +35,10 @@ def import_tensorrt():
 
 def build_plans(folder: Path, log=print) -> list[Path]:
     """Build every graph of the manifest in `folder` into a .plan file; returns their paths."""
+    from ...plugins.tensorrt_plugins import register_plugins
+
     trt = import_tensorrt()
+    register_plugins()  # the nemo3 nodes' AOT plugins, found by the parser in TensorRT's registry
     logger = trt.Logger(trt.Logger.WARNING)
     plans = []
     for graph in read_manifest(folder)["graphs"]:

@@ -1,11 +1,12 @@
 """OUT/engines/tensorrt/: the step graphs of a checkpoint as ONNX for TensorRT, with manifest.json.
 
-One graph per step shape (`tensorrt_shapes`): the decode step (T=1), the speculative verify (T=max_tokens,
-recording the Mamba states), a prefill chunk (T=prefill_tokens, starting or continuing sequences) and the MTP steps
-(T=1..max_tokens), each for max_sequences rows (onnx_export.py, step_export.py). The manifest lists each graph's
-inputs and outputs and its aliased pairs (updated pool -> pool), the nemo3 plugins it uses, and the command that
-builds the engines where TensorRT is installed (tensorrt_build.py). `validate_tensorrt_folder` runs every graph in
-onnx's reference evaluator against the torch executor (onnx_validate.py): `nemo3 validate-onnx OUT`.
+One graph per step shape (`tensorrt_shapes`), each for max_sequences rows over a block table of max_length tokens
+per slot (onnx_export.py, step_export.py): the decode step (T=1), a prefill chunk (T=prefill_tokens, starting or
+continuing sequences) and, with an MTP head, the greedy speculative step (verify K+1 tokens, accept, roll back,
+draft K). The manifest lists each graph's inputs and outputs, its aliased pairs (updated pool -> pool), the nemo3
+plugins it uses (each kernel's PTX is compiled when the engine is built: plugins/tensorrt_plugins.py) and the
+command that builds the engines where TensorRT is installed (tensorrt_build.py). `validate_tensorrt_folder` runs
+every graph in onnx's reference evaluator against the torch executor (onnx_validate.py): `nemo3 validate-onnx OUT`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ FORMAT = 1
 class TensorRTTarget:
     max_sequences: int = 16
     max_length: int = 2048
-    max_tokens: int = 3  # tokens per row of a verify: 1 + the MTP draft length served
+    max_tokens: int = 3  # tokens per row of a speculative step: 1 + the MTP draft length served
     prefill_tokens: int = 64  # tokens per row of a prefill chunk (> MAX_STEP_TOKENS)
 
 
@@ -40,9 +41,9 @@ def tensorrt_shapes(target: TensorRTTarget, mtp: bool) -> list[StepShape]:
     rows, length = target.max_sequences, target.max_length
     shapes = [StepShape("backbone", rows, 1, max_length=length),
               StepShape("backbone", rows, target.prefill_tokens, max_length=length)]
-    if target.max_tokens > 1:
-        shapes.append(StepShape("backbone", rows, target.max_tokens, record=True, max_length=length))
-    return shapes + [StepShape("mtp", rows, T, max_length=length) for T in range(1, target.max_tokens + 1) if mtp]
+    if mtp and target.max_tokens > 1:
+        shapes.append(StepShape("speculative", rows, target.max_tokens, max_length=length))
+    return shapes
 
 
 def write_tensorrt_folder(model, out: Path, shapes: list[StepShape], log=print) -> dict:

@@ -7,7 +7,10 @@ host), with the attention reading `bound` pages per row. The program's inputs ar
 (`StepProgram.inputs`: the step function's parameter names, without those the shape leaves None), then the block
 table (`pages.table`), then every state pool (`<layer key>.<field>`, e.g. `backbone.layers.0.conv`), which the
 program updates in place (mutated inputs); its one output is the step function's result (`out`). The model's
-weights are the program's parameters and constants, under their module paths (`model.<name>`), not inputs.
+weights are the program's parameters and buffers, under their module paths (`model.<name>`), not inputs. Tensors
+a module holds as plain attributes (an MoE layer's stacked experts, a quantized layer's dequantized weight) are
+constants of the program, or with `lift_constants` inputs after the pools (`model.<module path>.<attr>[.<i>]`,
+`constant_fields`), so that a compiled program can take every weight from the loaded model.
 """
 
 from __future__ import annotations
@@ -41,6 +44,34 @@ def pool_tensors(state) -> list[torch.Tensor]:
     return [state.pages.table, *(getattr(entry, attr) for _, entry, attr in pool_fields(state))]
 
 
+def constant_fields(model) -> list[tuple[str, nn.Module, str, int | None]]:
+    """(input name, module, attribute, index in a tuple or None) of every tensor a module of `model` holds as a
+    plain attribute (not a parameter or buffer), alone or in a tuple of tensors."""
+    fields = []
+    for path, module in model.named_modules(prefix="model"):
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                fields.append((f"{path}.{attr}", module, attr, None))
+            elif isinstance(value, tuple) and value and all(isinstance(t, torch.Tensor) for t in value):
+                fields += [(f"{path}.{attr}.{i}", module, attr, i) for i in range(len(value))]
+    return fields
+
+
+def constant_tensors(model) -> list[torch.Tensor]:
+    """The tensors of `constant_fields`, in their order."""
+    return [getattr(m, attr) if i is None else getattr(m, attr)[i] for _, m, attr, i in constant_fields(model)]
+
+
+def set_constants(fields, tensors) -> None:
+    for (_, module, attr, i), tensor in zip(fields, tensors):
+        if i is None:
+            setattr(module, attr, tensor)
+        else:
+            value = list(getattr(module, attr))
+            value[i] = tensor
+            setattr(module, attr, tuple(value))
+
+
 def argument_names(shape: StepShape, args: list) -> list[str]:
     """The names of the step function's tensor arguments (those `args` does not leave None)."""
     names = list(inspect.signature(STEPS[shape.step]).parameters)[1:]
@@ -51,10 +82,10 @@ class StepGraph(nn.Module):
     """forward(*step tensors, table, *pools) -> out: the step over a state whose block table and pools are the
     inputs. `present[i]`: whether the step's i-th argument is a tensor input (else None)."""
 
-    def __init__(self, model, state, shape: StepShape, present: list[bool]):
+    def __init__(self, model, state, shape: StepShape, present: list[bool], constants: list):
         super().__init__()
         self.model, self.state, self.shape, self.present = model, state, shape, present
-        self.fields = pool_fields(state)
+        self.fields, self.constants = pool_fields(state), constants
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         given = iter(inputs)
@@ -62,24 +93,29 @@ class StepGraph(nn.Module):
         self.state.pages.table = next(given)
         for (_, entry, attr), tensor in zip(self.fields, given):
             setattr(entry, attr, tensor)
+        set_constants(self.constants, list(given))
         return run_step(self, self.shape.step, *args)
 
 
 @torch.no_grad()
-def export_step(model, state, shape: StepShape, bound: int) -> StepProgram:
+def export_step(model, state, shape: StepShape, bound: int, lift_constants: bool = False) -> StepProgram:
     """The ExportedProgram of `shape` over `state` (max_sequences rows), its attention reading `bound` pages per
-    row. `state` is left as it was (its pools and block table are restored; padding rows change nothing)."""
+    row; with `lift_constants`, the model's plain-attribute tensors are inputs (module docstring). `state` and
+    `model` are left as they were (pools, block table and constants restored; padding rows change nothing)."""
     args = example_inputs(model, state, shape)
     present = [a is not None for a in args]
-    saved = pool_tensors(state)
-    saved_bound = state.pages.bound
+    saved, saved_bound = pool_tensors(state), state.pages.bound
+    constants = constant_fields(model) if lift_constants else []
+    weights = constant_tensors(model) if lift_constants else []
     state.pages.bound = bound
     try:
-        graph = StepGraph(model, state, shape, present)
-        program = torch.export.export(graph, (*(a for a in args if a is not None), *saved), strict=False)
+        graph = StepGraph(model, state, shape, present, constants)
+        program = torch.export.export(graph, (*(a for a in args if a is not None), *saved, *weights), strict=False)
     finally:
         state.pages.table, state.pages.bound = saved[0], saved_bound
         for (_, entry, attr), tensor in zip(pool_fields(state), saved[1:]):
             setattr(entry, attr, tensor)
-    inputs = [*argument_names(shape, args), TABLE, *(name for name, _, _ in pool_fields(state))]
+        set_constants(constants, weights)
+    inputs = [*argument_names(shape, args), TABLE, *(name for name, _, _ in pool_fields(state)),
+              *(name for name, *_ in constants)]
     return StepProgram(program, inputs, ["out"])

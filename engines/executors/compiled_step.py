@@ -161,6 +161,12 @@ def example_inputs(model, state, shape: StepShape) -> list[torch.Tensor | None]:
             uniforms, probs, None]
 
 
+def page_bounds(width: int) -> list[int]:
+    """Every bound on the pages read per row that `CompiledSteps.read_pages` sets on CPU for a block table of
+    `width` entries per row."""
+    return sorted({min(width, next_power_of_2(n)) for n in range(1, width + 1)})
+
+
 def run_step(steps, name: str, *args) -> torch.Tensor:
     """STEPS[name] over `steps` (anything with .model and .state), within the state's recording_steps for a step
     that rolls the Mamba states back (the speculative step)."""

@@ -72,8 +72,9 @@ def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, sk
 def not_built_yet(device: str, tp: int) -> str | None:
     """Why engines for `device` and `tp` ranks are not built, whatever the model, or None."""
     if tp > 1:
-        return (f"--tp {tp}: per-rank engines are not built yet (a rank's in-place torch.distributed all-reduce "
-                "would have to be a functional collective that AOTInductor's C++ wrapper runs; not verified)")
+        return (f"--tp {tp}: per-rank engines are not built yet (AOTInductor's C shim runs _c10d_functional "
+                "all_reduce/wait_tensor by process-group name, not the network's in-place torch.distributed "
+                "all_reduce/all_gather/broadcast)")
     if torch.device(device).type == "cuda":  # (no GPU was available to this work)
         return ("--engine-device cuda: not built yet (the Triton kernels must become torch.library.triton_op to be "
                 "compiled into a package; as custom ops they stay Python callbacks); serving compiles CUDA graphs "

@@ -1,7 +1,7 @@
 """The build: a sequence of stages, each writing one folder of OUT/ atomically.
 
 The stages' work is done by plain library functions (export: read_summary, write_ranks; quant:
-quantize_checkpoint; engines/executors: write_tensorrt_folder; triton_repo: write_validated_repository;
+quantize_checkpoint; engines/executors: build_engines, write_tensorrt_folder; triton_repo: write_validated_repository;
 engines/evaluation: write_report); this module
 alone wraps them into stages, opens the checkpoint once per run and hands it to them.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from . import __version__
 from .export.build_folder import BuildError, BuildFolder
-from .export.options import DEFAULT_PRECISION, MOE_PARALLEL, PRECISIONS, TARGETS
+from .export.options import DEFAULT_PRECISION, ENGINE_DEVICES, MOE_PARALLEL, PRECISIONS, TARGETS
 
 TMP_PREFIX = ".tmp-"
 
@@ -49,9 +49,14 @@ class BuildOptions:
     calib_data: Path | None = None
     calib_samples: int = 64
     calib_seq_len: int = 256
+    # ahead-of-time engines (the engines stage; False: it records that they were not asked for)
+    engines: bool = False
+    engine_device: str | None = None  # None: cuda when the build runs where CUDA is available, else cpu
     engine_max_sequences: int = 16  # rows of every engine call (concurrent sequences served)
-    engine_max_length: int = 2048  # tokens per sequence's state slot
-    engine_prefill_tokens: int = 64  # tokens per row of a TensorRT prefill chunk
+    engine_max_length: int = 1024  # tokens per sequence (the pages read per row go up to its pages)
+    engine_mtp: int | None = None  # MTP draft length the engines serve (None: the runtime's default; 0: decode only)
+    engine_sampling: bool = True  # also the sampling speculative step
+    engine_prefill_tokens: int = 64  # tokens per row of a TensorRT prefill chunk (--target tensorrt)
     force: bool = False
 
     def __post_init__(self):
@@ -71,9 +76,22 @@ class BuildOptions:
             raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected one of {', '.join(MOE_PARALLEL)}")
         if self.tp < 1:
             raise BuildError(f"--tp {self.tp}: must be >= 1")
+        self._check_engine_options()
+
+    def _check_engine_options(self) -> None:
+        import torch
+
+        if self.engine_device is None:
+            self.engine_device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.engine_device not in ENGINE_DEVICES:
+            raise BuildError(f"--engine-device {self.engine_device!r}: expected one of {', '.join(ENGINE_DEVICES)}")
+        if self.engines and self.engine_device == "cuda" and not torch.cuda.is_available():
+            raise BuildError("--engine-device cuda: no CUDA device here; engines are compiled where they run")
         for name in ("engine_max_sequences", "engine_max_length", "engine_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise BuildError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.engine_mtp is not None and self.engine_mtp < 0:
+            raise BuildError(f"--engine-mtp {self.engine_mtp}: must be >= 0")
 
 
 @dataclass
@@ -185,24 +203,54 @@ def _shard_stage() -> Stage:
                  lambda b: check_tp(b.checkpoint.spec, b.options.tp, b.options.moe_parallel))
 
 
+def _engines_stage() -> Stage:
+    import torch
+
+    from .engines.executors.aot_build import EngineTarget, build_engines
+    from .engines.executors.aot_manifest import FORMAT, host_arch
+    from .engines.runtime.factory import DEFAULT_MTP_DRAFT_TOKENS
+    from .export.checkpoint import open_checkpoint
+
+    def target(b: Build) -> EngineTarget:
+        o = b.options
+        k = DEFAULT_MTP_DRAFT_TOKENS if o.engine_mtp is None else o.engine_mtp
+        return EngineTarget(o.engine_device, o.engine_max_sequences, o.engine_max_length, k, o.engine_sampling)
+
+    def skipped(b: Build) -> str | None:
+        if not b.options.engines:
+            return "not asked for (nemo3-build --engines)"
+        if b.options.target != "torch":
+            return f"--target {b.options.target}: its repository serves with another runtime"
+        return None
+
+    def inputs(b: Build) -> dict:
+        why = skipped(b)
+        return {"skipped": why} if why else {
+            "source": open_checkpoint(_shard_source(b)).fingerprint(), "target": dataclasses.asdict(target(b)),
+            "tp": b.options.tp, "arch": host_arch(b.options.engine_device), "torch": torch.__version__,
+            "format": FORMAT}
+
+    return Stage("engines", "engines", inputs,
+                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b), b.options.tp, skipped(b), log=print))
+
+
 def _tensorrt_stage() -> Stage:
     """OUT/engines/tensorrt/ (--target tensorrt): the step graphs as ONNX; the engines are built where TensorRT is."""
     from .engines.executors.tensorrt_build import build_plans, tensorrt_installed
-    from .engines.executors.tensorrt_folder import (FORMAT, TensorRTTarget, build_command, tensorrt_shapes,
-                                                    write_tensorrt_folder)
+    from .engines.executors.tensorrt_folder import FORMAT, TensorRTTarget, build_command, write_tensorrt_folder
     from .engines.runtime.factory import DEFAULT_MTP_DRAFT_TOKENS
     from .export.checkpoint import open_checkpoint
 
     def target(b: Build) -> TensorRTTarget:
         o = b.options
-        return TensorRTTarget(o.engine_max_sequences, o.engine_max_length, 1 + DEFAULT_MTP_DRAFT_TOKENS,
-                              o.engine_prefill_tokens)
+        k = DEFAULT_MTP_DRAFT_TOKENS if o.engine_mtp is None else o.engine_mtp
+        return TensorRTTarget(o.engine_max_sequences, o.engine_max_length, 1 + k, o.engine_prefill_tokens)
 
     def run(b: Build, tmp: Path | None) -> dict:
         from .engines.network.loading import load
 
         model = load(_shard_source(b))
-        summary = write_tensorrt_folder(model, tmp, tensorrt_shapes(target(b), model.mtp is not None))
+        summary = write_tensorrt_folder(model, tmp, target(b))
         if tensorrt_installed():
             return {**summary, "plans": [str(p.relative_to(tmp)) for p in build_plans(tmp)]}
         return {**summary, "note": f"TensorRT is not installed here: the engines (rank0/*.plan) must be built where "
@@ -251,7 +299,8 @@ def _report_stage() -> Stage:
                             "options": dc.asdict(compare_options)}, run)
 
 
-STAGES = {"read": _read_stage, "quantize": _quantize_stage, "shard": _shard_stage, "tensorrt": _tensorrt_stage,
+STAGES = {"read": _read_stage, "quantize": _quantize_stage, "shard": _shard_stage, "engines": _engines_stage,
+          "tensorrt": _tensorrt_stage,  # (after engines: it writes OUT/engines/tensorrt inside the engines folder)
           "triton_repo": _triton_stage, "report": _report_stage}  # in build order
 
 

@@ -46,8 +46,12 @@ class BuildFolder:
         return self.root / "ranks"
 
     @property
+    def engines(self) -> Path:
+        return self.root / "engines"
+
+    @property
     def tensorrt(self) -> Path:
-        return self.root / "engines" / "tensorrt"
+        return self.engines / "tensorrt"
 
     @property
     def triton_repo(self) -> Path:

@@ -13,9 +13,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from nemo3.engines.executors.onnx_validate import check_graph  # noqa: E402
-from nemo3.engines.executors.step_export import StepShape  # noqa: E402
-from nemo3.engines.executors.tensorrt_folder import (read_manifest, validate_tensorrt_folder,  # noqa: E402
-                                                     write_tensorrt_folder)
+from nemo3.engines.executors.tensorrt_folder import (TensorRTTarget, read_manifest,  # noqa: E402
+                                                     validate_tensorrt_folder, write_tensorrt_folder)
 from nemo3.engines.network.loading import load  # noqa: E402
 from nemo3.export.build_folder import BuildError, BuildFolder, model_folder  # noqa: E402
 from nemo3.pipeline import BuildOptions, run_stages  # noqa: E402
@@ -23,10 +22,9 @@ from nemo3.plugins.onnx_nodes import DOMAIN, NODES  # noqa: E402
 
 pytestmark = pytest.mark.timeout(1800)
 ROWS, LENGTH, PREFILL = 2, 32, 9
-# decode, a prefill chunk (slot 0 starts its sequence in it), a greedy speculative step of 2 drafts (row 0's
-# accepted, row 1's random)
-SHAPES = [StepShape("backbone", ROWS, 1, max_length=LENGTH), StepShape("backbone", ROWS, PREFILL, max_length=LENGTH),
-          StepShape("speculative", ROWS, 3, max_length=LENGTH)]
+# decode, a greedy speculative step of 2 drafts (row 0's accepted, row 1's random), a prefill chunk (slot 0 starts
+# its sequence in it)
+TARGET = TensorRTTarget(ROWS, LENGTH, 3, PREFILL)
 
 
 def options(out, precision: str) -> BuildOptions:
@@ -55,7 +53,7 @@ def test_bf16_build_graphs_equal_the_torch_executor(bf16_build):
         outputs = results[graph["file"]]
         assert set(outputs) == set(graph["outputs"])  # every output was compared
         assert graph["aliased"] and all(graph["aliased"][name] in graph["inputs"] for name in graph["aliased"])
-    verify = next(g for g in manifest["graphs"] if g["shape"]["step"] == "speculative")
+    verify = next(g for g in manifest["graphs"] if g["step"] == "speculative_step")
     assert {"mamba2_state_update_steps", "causal_conv1d_update_steps", "latent_moe_route",
             "paged_attention"} <= set(verify["plugins"])
     assert "pages.table" in verify["inputs"] and "pages.table" not in verify["aliased"].values()
@@ -70,7 +68,7 @@ def test_quantized_graphs_equal_the_torch_executor(tmp_path, precision):
     run_stages(options(out, precision), ["quantize"], log=lambda line: None)
     model = load(model_folder(out))
     folder = tmp_path / "tensorrt"
-    write_tensorrt_folder(model, folder, SHAPES, log=lambda line: None)
+    write_tensorrt_folder(model, folder, TARGET, log=lambda line: None)
     proto = onnx.load(str(folder / read_manifest(folder)["graphs"][0]["file"]))
     types = {onnx.TensorProto.DataType.Name(init.data_type) for init in proto.graph.initializer}
     ops = {(node.domain, node.op_type) for node in proto.graph.node}
@@ -78,7 +76,7 @@ def test_quantized_graphs_equal_the_torch_executor(tmp_path, precision):
     if precision == "nvfp4":
         assert "FLOAT4E2M1" in types and ("trt", "TRT_FP4DynamicQuantize") in ops
     results = validate_tensorrt_folder(model, folder, log=lambda line: None)
-    assert len(results) == len(SHAPES)
+    assert len(results) == 3
 
 
 def test_plugin_nodes_carry_the_plugin_attributes(bf16_build):

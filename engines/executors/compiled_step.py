@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import types
+from dataclasses import dataclass
 
 import torch
 
@@ -83,22 +84,19 @@ class CompiledSteps:
         with self.state.recording_steps():
             return self._call(self._step(speculative_step), *args)
 
+    def run(self, shape: "StepShape", *args) -> torch.Tensor:
+        """The compiled step of `shape` on `args` (the step function's arguments after `steps`)."""
+        return self.backbone(*args) if shape.step == "backbone_step" else self.speculative(*args)
+
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> None:
-        """Compile every shape a run can meet, on batches of padding rows only (no state changes): the decode
-        step (T=1) and the greedy speculative step of max_tokens-1 drafts, reading one page per row. Without it
-        each compiles when the runtime first meets it; so do a speculative step of another draft length, the
-        sampling speculative step (at the first sampled request with MTP) and each larger bound on the pages
-        read (CPU)."""
+        """Compile every shape a run can meet (`step_shapes`), on batches of padding rows only (no state changes),
+        reading one page per row. Without it each compiles when the runtime first meets it; so do a speculative
+        step of another draft length, the sampling speculative step (at the first sampled request with MTP) and
+        each larger bound on the pages read (CPU)."""
         self.read_pages(1)
-        model, rows = self.model, self.state.max_sequences
-        dev = model.device
-        slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
-        self.backbone(torch.zeros(rows, 1, dtype=torch.long, device=dev), slots, past)
-        if self._has_mtp and max_tokens > 1:  # (distinct tensors: dynamo guards on aliasing)
-            ids = torch.zeros(rows, max_tokens, dtype=torch.long, device=dev)
-            self.speculative(ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(),
-                             torch.ones(rows, device=dev), None, None, None)
+        for shape in step_shapes(max_tokens, self._has_mtp):
+            self.run(shape, *example_inputs(self.model, self.state, shape))
 
     def _call(self, step, *args) -> torch.Tensor:
         if not self._cuda:
@@ -129,6 +127,51 @@ def unsupported(model) -> str | None:
 def cpp_compiler() -> str | None:
     """The C++ compiler inductor would find on CPU ($CXX, c++, g++, clang++), or None."""
     return next(filter(None, map(shutil.which, (os.environ.get("CXX", "c++"), "g++", "clang++"))), None)
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One static-shaped call of a step function: what compile-at-load compiles (warm_up) and what the AOT engines
+    export (step_export.py, aot_build.py), for max_sequences rows and each bound on the pages read."""
+
+    step: str  # a step function's name in STEPS
+    tokens: int  # tokens per row: 1 for a decode step, K+1 for a speculative step of K drafts
+    sampling: bool = False  # a speculative step with uniforms and draft_probs (some row samples); else greedy
+
+
+def step_shapes(max_tokens: int, mtp: bool, sampling: bool = False) -> list[StepShape]:
+    """The calls a run of up to `max_tokens` tokens per row makes: the decode step (T=1) and, with an MTP head and
+    max_tokens > 1, the greedy speculative step of max_tokens - 1 drafts (and its sampling variant if `sampling`)."""
+    speculative = [StepShape("speculative_step", max_tokens, s) for s in (False, True)[:1 + sampling]]
+    return [StepShape("backbone_step", 1)] + (speculative if mtp and max_tokens > 1 else [])
+
+
+def example_inputs(model, state, shape: StepShape) -> list[torch.Tensor | None]:
+    """Arguments of STEPS[shape.step] after `steps` for state.max_sequences padding rows (slot -1, past 0: they read
+    and write no state), banned None."""
+    rows, dev, T = state.max_sequences, model.device, shape.tokens
+    slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
+    ids = torch.zeros(rows, T, dtype=torch.long, device=dev)
+    if shape.step == "backbone_step":
+        return [ids, slots, past]
+    K = T - 1  # (distinct tensors: dynamo guards on aliasing)
+    uniforms = torch.zeros(rows, 2 * K + 1, device=dev) if shape.sampling else None
+    probs = torch.zeros(rows, K, model.spec.vocab_size, device=dev) if shape.sampling else None
+    return [ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(), torch.ones(rows, device=dev),
+            uniforms, probs, None]
+
+
+def page_bounds(width: int) -> list[int]:
+    """Every bound on the pages read per row that `CompiledSteps.read_pages` sets on CPU for a block table of
+    `width` entries per row."""
+    return sorted({min(width, next_power_of_2(n)) for n in range(1, width + 1)})
+
+
+def run_step(steps, name: str, *args) -> torch.Tensor:
+    """STEPS[name] over `steps` (anything with .model and .state), within the state's recording_steps for a step
+    that rolls the Mamba states back (the speculative step)."""
+    with steps.state.recording_steps(name == "speculative_step"):
+        return STEPS[name](steps, *args)
 
 
 def backbone_step(steps: CompiledSteps, ids, slots, past):
@@ -188,6 +231,9 @@ def speculative_step(steps: CompiledSteps, ids, num_drafts, slots, past, tempera
         # a row whose distribution is not finite reports accepted -1: its request fails
         accepted = torch.where(torch.isfinite(target).flatten(1).all(-1), accepted, -1)
     return torch.cat([accepted[:, None], token[:, None], torch.stack(drafts, 1)], 1)
+
+
+STEPS = {"backbone_step": backbone_step, "speculative_step": speculative_step}  # by StepShape.step
 
 
 def own_code(fn):

@@ -46,6 +46,7 @@ class DistributedExecutor:
     def __init__(self, local: TorchExecutor, workers):
         self.local, self.workers = local, workers
         self.spec, self.has_mtp, self.model, self.compiled = local.spec, local.has_mtp, local.model, local.compiled
+        self.kind = local.kind  # how decode steps run, as bench reports it
         self.max_sequences, self.max_length = local.max_sequences, local.max_length
         self.num_pages, self.page_size = local.num_pages, local.page_size
         self._failure: str | None = None

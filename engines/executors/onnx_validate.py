@@ -1,11 +1,11 @@
 """Running an exported ONNX step graph on CPU in onnx's reference evaluator and comparing it with the torch executor.
 
 The evaluator executes nemo3 nodes through the plugins' references (plugins/onnx_reference_ops.py) and TensorRT's
-quantization nodes by their documented semantics (quant/onnx_reference_ops.py). `compare_step(model, shape, proto)`
+quantization nodes by their documented semantics (quant/onnx_reference_ops.py). `compare_step(model, graph, proto)`
 fills a TorchExecutor's state with prompts (slot 0 starts fresh in a prefill graph, every other row continues a
 sequence), runs the same call through the executor (eager) and through the graph from the same block table and
-pools, and returns the largest absolute difference of each output: the logits and final hidden states (backbone),
-the tokens (speculative: equal), every updated pool.
+pools, and returns the largest absolute difference of each output: the step's result `out` (the final hidden states,
+and the logits the lm_head makes of them; a speculative step's tokens, equal) and every updated pool.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from ..network.mamba2 import MAX_STEP_TOKENS
 from ..network.quant_linear import QuantLinear
 from .base import RaggedBatch, SpeculativeBatch
-from .step_export import TABLE, StepShape, input_names, output_names, pool_fields
+from .compiled_step import StepShape
+from .step_export import TABLE, pool_fields
 from .torch_executor import TorchExecutor
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding: the evaluator sums in numpy's order, torch in its own
@@ -39,12 +40,12 @@ def evaluator(proto):
 def _prompts(executor: TorchExecutor, shape: StepShape, generator: torch.Generator) -> list[int]:
     """Prefill every slot with a random prompt; the past lengths of the call to compare (0 for a fresh slot 0 in
     a prefill graph)."""
-    vocab, rows = executor.spec.vocab_size, shape.rows
+    vocab, rows = executor.spec.vocab_size, executor.max_sequences
     lengths = torch.randint(1, 9, (rows,), generator=generator).tolist()
     sequences = [(torch.randint(0, vocab, (n,), generator=generator).tolist(), 0, slot)
                  for slot, n in enumerate(lengths)]
     executor.forward(RaggedBatch.build(sequences, [0]))
-    if shape.step == "backbone" and shape.tokens > MAX_STEP_TOKENS:
+    if shape.step == "backbone_step" and shape.tokens > MAX_STEP_TOKENS:
         lengths[0] = 0
     return lengths
 
@@ -60,47 +61,52 @@ def _greedy_tokens(executor: TorchExecutor, token: int, past: int, n: int) -> li
 
 
 def _run_executor(executor: TorchExecutor, shape: StepShape, values: dict) -> dict[str, torch.Tensor]:
-    rows, T = shape.rows, shape.tokens
+    rows, T = executor.max_sequences, shape.tokens
     ids, past = values["ids"], values["past"].tolist()
-    if shape.step == "speculative":
-        zeros = torch.zeros(rows)
-        tokens = executor.speculate(SpeculativeBatch(ids, values["num_drafts"], values["past"], values["slots"], zeros,
-                                                     zeros.long(), zeros + 1, None))
-        return {"tokens": torch.tensor(tokens)}
+    if shape.step == "speculative_step":
+        tokens = executor.speculate(SpeculativeBatch(ids, values["num_drafts"], values["past"], values["slots"],
+                                                     values["temperature"], values["top_k"], values["top_p"], None))
+        return {"out": torch.tensor(tokens)}
     batch = RaggedBatch.build([(ids[r].tolist(), past[r], r) for r in range(rows)], list(range(rows * T)))
     out = executor.forward(batch)
-    return {"logits": out.logits, "hidden.out": out.hidden}
+    return {"out": out.hidden.view(rows, T, -1), "logits": out.logits.view(rows, T, -1)}
 
 
 @torch.inference_mode()
-def compare_step(model, shape: StepShape, proto, seed: int = 0) -> dict[str, float]:
-    """{output name: max |graph - executor|} for one call of `shape` (module docstring)."""
+def compare_step(model, graph: dict, proto, seed: int = 0) -> dict[str, float]:
+    """{output name: max |graph - executor|} for one call of manifest entry `graph` (tensorrt_folder.py: step,
+    tokens, rows, max_length); module docstring."""
     from ...plugins.onnx_reference_ops import to_numpy, to_torch
 
+    shape = StepShape(graph["step"], graph["tokens"])
     g = torch.Generator().manual_seed(seed)
-    executor = TorchExecutor(model, shape.rows, shape.max_length)
+    executor = TorchExecutor(model, graph["rows"], graph["max_length"])
     past = _prompts(executor, shape, g)
-    rows, T = shape.rows, shape.tokens
+    rows, T = graph["rows"], shape.tokens
     values = {"ids": torch.randint(0, model.spec.vocab_size, (rows, T), generator=g),
               "num_drafts": torch.randint(0, T, (rows,), generator=g), "slots": torch.arange(rows),
-              "past": torch.tensor(past), TABLE: executor.state.pages.table.clone()}
+              "past": torch.tensor(past), "temperature": torch.zeros(rows), "top_k": torch.zeros(rows, dtype=torch.long),
+              "top_p": torch.ones(rows), TABLE: executor.state.pages.table.clone()}
     values.update({name: getattr(entry, attr).clone() for name, entry, attr in pool_fields(executor.state)})
-    if shape.step == "speculative":  # row 0 drafts its greedy continuation (accepted), the others random tokens
+    if shape.step == "speculative_step":  # row 0 drafts its greedy continuation (accepted), the others random tokens
         values["ids"][0, 1:] = torch.tensor(_greedy_tokens(executor, int(values["ids"][0, 0]), past[0], T - 1))
         values["num_drafts"][0] = T - 1
         for name, entry, attr in pool_fields(executor.state):
             getattr(entry, attr).copy_(values[name])
-    feeds = {name: to_numpy(values[name]) for name in input_names(executor.state, shape)}
-    got = dict(zip(output_names(executor.state, shape), evaluator(proto).run(None, feeds)))
+    feeds = {i.name: to_numpy(values[i.name]) for i in proto.graph.input}
+    got = {o.name: to_torch(value) for o, value in zip(proto.graph.output, evaluator(proto).run(None, feeds))}
 
     want = _run_executor(executor, shape, values)
+    if "logits" in want:
+        got["logits"] = model.lm_head(got["out"].to(model.dtype)).float()
+    pools = {f"{name}.out": getattr(entry, attr) for name, entry, attr in pool_fields(executor.state)}
+    want.update({name: pools[name] for name in got if name in pools})
     quantized_activations = any(isinstance(m, QuantLinear) and m.layout.input_scale for m in model.modules())
-    want.update({f"{name}.out": getattr(entry, attr) for name, entry, attr in pool_fields(executor.state)})
     diffs = {}
     for name, expected in want.items():
-        actual = to_torch(got[name]).reshape(expected.shape)
+        actual = got[name].reshape(expected.shape)
         try:
-            if name == "tokens":
+            if shape.step == "speculative_step" and name == "out":
                 torch.testing.assert_close(actual, expected, rtol=0, atol=0)
             elif quantized_activations:
                 bound = QUANTIZED_ACTIVATIONS_BOUND * float(expected.float().abs().max())
@@ -108,7 +114,7 @@ def compare_step(model, shape: StepShape, proto, seed: int = 0) -> dict[str, flo
             else:
                 torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCE)
         except AssertionError as e:
-            raise ValueError(f"{shape.name}: output {name} differs from the torch executor: {e}") from e
+            raise ValueError(f"{graph['file']}: output {name} differs from the torch executor: {e}") from e
         diffs[name] = float((actual.float() - expected.float()).abs().max()) if expected.numel() else 0.0
     return diffs
 

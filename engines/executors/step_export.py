@@ -1,108 +1,121 @@
-"""`torch.export` of compiled_step.py's step functions as pure graphs: page table and state pools in, updated
-pools out.
+"""One compiled step as a `torch.export` program: what the AOT engines (aot_build.py) compile with AOTInductor, and
+what other graph targets (ONNX) start from.
 
-`export_step(model, shape)` exports the step of `shape` over a fresh InferenceState of `rows` slots whose block
-table and pools are graph inputs:
-
-* "backbone": `backbone_step` (decode T=1, prefill chunks T>1) plus the lm_head: logits [rows, T, V] fp32 and the
-  final hidden state [rows, T, D] (what MTP reads);
-* "speculative": `speculative_step`, greedy (every row temperature 0: no uniforms, no draft distributions, no
-  banned tokens), T = K+1: [rows, 2+K] int64 (accepted, the next token, K drafts).
-
-Inside, the pools are copied and the plugins' ops run as their functional variants (plugins/dispatch.functional_ops),
-so the program mutates nothing: each pool input has one output, its updated value, which an engine aliases to the
-input (TensorRT's aliased I/O). The block table is read only (the runtime maps pages before a call). Attention
-reads every page of the table per row (the static CPU bound of compiled_step.read_pages at its widest; the GPU
-kernel skips the pages past each row's length).
+`export_step(model, state, shape, bound)` traces the step function compiled_step.STEPS[shape.step] over `state`,
+on the example inputs of `compiled_step.example_inputs` (padding rows: nothing of the state is read back to the
+host), with the attention reading `bound` pages per row. The program's inputs are the step's tensor arguments
+(`StepProgram.inputs`: the step function's parameter names, without those the shape leaves None), then the block
+table (`pages.table`), then every state pool (`<layer key>.<field>`, e.g. `backbone.layers.0.conv`), which the
+program updates in place (mutated inputs); its one output is the step function's result (`out`). The model's
+weights are the program's parameters and buffers, under their module paths (`model.<name>`), not inputs. Tensors
+a module holds as plain attributes (an MoE layer's stacked experts, a quantized layer's dequantized weight) are
+constants of the program, or with `lift_constants` inputs after the pools (`model.<module path>.<attr>[.<i>]`,
+`constant_fields`), so that a compiled program can take every weight from the loaded model.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ...plugins.dispatch import functional_ops
-from ..network.state import InferenceState
-from .compiled_step import backbone_step, speculative_step
+from .compiled_step import STEPS, StepShape, example_inputs, run_step
 
-TABLE = "pages.table"
-STEP_ARGS = {"backbone": ("ids", "slots", "past"), "speculative": ("ids", "num_drafts", "slots", "past")}
-STEP_OUTPUTS = {"backbone": ("logits", "hidden.out"), "speculative": ("tokens",)}
+TABLE = "pages.table"  # the input name of the block table
 
 
-@dataclass(frozen=True)
-class StepShape:
-    step: str  # "backbone" | "speculative"
-    rows: int  # sequences per call (the state has as many slots)
-    tokens: int  # T, new tokens per row (speculative: K+1)
-    max_length: int = 64  # tokens per slot (the block table's width in pages)
-
-    def __post_init__(self):
-        if self.step not in STEP_ARGS:
-            raise ValueError(f"engines/executors/step_export.py: step {self.step!r} is not one of {', '.join(STEP_ARGS)}")
-
-    @property
-    def name(self) -> str:
-        return f"{self.step}_r{self.rows}_t{self.tokens}"
+@dataclass
+class StepProgram:
+    program: torch.export.ExportedProgram
+    inputs: list[str]  # the program's positional inputs, in order (module docstring)
+    outputs: list[str]  # ["out"]
 
 
-def pool_fields(state: InferenceState) -> list[tuple[str, object, str]]:
-    """(name, layer entry, attribute) of every state pool, in the order graphs take them."""
+def pool_fields(state) -> list[tuple[str, object, str]]:
+    """(input name, layer entry, attribute) of every state pool, in the order step programs take them."""
     return [(f"{key}.{attr}", entry, attr) for key, entry in state.layers.items()
             for attr, tensor in vars(entry).items() if isinstance(tensor, torch.Tensor)]
 
 
-def input_names(state: InferenceState, shape: StepShape) -> list[str]:
-    return [*STEP_ARGS[shape.step], TABLE, *(name for name, _, _ in pool_fields(state))]
+def pool_tensors(state) -> list[torch.Tensor]:
+    """The block table and the state pools, as step programs take them after the step's own inputs."""
+    return [state.pages.table, *(getattr(entry, attr) for _, entry, attr in pool_fields(state))]
 
 
-def output_names(state: InferenceState, shape: StepShape) -> list[str]:
-    return [*STEP_OUTPUTS[shape.step], *(f"{name}.out" for name, _, _ in pool_fields(state))]
+def constant_fields(model) -> list[tuple[str, nn.Module, str, int | None]]:
+    """(input name, module, attribute, index in a tuple or None) of every tensor a module of `model` holds as a
+    plain attribute (not a parameter or buffer), alone or in a tuple of tensors."""
+    fields = []
+    for path, module in model.named_modules(prefix="model"):
+        for attr, value in vars(module).items():
+            if isinstance(value, torch.Tensor):
+                fields.append((f"{path}.{attr}", module, attr, None))
+            elif isinstance(value, tuple) and value and all(isinstance(t, torch.Tensor) for t in value):
+                fields += [(f"{path}.{attr}.{i}", module, attr, i) for i in range(len(value))]
+    return fields
+
+
+def constant_tensors(model) -> list[torch.Tensor]:
+    """The tensors of `constant_fields`, in their order."""
+    return [getattr(m, attr) if i is None else getattr(m, attr)[i] for _, m, attr, i in constant_fields(model)]
+
+
+def set_constants(fields, tensors) -> None:
+    for (_, module, attr, i), tensor in zip(fields, tensors):
+        if i is None:
+            setattr(module, attr, tensor)
+        else:
+            value = list(getattr(module, attr))
+            value[i] = tensor
+            setattr(module, attr, tuple(value))
+
+
+def argument_names(shape: StepShape, args: list) -> list[str]:
+    """The names of the step function's tensor arguments (those `args` does not leave None)."""
+    names = list(inspect.signature(STEPS[shape.step]).parameters)[1:]
+    return [name for name, arg in zip(names, args) if arg is not None]
 
 
 class StepGraph(nn.Module):
-    """forward(*step args, block table, *pools) -> (*step outputs, *updated pools); see the module docstring."""
+    """forward(*step tensors, table, *pools) -> out: the step over a state whose block table and pools are the
+    inputs. `present[i]`: whether the step's i-th argument is a tensor input (else None)."""
 
-    def __init__(self, model, state: InferenceState, shape: StepShape):
+    def __init__(self, model, state, shape: StepShape, present: list[bool], constants: list):
         super().__init__()
-        self.model, self.state, self.shape = model, state, shape
-        self.n_args, self.fields = len(STEP_ARGS[shape.step]), pool_fields(state)
+        self.model, self.state, self.shape, self.present = model, state, shape, present
+        self.fields, self.constants = pool_fields(state), constants
 
-    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        args, table, pools = inputs[:self.n_args], inputs[self.n_args], inputs[self.n_args + 1:]
-        pools = [tensor.clone() for tensor in pools]
-        for (_, entry, attr), tensor in zip(self.fields, pools):
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        given = iter(inputs)
+        args = [next(given) if p else None for p in self.present]
+        self.state.pages.table = next(given)
+        for (_, entry, attr), tensor in zip(self.fields, given):
             setattr(entry, attr, tensor)
-        self.state.pages.table = table
-        self.state.pages.bound = table.shape[1]
-        with functional_ops():
-            if self.shape.step == "backbone":
-                hidden = backbone_step(self, *args)
-                outputs = (self.model.lm_head(hidden).float(), hidden)
-            else:
-                ids, num_drafts, slots, past = args
-                with self.state.recording_steps():
-                    outputs = (speculative_step(self, ids, num_drafts, slots, past, torch.zeros_like(past, dtype=torch.float32),
-                                                None, None, None, None, None),)
-        return (*outputs, *pools)
-
-
-def example_inputs(model, state: InferenceState, shape: StepShape) -> list[torch.Tensor]:
-    """Inputs for `shape`: rows continuing the sequences of slots 0..rows-1 (1 token so far), the state's table and
-    pools."""
-    dev, rows, T = model.device, shape.rows, shape.tokens
-    values = {"ids": torch.zeros(rows, T, dtype=torch.long, device=dev), "slots": torch.arange(rows, device=dev),
-              "past": torch.ones(rows, dtype=torch.long, device=dev),
-              "num_drafts": torch.full((rows,), T - 1, dtype=torch.long, device=dev)}
-    return ([values[name] for name in STEP_ARGS[shape.step]] + [state.pages.table]
-            + [getattr(e, a) for _, e, a in pool_fields(state)])
+        set_constants(self.constants, list(given))
+        return run_step(self, self.shape.step, *args)
 
 
 @torch.no_grad()
-def export_step(model, shape: StepShape) -> tuple[torch.export.ExportedProgram, InferenceState]:
-    """The pure step graph of `shape` (module docstring) and the state whose table and pools it takes."""
-    state = model.new_state(shape.rows, shape.max_length, mtp=model.mtp is not None)
-    graph = StepGraph(model, state, shape)
-    return torch.export.export(graph, tuple(example_inputs(model, state, shape)), strict=False), state
+def export_step(model, state, shape: StepShape, bound: int, lift_constants: bool = False) -> StepProgram:
+    """The ExportedProgram of `shape` over `state` (max_sequences rows), its attention reading `bound` pages per
+    row; with `lift_constants`, the model's plain-attribute tensors are inputs (module docstring). `state` and
+    `model` are left as they were (pools, block table and constants restored; padding rows change nothing)."""
+    args = example_inputs(model, state, shape)
+    present = [a is not None for a in args]
+    saved, saved_bound = pool_tensors(state), state.pages.bound
+    constants = constant_fields(model) if lift_constants else []
+    weights = constant_tensors(model) if lift_constants else []
+    state.pages.bound = bound
+    try:
+        graph = StepGraph(model, state, shape, present, constants)
+        program = torch.export.export(graph, (*(a for a in args if a is not None), *saved, *weights), strict=False)
+    finally:
+        state.pages.table, state.pages.bound = saved[0], saved_bound
+        for (_, entry, attr), tensor in zip(pool_fields(state), saved[1:]):
+            setattr(entry, attr, tensor)
+        set_constants(constants, weights)
+    inputs = [*argument_names(shape, args), TABLE, *(name for name, _, _ in pool_fields(state)),
+              *(name for name, *_ in constants)]
+    return StepProgram(program, inputs, ["out"])

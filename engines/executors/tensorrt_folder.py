@@ -12,11 +12,11 @@ every graph in onnx's reference evaluator against the torch executor (onnx_valid
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..network.mamba2 import MAX_STEP_TOKENS
-from .step_export import StepShape
+from .compiled_step import StepShape, step_shapes
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -25,7 +25,7 @@ FORMAT = 1
 @dataclass(frozen=True)
 class TensorRTTarget:
     max_sequences: int = 16
-    max_length: int = 2048
+    max_length: int = 1024
     max_tokens: int = 3  # tokens per row of a speculative step: 1 + the MTP draft length served
     prefill_tokens: int = 64  # tokens per row of a prefill chunk (> MAX_STEP_TOKENS)
 
@@ -35,39 +35,33 @@ def build_command(folder: Path) -> str:
 
 
 def tensorrt_shapes(target: TensorRTTarget, mtp: bool) -> list[StepShape]:
+    """The decode step, a prefill chunk and, with an MTP head, the greedy speculative step (compiled_step.py's
+    shapes, plus the prefill chunk that the runtime runs eagerly)."""
     if target.prefill_tokens <= MAX_STEP_TOKENS:
         raise ValueError(f"prefill_tokens={target.prefill_tokens}: a prefill chunk has more than {MAX_STEP_TOKENS} "
                          "tokens per row (shorter calls are decode steps)")
-    rows, length = target.max_sequences, target.max_length
-    shapes = [StepShape("backbone", rows, 1, max_length=length),
-              StepShape("backbone", rows, target.prefill_tokens, max_length=length)]
-    if mtp and target.max_tokens > 1:
-        shapes.append(StepShape("speculative", rows, target.max_tokens, max_length=length))
-    return shapes
+    return step_shapes(target.max_tokens, mtp)[:2] + [StepShape("backbone_step", target.prefill_tokens)]
 
 
-def write_tensorrt_folder(model, out: Path, shapes: list[StepShape], log=print) -> dict:
-    """Export `shapes` of `model` into `out` (graphs + manifest.json); returns the stage's summary."""
+def write_tensorrt_folder(model, out: Path, target: TensorRTTarget, log=print) -> dict:
+    """Export the graphs of `target` for `model` into `out` (graphs + manifest.json); returns the stage's summary."""
     from ...plugins.onnx_nodes import DOMAIN, NODES
-    from .onnx_export import write_step_onnx
-    from .step_export import input_names, output_names
+    from .onnx_export import export_step_onnx
 
     graphs = []
-    for shape in shapes:
-        file = f"rank0/{shape.name}.onnx"
-        proto = write_step_onnx(model, shape, out / file)
-        state = model.new_state(1, 1, mtp=model.mtp is not None)
-        inputs, outputs = input_names(state, shape), output_names(state, shape)
-        graphs.append({"file": file, "shape": asdict(shape), "inputs": inputs, "outputs": outputs,
-                       "aliased": {name: name.removesuffix(".out") for name in outputs
-                                   if name.endswith(".out") and name.removesuffix(".out") in inputs},
+    for shape in tensorrt_shapes(target, model.mtp is not None):
+        file = f"rank0/{shape.step.removesuffix('_step')}_r{target.max_sequences}_t{shape.tokens}.onnx"
+        proto, inputs, outputs = export_step_onnx(model, shape, target.max_sequences, target.max_length, out / file)
+        graphs.append({"file": file, "step": shape.step, "tokens": shape.tokens, "rows": target.max_sequences,
+                       "max_length": target.max_length, "inputs": inputs, "outputs": outputs,
+                       "aliased": {name: name.removesuffix(".out") for name in outputs if name.endswith(".out")},
                        "plugins": sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})})
         log(f"[tensorrt] {file}")
     used = sorted({p for g in graphs for p in g["plugins"]})
     manifest = {"format": FORMAT, "dtype": str(model.dtype).removeprefix("torch."), "graphs": graphs,
                 "plugins": {name: list(NODES[name].inputs) for name in used},
-                "engines": "not built: TensorRT is not installed where this build ran; build them where it is with "
-                           f"`{build_command(Path('<this folder>'))}` (a .plan next to each graph)"}
+                "engines": f"built where TensorRT is installed: `{build_command(Path('<this folder>'))}` (a .plan "
+                           "next to each graph)"}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return {"graphs": len(graphs), "plugins": used}
 
@@ -93,7 +87,7 @@ def validate_tensorrt_folder(model, folder: Path, log=print) -> dict[str, dict[s
         problems = check_graph(proto)
         if problems:
             raise ValueError(f"{Path(folder) / graph['file']}: {'; '.join(problems)}")
-        results[graph["file"]] = compare_step(model, StepShape(**graph["shape"]), proto)
+        results[graph["file"]] = compare_step(model, graph, proto)
         log(f"{graph['file']}: {len(results[graph['file']])} outputs equal the torch executor's "
             f"(max |diff| {max(results[graph['file']].values()):.2e})")
     return results

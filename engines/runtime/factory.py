@@ -1,8 +1,8 @@
 """The one place a serving stack is assembled from a build folder or a checkpoint.
 
 `nemo3 generate`, `nemo3 bench`, the Python API and Triton's model (`load_server`, the default
-`server_factory`) all come here, so the defaults (MTP draft length, compiled or eager decode steps)
-are decided once:
+`server_factory`) all come here, so the defaults (MTP draft length; a build's ahead-of-time engines, else
+compiled or eager decode steps) are decided once:
 
     scheduler = open_scheduler("deploy", StackOptions(max_sequences=8))   # a Scheduler, driven by its caller
     server = load_server(Path("deploy"), device="cuda", tp=1)             # the same on a background thread
@@ -23,6 +23,8 @@ import torch
 from ...export.build_folder import BuildFolder, model_folder
 from ...export.kv_pages import page_budget
 from ...export.planner import sequence_state
+from ..executors.aot_executor import AOTExecutor
+from ..executors.aot_manifest import MANIFEST, Manifest
 from ..executors.base import Executor
 from ..executors.distributed import DistributedExecutor, serve_rank
 from ..executors.torch_executor import TorchExecutor
@@ -48,6 +50,9 @@ class StackOptions:
     # True: decode steps compiled where the model allows it (executors/compiled_step.unsupported says why not),
     # False: eager; None: compiled on CUDA (CUDA graphs), eager on CPU (compiling costs tens of seconds per shape)
     compile: bool | None = None
+    # a build's ahead-of-time engines (OUT/engines/): None: used when the build has them (their max_sequences,
+    # max_length and page size replace the ones here), True: required, False: not used
+    engines: bool | None = None
     # tensor-parallel builds: how long a rank waits for the others at one collective before the stack fails
     # (a rank that hangs)
     rank_timeout_s: float = RANK_TIMEOUT_S
@@ -95,10 +100,16 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
     tp, moe = build_ranks(path)
     compile = options.compile if options.compile is not None else options.device.startswith("cuda")
     if tp == 1:
-        model = load(model_folder(path), device=options.device, dtype=options.dtype)
+        folder = model_folder(path)
+        model = load(folder, device=options.device, dtype=options.dtype)
+        engines = _engines(path, folder, options)
+        if engines is not None:
+            return AOTExecutor(model, engines)
         max_sequences, num_pages = sequence_budget(model, options)
         return TorchExecutor(model, max_sequences, options.max_length, compile=None if compile else False,
                              num_pages=num_pages)
+    if options.engines:
+        raise ValueError(f"{path}: a --tp {tp} build has no engines (per-rank engines are not built yet)")
     if options.state_memory is not None:
         raise ValueError(f"state_memory: sized for one rank; a --tp {tp} build takes max_sequences")
     ranks = str(BuildFolder(Path(path)).ranks)
@@ -114,6 +125,27 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
         raise
     workers.wait_ready()
     return DistributedExecutor(local, workers)
+
+
+def _engines(path, checkpoint: Path, options: StackOptions) -> Path | None:
+    """The engines folder to serve `path` (whose `checkpoint` is loaded) with, or None; engines required and none
+    there, or engines built from another checkpoint: a one-line error."""
+    from ...export.checkpoint import open_checkpoint
+
+    build = BuildFolder.of(path)
+    folder = build.engines if build is not None else None
+    if options.engines is False or (options.engines is None and options.state_memory is not None):
+        return None  # (engines have the state shapes they were built for; state_memory sizes its own)
+    manifest = Manifest.read(folder) if folder is not None and (folder / MANIFEST).is_file() else None
+    if manifest is None or manifest.unsupported:
+        if options.engines:
+            why = manifest.unsupported if manifest else f"no {MANIFEST} under engines/"
+            raise ValueError(f"{path}: no engines ({why}): build them with nemo3-build --engines")
+        return None
+    if manifest.fingerprint != open_checkpoint(checkpoint).fingerprint():
+        raise ValueError(f"{folder / MANIFEST}: engines built from another checkpoint than {checkpoint}: rebuild them "
+                         f"(nemo3-build --engines --output {build.root})")
+    return folder
 
 
 def sequence_budget(model, options: StackOptions) -> tuple[int, int | None]:

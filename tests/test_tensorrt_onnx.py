@@ -51,7 +51,7 @@ def test_bf16_build_graphs_equal_the_torch_executor(bf16_build):
     assert len(results) == 3
     for graph in manifest["graphs"]:
         outputs = results[graph["file"]]
-        assert set(outputs) == set(graph["outputs"])  # every output was compared
+        assert set(outputs) == set(graph["outputs"]) | ({"logits"} if graph["step"] == "backbone_step" else set())
         assert graph["aliased"] and all(graph["aliased"][name] in graph["inputs"] for name in graph["aliased"])
     verify = next(g for g in manifest["graphs"] if g["step"] == "speculative_step")
     assert {"mamba2_state_update_steps", "causal_conv1d_update_steps", "latent_moe_route",

@@ -5,10 +5,12 @@ the architecture keys of the published file (training-only and tokenizer keys ar
 
 * nano (nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16): the config.json of its NVFP4 release
   (nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 @ 6efb4a2a, same architecture), as a public C++ test header
-  transcribes it verbatim; a JAX port's test (NEMOTRON3_30B_JSON) quotes the same file. 52 layers: 23 M, 23 E, 6 *.
+  transcribes it verbatim; a JAX port's test (NEMOTRON3_30B_JSON) quotes the same file, and NVIDIA's
+  Megatron-Bridge `Nemotron3NanoProvider` (src/megatron/bridge/models/nemotronh/nemotron_h_provider.py
+  @ 160ccccb) has the same shapes and routing. 52 layers: 23 M, 23 E, 6 *.
 * super (nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16): the config.json of its NVFP4 release
-  (nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4 @ 4f0cf9da), transcribed verbatim by the same test header;
-  88 layers: 40 M, 40 E, 8 *, MTP `*E`. These shapes reproduce the BF16 checkpoint's safetensors parameter
+  (nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4 @ 4f0cf9da), transcribed verbatim by the same test header,
+  and `Nemotron3SuperProvider` in the same Megatron-Bridge file; 88 layers: 40 M, 40 E, 8 *, MTP `*E`. These shapes reproduce the BF16 checkpoint's safetensors parameter
   total, 123,611,033,088 (tests/test_planner.py).
 * lightning (nvidia/NVIDIA-Nemotron-3.5-Lightning-30B-A3B-BF16): published in transformers-5 style
   (`layers_block_type`, `mtp_layers_block_type`, `moe_latent_size: null`); a public parity script that diffed

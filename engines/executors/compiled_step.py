@@ -154,11 +154,11 @@ def example_inputs(model, state, shape: StepShape) -> list[torch.Tensor | None]:
     ids = torch.zeros(rows, T, dtype=torch.long, device=dev)
     if shape.step == "backbone_step":
         return [ids, slots, past]
-    K = T - 1  # (distinct tensors: dynamo guards on aliasing)
+    K = T - 1
     uniforms = torch.zeros(rows, 2 * K + 1, device=dev) if shape.sampling else None
     probs = torch.zeros(rows, K, model.spec.vocab_size, device=dev) if shape.sampling else None
     return [ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(), torch.ones(rows, device=dev),
-            uniforms, probs, None]
+            uniforms, probs, None]  # (distinct tensors: dynamo guards on aliasing)
 
 
 def page_bounds(width: int) -> list[int]:

@@ -52,9 +52,10 @@ class BuildOptions:
     engines: bool = False
     engine_device: str | None = None  # None: cuda when the build runs where CUDA is available, else cpu
     engine_max_sequences: int = 16  # rows of every engine call (concurrent sequences served)
-    engine_max_length: int = 1024  # tokens per sequence (the pages read per row go up to its pages)
+    engine_max_length: int = 256  # tokens per sequence (one package per power-of-two bound on its pages)
     engine_mtp: int | None = None  # MTP draft length the engines serve (None: the runtime's default; 0: decode only)
     engine_sampling: bool = True  # also the sampling speculative step
+    engine_prefill_tokens: tuple[int, ...] | None = None  # prefill chunk lengths (None: compiled_step's; (): none)
     force: bool = False
 
     def __post_init__(self):
@@ -211,7 +212,9 @@ def _engines_stage() -> Stage:
     def target(b: Build) -> EngineTarget:
         o = b.options
         k = DEFAULT_MTP_DRAFT_TOKENS if o.engine_mtp is None else o.engine_mtp
-        return EngineTarget(o.engine_device, o.engine_max_sequences, o.engine_max_length, k, o.engine_sampling)
+        target = EngineTarget(o.engine_device, o.engine_max_sequences, o.engine_max_length, k, o.engine_sampling)
+        return target if o.engine_prefill_tokens is None else dataclasses.replace(
+            target, prefill_tokens=tuple(o.engine_prefill_tokens))
 
     def skipped(b: Build) -> str | None:
         if not b.options.engines:

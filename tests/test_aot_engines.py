@@ -86,7 +86,8 @@ def test_engine_steps_equal_the_eager_executor(builds, precision):
         after_eager, after_aot = snapshot(eager), snapshot(aot)
         for name, t in after_eager.items():
             assert torch.allclose(after_aot[name].float(), t.float(), rtol=1e-4, atol=1e-5), name
-    assert len(calls) == len(steps)  # bf16: the 11-token chunk, the decode and the speculative step; nvfp4: decode
+    # bf16: the 11-token chunk, the decode and the speculative step; nvfp4: the decode step (its prompts run eagerly)
+    assert len(calls) == (3 if precision == "bf16" else 1)
     for name, t in snapshot(aot).items():
         assert not t[1].any(), f"{name}: the free slot 1 was written"
 

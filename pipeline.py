@@ -53,10 +53,10 @@ class BuildOptions:
     engines: bool = False
     engine_device: str | None = None  # None: cuda when the build runs where CUDA is available, else cpu
     engine_max_sequences: int = 16  # rows of every engine call (concurrent sequences served)
-    engine_max_length: int = 1024  # tokens per sequence (the pages read per row go up to its pages)
+    engine_max_length: int = 256  # tokens per sequence (one package per power-of-two bound on its pages)
     engine_mtp: int | None = None  # MTP draft length the engines serve (None: the runtime's default; 0: decode only)
     engine_sampling: bool = True  # also the sampling speculative step
-    engine_prefill_tokens: int = 64  # tokens per row of a TensorRT prefill chunk (--target tensorrt)
+    engine_prefill_tokens: tuple[int, ...] | None = None  # prefill chunk lengths (None: compiled_step's; (): none)
     force: bool = False
 
     def __post_init__(self):
@@ -87,7 +87,7 @@ class BuildOptions:
             raise BuildError(f"--engine-device {self.engine_device!r}: expected one of {', '.join(ENGINE_DEVICES)}")
         if self.engines and self.engine_device == "cuda" and not torch.cuda.is_available():
             raise BuildError("--engine-device cuda: no CUDA device here; engines are compiled where they run")
-        for name in ("engine_max_sequences", "engine_max_length", "engine_prefill_tokens"):
+        for name in ("engine_max_sequences", "engine_max_length"):
             if getattr(self, name) < 1:
                 raise BuildError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.engine_mtp is not None and self.engine_mtp < 0:
@@ -214,7 +214,9 @@ def _engines_stage() -> Stage:
     def target(b: Build) -> EngineTarget:
         o = b.options
         k = DEFAULT_MTP_DRAFT_TOKENS if o.engine_mtp is None else o.engine_mtp
-        return EngineTarget(o.engine_device, o.engine_max_sequences, o.engine_max_length, k, o.engine_sampling)
+        target = EngineTarget(o.engine_device, o.engine_max_sequences, o.engine_max_length, k, o.engine_sampling)
+        return target if o.engine_prefill_tokens is None else dataclasses.replace(
+            target, prefill_tokens=tuple(o.engine_prefill_tokens))
 
     def skipped(b: Build) -> str | None:
         if not b.options.engines:
@@ -236,6 +238,7 @@ def _engines_stage() -> Stage:
 
 def _tensorrt_stage() -> Stage:
     """OUT/engines/tensorrt/ (--target tensorrt): the step graphs as ONNX; the engines are built where TensorRT is."""
+    from .engines.executors.compiled_step import PREFILL_TOKENS
     from .engines.executors.tensorrt_build import build_plans, tensorrt_installed
     from .engines.executors.tensorrt_folder import FORMAT, TensorRTTarget, build_command, write_tensorrt_folder
     from .engines.runtime.factory import DEFAULT_MTP_DRAFT_TOKENS
@@ -244,7 +247,8 @@ def _tensorrt_stage() -> Stage:
     def target(b: Build) -> TensorRTTarget:
         o = b.options
         k = DEFAULT_MTP_DRAFT_TOKENS if o.engine_mtp is None else o.engine_mtp
-        return TensorRTTarget(o.engine_max_sequences, o.engine_max_length, 1 + k, o.engine_prefill_tokens)
+        prefill = PREFILL_TOKENS if o.engine_prefill_tokens is None else tuple(o.engine_prefill_tokens)
+        return TensorRTTarget(o.engine_max_sequences, o.engine_max_length, 1 + k, prefill)
 
     def run(b: Build, tmp: Path | None) -> dict:
         from .engines.network.loading import load

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -142,3 +143,33 @@ def assert_expert_paths_equal_the_loop(moe, hidden_size: int, token_counts: tupl
                 loop[t] += w * moe.experts[str(e)](x[t:t + 1], reduce=False)[0]
         for path in (moe.run_experts_gathered, moe.run_experts_dense):
             assert torch.allclose(path(x, weights, ids), loop, rtol=1e-5, atol=1e-6), (tokens, path.__name__)
+
+
+def snapshot(executor) -> dict[str, torch.Tensor]:
+    """A copy of every state pool of a TorchExecutor."""
+    return {f"{key}.{name}": t.clone() for key, entry in executor.state.layers.items()
+            for name, t in vars(entry).items() if isinstance(t, torch.Tensor)}
+
+
+def prefill_and_compare(eager, compiled, prompts: list[list[int]], bound: float = 1e-6) -> None:
+    """Prefill chunks through both executors (the compiled one from a copy of the eager one's state): row 0 starts
+    its sequence and row 1 continues its own in one call of 11 tokens, row 2 starts with 13 tokens in another; both
+    calls padded to 16 tokens per row and to max_sequences rows. Logits, hidden states and state pools within
+    `bound` of the largest value of the eager calls'. (eager, compiled: TorchExecutors over the same weights, 4 slots.)"""
+    from nemo3.engines.executors.base import RaggedBatch
+
+    eager.forward(RaggedBatch.build([(prompts[1][:6], 0, 0)], [5]))
+    compiled.state.layers = copy.deepcopy(eager.state.layers)
+    ran = []  # the compiled prefill step really runs (not the eager fallback)
+    step = compiled.compiled.backbone
+    compiled.compiled.backbone = lambda *args: ran.append(args[0].shape) or step(*args)
+    batch = RaggedBatch.build([(prompts[0][:11], 0, 2), (prompts[1][6:17], 6, 0), (prompts[2][:13], 0, 3)],
+                              [10, 21, 34])
+    want, got = eager.forward(batch), compiled.forward(batch)
+    assert ran == [(len(compiled.state.pages.table), 16)] * 2
+    assert (got.logits - want.logits).abs().max() <= bound * want.logits.abs().max()
+    assert (got.hidden - want.hidden).abs().max() <= bound * want.hidden.abs().max()
+    after_eager, after_compiled = snapshot(eager), snapshot(compiled)
+    for name, t in after_eager.items():
+        assert (after_compiled[name].float() - t.float()).abs().max() <= bound * max(t.float().abs().max(), 1), name
+    del compiled.compiled.backbone  # (the class's method again)

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import (add_missing_tensors, assert_expert_paths_equal_the_loop, hf_model, make_config,
-                      save_hf_checkpoint)
+                      prefill_and_compare, save_hf_checkpoint, snapshot)
 
 from nemo3.engines.executors.compiled_step import cpp_compiler
 from nemo3.engines.executors.base import RaggedBatch, SpeculativeBatch
@@ -47,19 +47,16 @@ def model(tmp_path_factory):
     return load(folder)
 
 
-def snapshot(executor: TorchExecutor) -> dict[str, torch.Tensor]:
-    return {f"{key}.{name}": t.clone() for key, entry in executor.state.layers.items()
-            for name, t in vars(entry).items() if isinstance(t, torch.Tensor)}
-
-
 @needs_compiler
 def test_compiled_steps_match_eager_calls(model):
-    """A decode step (T=1) and a greedy speculative step (2 drafts; rows with 2, 1 and 0 drafts) give the eager
-    executor's logits, accepted counts, tokens, drafts and pool contents, with rows padded to max_sequences (the
-    padding touches no slot)."""
+    """Prefill chunks (see conftest.prefill_and_compare), a decode step (T=1) and a greedy speculative step (2
+    drafts; rows with 2, 1 and 0 drafts) give the eager executor's logits, accepted counts, tokens, drafts and pool
+    contents, with rows padded to max_sequences (the padding touches no slot)."""
     eager = TorchExecutor(model, max_sequences=4, max_length=32)
-    compiled = TorchExecutor(model, max_sequences=4, max_length=32, compile=True)
+    compiled = TorchExecutor(model, max_sequences=4, max_length=32, compile=True, prefill_tokens=(16,))
     compiled.warm_up(3)
+    g = torch.Generator().manual_seed(1)
+    prefill_and_compare(eager, compiled, [torch.randint(0, 64, (17,), generator=g).tolist() for _ in range(3)])
     ran = []  # the compiled steps really run (not the eager fallback)
     for name in ("backbone", "speculative"):
         step = getattr(compiled.compiled, name)
@@ -69,7 +66,7 @@ def test_compiled_steps_match_eager_calls(model):
     slots = [2, 0, 3]  # slot 1 stays free: nobody may write it
     prefill = RaggedBatch.build([(p, 0, s) for p, s in zip(prompts, slots)], [6, 17, 22])
     for ex in (eager, compiled):
-        out = ex.forward(prefill)  # eager in both: prefill chunks are not compiled
+        out = ex.forward(prefill)
         ex.mtp_forward(RaggedBatch.build([(p[1:] + [5], 0, s) for p, s in zip(prompts, slots)], []), out.hidden)
         ex.state.layers = copy.deepcopy(eager.state.layers) if ex is compiled else ex.state.layers
     row = torch.tensor
@@ -83,7 +80,7 @@ def test_compiled_steps_match_eager_calls(model):
         after_eager, after_compiled = snapshot(eager), snapshot(compiled)
         for name, t in after_eager.items():
             assert torch.allclose(after_compiled[name], t, rtol=1e-4, atol=1e-5), name
-    assert ran == ["backbone", "speculative"]
+    assert ran == ["backbone", "backbone", "speculative"]  # the prompt of 11 tokens (padded to 16), decode, MTP
     for name, t in snapshot(compiled).items():
         assert not t[1].any(), f"{name}: the free slot 1 was written"
 
@@ -99,7 +96,8 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model, k):
     prompts = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (9, 14, 6, 11)]
     outputs = []
     for compile, mtp in ((False, 0), (False, k), (True, k)):
-        engine = Scheduler(TorchExecutor(model, 3, 64, compile=compile, page_size=16), num_speculative_tokens=mtp)
+        engine = Scheduler(TorchExecutor(model, 3, 64, compile=compile, page_size=16, prefill_tokens=(16,)),
+                           num_speculative_tokens=mtp)
         tokens, deltas = {}, []
         for i, prompt in enumerate(prompts):  # one request joins per step
             rid = engine.add_request(prompt, GenerationParams(max_tokens=12, ignore_eos=True,
@@ -111,7 +109,7 @@ def test_compiled_engine_generates_what_the_eager_engine_does(model, k):
             tokens[delta.request_id] += delta.token_ids
         assert engine.slots.in_use == 0 and engine.pages.free == engine.pages.num_pages
         if compile:
-            assert {bound for _, bound in engine.executor.compiled._compiled} == {1, 2}
+            assert {bound for _, bound, _ in engine.executor.compiled._compiled} == {1, 2}
         outputs.append(list(tokens.values()))
     assert [len(t) for t in outputs[0]] == [12] * 4
     assert outputs[1] == outputs[0] and outputs[2] == outputs[0]

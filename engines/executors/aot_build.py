@@ -3,8 +3,8 @@ step_export.py and compiled by AOTInductor into `OUT/engines/` (the `engines` st
 runs them).
 
 Each (StepShape, bound on the pages read per row) becomes one package, `rank0/<step>_t<T>[_sampling]_p<bound>.pt2`,
-of static shape: max_sequences rows (the runtime pads decode and speculative calls to that many rows, padding rows
-with slot -1). A package holds code, no weights: the model's parameters and buffers are AOTInductor constants kept
+of static shape: max_sequences rows (the runtime pads decode, prefill-chunk and speculative calls to that many rows,
+padding rows with slot -1); a prefill chunk of T tokens gets the bounds from its own pages up. A package holds code, no weights: the model's parameters and buffers are AOTInductor constants kept
 out of the package (`package_constants_in_so=False`) that the executor points at the served model's tensors
 (user-managed), and its plain-attribute tensors (stacked experts, dequantized weights) are inputs; the state pools
 are inputs updated in place, so the runtime keeps its one InferenceState (prefill chunks, which run eagerly, see
@@ -21,8 +21,8 @@ import torch
 
 from ...export.kv_pages import DEFAULT_PAGE_SIZE, pages_for
 from .aot_manifest import EngineEntry, Manifest, host_arch
-from .compiled_step import StepShape, page_bounds, step_shapes, unsupported
-from .step_export import export_step
+from .compiled_step import PREFILL_TOKENS, CompiledSteps, page_bounds, unsupported
+from .step_export import StepShape, export_step, step_shapes
 
 # no precompiled headers: inductor keeps them in one machine-wide folder ($TMPDIR/torchinductor_$USER) whatever the
 # cache dir, which concurrent builds on a shared machine can remove under each other
@@ -33,15 +33,17 @@ INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "aot_inductor
 class EngineTarget:
     device: str = "cpu"
     max_sequences: int = 16
-    max_length: int = 1024  # tokens per sequence: the largest bound on the pages read is its pages
+    max_length: int = 256  # tokens per sequence: the largest bound on the pages read is its pages
     draft_tokens: int = 2  # MTP draft length served (0: the decode step only)
     sampling: bool = True  # also the sampling speculative step (else sampled MTP requests run it eagerly)
+    prefill_tokens: tuple[int, ...] = PREFILL_TOKENS  # prefill chunk lengths (CompiledSteps keeps those that fit)
     page_size: int = DEFAULT_PAGE_SIZE
 
-    def shapes(self, mtp: bool) -> list[tuple[StepShape, int]]:
+    def shapes(self, steps: CompiledSteps) -> list[tuple[StepShape, int]]:
         """(step shape, bound) of every package."""
         bounds = page_bounds(pages_for(self.max_length, self.page_size))
-        return [(shape, bound) for shape in step_shapes(1 + self.draft_tokens, mtp, self.sampling) for bound in bounds]
+        return [(shape, bound) for shape in step_shapes(steps, 1 + self.draft_tokens, self.sampling)
+                for bound in bounds if bound >= min(bounds[-1], pages_for(shape.tokens, self.page_size))]
 
 
 def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, skipped: str | None = None,
@@ -62,8 +64,9 @@ def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, sk
     if manifest.unsupported is None:
         state = model.new_state(target.max_sequences, target.max_length, mtp=model.mtp is not None,
                                 page_size=target.page_size)
-        manifest.engines = [_compile(model, state, shape, bound, out, log)
-                            for shape, bound in target.shapes(model.mtp is not None)]
+        steps = CompiledSteps(model, state, target.prefill_tokens)
+        manifest.prefill_tokens = list(steps.prefill_tokens)
+        manifest.engines = [_compile(model, state, shape, bound, out, log) for shape, bound in target.shapes(steps)]
     manifest.write(out)
     return {"engines": len(manifest.engines), "arch": manifest.arch, "unsupported": manifest.unsupported,
             "bytes": sum(f.stat().st_size for f in out.rglob("*.pt2"))}

@@ -1,7 +1,7 @@
 """The executor of a build's ahead-of-time engines (`OUT/engines/`, aot_build.py): nothing is compiled at load.
 
-`AOTExecutor` is the torch executor whose decode and speculative calls (padded to the engines' max_sequences rows)
-run the AOTInductor packages instead of torch.compile'd steps; prefill chunks and the MTP pass over a prompt stay
+`AOTExecutor` is the torch executor whose decode, prefill-chunk and speculative calls (padded to the engines'
+max_sequences rows) run the AOTInductor packages instead of torch.compile'd steps; the MTP pass over a prompt stays
 eager, as in the torch executor. The engines update the executor's own state pools and read the served model's
 weights (user-managed constants: nothing is copied). A call no package covers (a draft length or a bound the build
 did not export, a min_tokens ban, a sampled speculative step of a build without it) runs the step eagerly.
@@ -15,35 +15,33 @@ from pathlib import Path
 import torch
 
 from .aot_manifest import EngineEntry, Manifest, check_runs_here
-from .compiled_step import STEPS, CompiledSteps
+from . import compiled_step
+from .compiled_step import CompiledSteps
 from .step_export import constant_tensors, pool_tensors
 from .torch_executor import TorchExecutor
 
 
 class EngineSteps(CompiledSteps):
-    """CompiledSteps whose step for (step function, bound) runs the package of the call's tensor arguments."""
+    """CompiledSteps whose call of (step function, bound) runs the package of the call's tensor arguments."""
 
     def __init__(self, model, state, folder: Path, manifest: Manifest):
-        super().__init__(model, state)
+        super().__init__(model, state, tuple(manifest.prefill_tokens))
         self.runners = {_key(entry): _load(folder / entry.file, model) for entry in manifest.engines}
         self.extra = [*pool_tensors(state), *constant_tensors(model)]  # every package's inputs after the step's
 
-    def _step(self, fn):
-        bound = self.state.pages.bound
-
-        def step(steps, *args):
-            runner = self.runners.get((fn.__name__, args[0].shape[1], tuple(a is not None for a in args), bound))
-            if runner is None:
-                return fn(steps, *args)
-            return runner.boxed_run([*(a for a in args if a is not None), *self.extra])[0]
-        return step
+    def _call(self, fn, *args) -> torch.Tensor:
+        key = (fn.__name__, args[0].shape[1], tuple(a is not None for a in args), self.state.pages.bound)
+        runner = self.runners.get(key)
+        if runner is None:
+            return fn(self, *args)
+        return runner.boxed_run([*(a for a in args if a is not None), *self.extra])[0]
 
     def warm_up(self, max_tokens: int) -> None:
         """Nothing to compile."""
 
 
 def _key(entry: EngineEntry) -> tuple:
-    names = list(inspect.signature(STEPS[entry.step]).parameters)[1:]
+    names = list(inspect.signature(getattr(compiled_step, entry.step)).parameters)[1:]
     return entry.step, entry.tokens, tuple(name in entry.inputs for name in names), entry.bound
 
 

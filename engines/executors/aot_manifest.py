@@ -2,7 +2,7 @@
 can run here.
 
     {"format": 2, "device": "cpu", "arch": "x86_64-AVX512", "torch": "2.13.0", "dtype": "float32",
-     "max_sequences": 16, "max_length": 2048, "page_size": 64, "fingerprint": "<the served checkpoint's fingerprint>",
+     "max_sequences": 16, "max_length": 2048, "page_size": 64, "prefill_tokens": [16, 64, 256], "fingerprint": "<the served checkpoint's fingerprint>",
      "engines": [{"file": "rank0/speculative_step_t3_p2.pt2", "step": "speculative_step", "tokens": 3,
                   "sampling": false, "bound": 2, "inputs": [...], "outputs": ["out"]}, ...],
      "unsupported": null}
@@ -50,6 +50,7 @@ class Manifest:
     max_length: int  # tokens per state slot
     page_size: int  # tokens per KV page
     fingerprint: str  # of the checkpoint the engines were built from (the one serving loads)
+    prefill_tokens: list[int] = field(default_factory=list)  # the prefill chunk lengths with packages
     engines: list[EngineEntry] = field(default_factory=list)
     unsupported: str | None = None  # why there are no engines
     format: int = FORMAT

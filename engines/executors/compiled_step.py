@@ -2,8 +2,11 @@
 
 A decode step (each sequence's last token), a speculative verify (last token + k drafts) and an MTP
 draft step have the same shape at every step once the executor pads the batch to max_sequences rows
-(padding rows have slot -1: they read and write no sequence's state); a call that starts a sequence (past 0,
-whose Mamba state must be zeroed first) runs eagerly. Each (step, T) is compiled once,
+(padding rows have slot -1: they read and write no sequence's state); a decode call that starts a sequence (past 0)
+finds its Mamba state zeroed by the executor before the call. Prefill chunks of more than MAX_STEP_TOKENS tokens run
+compiled too, right-padded to the next of `prefill_tokens` (per row `lengths`: the padding leaves no state behind,
+and a starting row's Mamba state is zeroed in-graph, branch-free). `CompiledSteps.shapes` declares every (step, T),
+in one place. Each (step, T) is compiled once,
 with static shapes, as one graph: nothing in the decode path reads tensors back to the host (the
 references of plugins/ and the layers' pool writes are branch-free, engines/moe.py runs its stacked
 experts gathered or dense, attention reads pages through the block table). Quantized layers (ModelOpt
@@ -14,7 +17,11 @@ and replayed as a CUDA graph (`mode="reduce-overhead"`), the Triton kernels insi
 the paged attention kernel reads only the pages of each row's real length. On CPU the attention reference
 reads a static number of pages per row, so each step is compiled once per bound (`read_pages`: the next power
 of two of the pages the batch's longest row has): a step's cost follows the real lengths, within a factor 2.
-Prefill chunks stay eager: their lengths vary.
+
+Each compiled step (step, pages read, argument shapes) has a code object of its own, so dynamo holds one graph for
+it; after its first call (which traces, compiles and checks dynamo's guards) it runs without guard evaluation
+(`skip_guard_eval_unsafe`): the key already fixes everything the guards would check, and checking them cost a
+third of a CPU speculative step.
 """
 
 from __future__ import annotations
@@ -22,7 +29,6 @@ from __future__ import annotations
 import os
 import shutil
 import types
-from dataclasses import dataclass
 
 import torch
 
@@ -30,16 +36,25 @@ from ...export.kv_pages import pages_for
 from ...plugins.dispatch import next_power_of_2
 from ...plugins.pool_rows import write_rows
 from ...quant.layout import BF16
+from ..network.mamba2 import MAX_STEP_TOKENS
 from ..network.quant_linear import QuantLinear
 from ..network.token_choice import accept_drafts, distributions, sample
 
+# tokens per row that prefill chunks are padded to (each > MAX_STEP_TOKENS: the chunked scan); a longer chunk, or a
+# chunk of 2 .. MAX_STEP_TOKENS tokens, runs eagerly
+PREFILL_TOKENS = (16, 64, 256)
+
 
 class CompiledSteps:
-    """Compiled `backbone(ids [B, 1], slots [B], past [B]) -> c [B, 1, D]` (norm_f applied: the decode step) and
-    `speculative(...)` (one MTP step: verify, accept, roll back, draft; see `speculative_step`) over one
-    InferenceState. (The MTP head over T positions runs eagerly: only a prompt's MTP pass calls it.)"""
+    """Compiled `backbone(ids [B, T], slots [B], past [B], lengths [B] | None) -> c [B, T, D]` (norm_f applied:
+    the decode step, T = 1, or a prefill chunk, T in prefill_tokens) and `speculative(...)` (one MTP step: verify,
+    accept, roll back, draft; see `speculative_step`) over one InferenceState. (The MTP head over T positions runs
+    eagerly: only a prompt's MTP pass calls it.)"""
 
-    def __init__(self, model, state):
+    def __init__(self, model, state, prefill_tokens: tuple[int, ...] = PREFILL_TOKENS):
+        if any(T <= MAX_STEP_TOKENS for T in prefill_tokens):
+            raise ValueError(f"prefill_tokens={prefill_tokens}: each must exceed {MAX_STEP_TOKENS} (shorter calls run "
+                             f"the decode ops)")
         why = unsupported(model)
         if why:
             raise ValueError(f"compiled steps: {why}; run it eagerly")
@@ -54,7 +69,11 @@ class CompiledSteps:
         # CPU: weights frozen into the graph (prepacked for oneDNN) and a C++ wrapper around the kernels
         self._options = dict(dynamic=False, fullgraph=True, **(dict(mode="reduce-overhead") if cuda else
                                                                dict(options={"freezing": True, "cpp_wrapper": True})))
-        self._compiled: dict[tuple[str, int], object] = {}  # (step, pages read per row) -> compiled step
+        # (step, pages read per row, argument shapes) -> compiled step
+        self._compiled: dict[tuple[str, int, tuple], object] = {}
+        # (no chunk holds more than max_length tokens: the shapes up to the first that holds max_length)
+        fits_all = min((T for T in prefill_tokens if T >= state.max_length), default=None)
+        self.prefill_tokens = tuple(T for T in sorted(prefill_tokens) if T < state.max_length or T == fits_all)
         self._has_mtp = model.mtp is not None
         self._cuda = cuda
         self.read_pages(1)
@@ -67,38 +86,72 @@ class CompiledSteps:
         need = next_power_of_2(pages_for(tokens, self.state.pages.page_size))
         self.state.pages.bound = width if self._cuda else min(width, need)
 
-    def _step(self, fn):
-        key = (fn.__name__, self.state.pages.bound)
-        if key not in self._compiled:
-            self._compiled[key] = torch.compile(own_code(fn), **self._options)
-        return self._compiled[key]
+    def shapes(self, max_tokens: int) -> tuple[tuple[object, int], ...]:
+        """THE declaration of the compiled steps: (step function, tokens per row T) for every shape the runtime calls
+        compiled, when its speculative steps carry up to `max_tokens` tokens per row: the decode step, the prefill
+        chunks, the greedy speculative step (a model with MTP, max_tokens > 1). Rows are max_sequences; each step's
+        arguments are shaped as `padding_args(step, T)`. warm_up compiles exactly these."""
+        steps = ((backbone_step, 1),) + tuple((prefill_step, T) for T in self.prefill_tokens)
+        if self._has_mtp and max_tokens > 1:
+            steps += ((speculative_step, max_tokens),)
+        return steps
 
-    def covers(self, T: int) -> bool:
-        """Whether a backbone call of T tokens per row runs compiled (prefill chunks run eagerly)."""
-        return T == 1
+    def padding_args(self, step, T: int) -> tuple:
+        """`step`'s arguments (after the CompiledSteps) for max_sequences padding rows of T tokens (slot -1: nothing
+        is read or written): example inputs of the declared shape. (Distinct tensors: dynamo guards on aliasing.)"""
+        rows, dev = self.state.max_sequences, self.model.device
+        ids = torch.zeros(rows, T, dtype=torch.long, device=dev)
+        slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
+        if step is backbone_step:
+            return ids, slots, past
+        if step is prefill_step:
+            return ids, slots, past, past.clone()
+        return (ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(), torch.ones(rows, device=dev),
+                None, None, None)
 
-    def backbone(self, ids: torch.Tensor, slots: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return self._call(self._step(backbone_step), ids, slots, past)
+    def chunk_tokens(self, T: int) -> int | None:
+        """The tokens per row a backbone call of T tokens per row runs compiled with (padded), or None: eagerly."""
+        if T == 1:
+            return 1
+        fits = [P for P in self.prefill_tokens if P >= T]
+        return fits[0] if fits and T > MAX_STEP_TOKENS else None
+
+    def backbone(self, ids: torch.Tensor, slots: torch.Tensor, past: torch.Tensor,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode step (T = 1, lengths None: every row continues its sequence) or a prefill chunk (lengths)."""
+        if lengths is None:
+            return self._call(backbone_step, ids, slots, past)
+        return self._call(prefill_step, ids, slots, past, lengths)
 
     def speculative(self, *args) -> torch.Tensor:
         with self.state.recording_steps():
-            return self._call(self._step(speculative_step), *args)
-
-    def run(self, shape: "StepShape", *args) -> torch.Tensor:
-        """The compiled step of `shape` on `args` (the step function's arguments after `steps`)."""
-        return self.backbone(*args) if shape.step == "backbone_step" else self.speculative(*args)
+            return self._call(speculative_step, *args)
 
     @torch.inference_mode()
     def warm_up(self, max_tokens: int) -> None:
-        """Compile every shape a run can meet (`step_shapes`), on batches of padding rows only (no state changes),
-        reading one page per row. Without it each compiles when the runtime first meets it; so do a speculative
-        step of another draft length, the sampling speculative step (at the first sampled request with MTP) and
-        each larger bound on the pages read (CPU)."""
-        self.read_pages(1)
-        for shape in step_shapes(max_tokens, self._has_mtp):
-            self.run(shape, *example_inputs(self.model, self.state, shape))
+        """Compile every declared shape (`shapes`), on batches of padding rows only (no state changes), reading one
+        page per row (a prefill chunk: the pages of its T tokens, as a chunk that starts a sequence). Without it each
+        compiles when the runtime first meets it; so do a speculative step of another draft length, the sampling
+        speculative step (at the first sampled request with MTP) and each larger bound on the pages read (CPU)."""
+        for step, T in self.shapes(max_tokens):
+            self.read_pages(T if step is prefill_step else 1)
+            if step is speculative_step:
+                self.speculative(*self.padding_args(step, T))
+            else:
+                self._call(step, *self.padding_args(step, T))
 
-    def _call(self, step, *args) -> torch.Tensor:
+    def _call(self, fn, *args) -> torch.Tensor:
+        key = (fn.__name__, self.state.pages.bound, tuple(None if a is None else (*a.shape, a.dtype) for a in args))
+        step = self._compiled.get(key)
+        if step is None:  # the first call traces and compiles, checking dynamo's guards
+            step = self._compiled[key] = torch.compile(own_code(fn), **self._options)
+            out = self._run(step, args)
+        else:  # its code object holds this one graph, for these shapes: skip the guards (module docstring)
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                out = self._run(step, args)
+        return out
+
+    def _run(self, step, args) -> torch.Tensor:
         if not self._cuda:
             return step(self, *args)
         # a CUDA graph's outputs live until the next replay, and one forward may replay several graphs: hand out
@@ -129,53 +182,14 @@ def cpp_compiler() -> str | None:
     return next(filter(None, map(shutil.which, (os.environ.get("CXX", "c++"), "g++", "clang++"))), None)
 
 
-@dataclass(frozen=True)
-class StepShape:
-    """One static-shaped call of a step function: what compile-at-load compiles (warm_up) and what the AOT engines
-    export (step_export.py, aot_build.py), for max_sequences rows and each bound on the pages read."""
-
-    step: str  # a step function's name in STEPS
-    tokens: int  # tokens per row: 1 for a decode step, K+1 for a speculative step of K drafts
-    sampling: bool = False  # a speculative step with uniforms and draft_probs (some row samples); else greedy
-
-
-def step_shapes(max_tokens: int, mtp: bool, sampling: bool = False) -> list[StepShape]:
-    """The calls a run of up to `max_tokens` tokens per row makes: the decode step (T=1) and, with an MTP head and
-    max_tokens > 1, the greedy speculative step of max_tokens - 1 drafts (and its sampling variant if `sampling`)."""
-    speculative = [StepShape("speculative_step", max_tokens, s) for s in (False, True)[:1 + sampling]]
-    return [StepShape("backbone_step", 1)] + (speculative if mtp and max_tokens > 1 else [])
-
-
-def example_inputs(model, state, shape: StepShape) -> list[torch.Tensor | None]:
-    """Arguments of STEPS[shape.step] after `steps` for state.max_sequences padding rows (slot -1, past 0: they read
-    and write no state), banned None."""
-    rows, dev, T = state.max_sequences, model.device, shape.tokens
-    slots, past = torch.full((rows,), -1, device=dev), torch.zeros(rows, dtype=torch.long, device=dev)
-    ids = torch.zeros(rows, T, dtype=torch.long, device=dev)
-    if shape.step == "backbone_step":
-        return [ids, slots, past]
-    K = T - 1  # (distinct tensors: dynamo guards on aliasing)
-    uniforms = torch.zeros(rows, 2 * K + 1, device=dev) if shape.sampling else None
-    probs = torch.zeros(rows, K, model.spec.vocab_size, device=dev) if shape.sampling else None
-    return [ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(), torch.ones(rows, device=dev),
-            uniforms, probs, None]
-
-
-def page_bounds(width: int) -> list[int]:
-    """Every bound on the pages read per row that `CompiledSteps.read_pages` sets on CPU for a block table of
-    `width` entries per row."""
-    return sorted({min(width, next_power_of_2(n)) for n in range(1, width + 1)})
-
-
-def run_step(steps, name: str, *args) -> torch.Tensor:
-    """STEPS[name] over `steps` (anything with .model and .state), within the state's recording_steps for a step
-    that rolls the Mamba states back (the speculative step)."""
-    with steps.state.recording_steps(name == "speculative_step"):
-        return STEPS[name](steps, *args)
-
-
 def backbone_step(steps: CompiledSteps, ids, slots, past):
     return steps.model.final_hidden(steps.model(ids, steps.state, slots, past))
+
+
+def prefill_step(steps: CompiledSteps, ids, slots, past, lengths):
+    """A prefill chunk: ids [B, T] right-padded, row b's first lengths[b] tokens real (past 0: it starts its
+    sequence; the chunked scan reads a zero state for it)."""
+    return steps.model.final_hidden(steps.model(ids, steps.state, slots, past, lengths))
 
 
 def speculative_step(steps: CompiledSteps, ids, num_drafts, slots, past, temperature, top_k, top_p, uniforms,
@@ -233,7 +247,10 @@ def speculative_step(steps: CompiledSteps, ids, num_drafts, slots, past, tempera
     return torch.cat([accepted[:, None], token[:, None], torch.stack(drafts, 1)], 1)
 
 
-STEPS = {"backbone_step": backbone_step, "speculative_step": speculative_step}  # by StepShape.step
+def page_bounds(width: int) -> list[int]:
+    """Every bound on the pages read per row that `CompiledSteps.read_pages` sets on CPU for a block table of
+    `width` entries per row."""
+    return sorted({min(width, next_power_of_2(n)) for n in range(1, width + 1)})
 
 
 def own_code(fn):

@@ -16,8 +16,7 @@ from pathlib import Path
 from ...plugins.dispatch import functional_ops
 from ...plugins.onnx_nodes import DOMAIN, OPSET, translation_table
 from ...quant.onnx_nodes import quant_translation_table, retype_fp4_weights
-from .compiled_step import StepShape
-from .step_export import export_step
+from .step_export import StepShape, export_step
 
 ONNX_OPSET = 23  # FLOAT4E2M1 and blocked DequantizeLinear
 

@@ -2,8 +2,8 @@
 
 The evaluator executes nemo3 nodes through the plugins' references (plugins/onnx_reference_ops.py) and TensorRT's
 quantization nodes by their documented semantics (quant/onnx_reference_ops.py). `compare_step(model, graph, proto)`
-fills a TorchExecutor's state with prompts (slot 0 starts fresh in a prefill graph, every other row continues a
-sequence), runs the same call through the executor (eager) and through the graph from the same block table and
+fills a TorchExecutor's state with prompts (in a prefill graph slot 0 starts its sequence with a full chunk, every
+other row continues its sequence with 1 .. T tokens; elsewhere every row continues), runs the same call through the executor (eager) and through the graph from the same block table and
 pools, and returns the largest absolute difference of each output: the step's result `out` (the final hidden states,
 and the logits the lm_head makes of them; a speculative step's tokens, equal) and every updated pool.
 """
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..network.mamba2 import MAX_STEP_TOKENS
 from ..network.quant_linear import QuantLinear
 from .base import RaggedBatch, SpeculativeBatch
-from .compiled_step import StepShape
-from .step_export import TABLE, pool_fields
+from .step_export import TABLE, StepShape, pool_fields
 from .torch_executor import TorchExecutor
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding: the evaluator sums in numpy's order, torch in its own
@@ -45,7 +43,7 @@ def _prompts(executor: TorchExecutor, shape: StepShape, generator: torch.Generat
     sequences = [(torch.randint(0, vocab, (n,), generator=generator).tolist(), 0, slot)
                  for slot, n in enumerate(lengths)]
     executor.forward(RaggedBatch.build(sequences, [0]))
-    if shape.step == "backbone_step" and shape.tokens > MAX_STEP_TOKENS:
+    if shape.step == "prefill_step":
         lengths[0] = 0
     return lengths
 
@@ -67,9 +65,11 @@ def _run_executor(executor: TorchExecutor, shape: StepShape, values: dict) -> di
         tokens = executor.speculate(SpeculativeBatch(ids, values["num_drafts"], values["past"], values["slots"],
                                                      values["temperature"], values["top_k"], values["top_p"], None))
         return {"out": torch.tensor(tokens)}
-    batch = RaggedBatch.build([(ids[r].tolist(), past[r], r) for r in range(rows)], list(range(rows * T)))
+    lengths = values["lengths"].tolist() if shape.step == "prefill_step" else [T] * rows
+    batch = RaggedBatch.build([(ids[r, :lengths[r]].tolist(), past[r], r) for r in range(rows)],
+                              list(range(sum(lengths))))
     out = executor.forward(batch)
-    return {"out": out.hidden.view(rows, T, -1), "logits": out.logits.view(rows, T, -1)}
+    return {"out": out.hidden, "logits": out.logits}  # (the real tokens, packed)
 
 
 @torch.inference_mode()
@@ -85,7 +85,8 @@ def compare_step(model, graph: dict, proto, seed: int = 0) -> dict[str, float]:
     rows, T = graph["rows"], shape.tokens
     values = {"ids": torch.randint(0, model.spec.vocab_size, (rows, T), generator=g),
               "num_drafts": torch.randint(0, T, (rows,), generator=g), "slots": torch.arange(rows),
-              "past": torch.tensor(past), "temperature": torch.zeros(rows), "top_k": torch.zeros(rows, dtype=torch.long),
+              "past": torch.tensor(past), "lengths": torch.tensor([T] + [1 + r % T for r in range(1, rows)]),
+              "temperature": torch.zeros(rows), "top_k": torch.zeros(rows, dtype=torch.long),
               "top_p": torch.ones(rows), TABLE: executor.state.pages.table.clone()}
     values.update({name: getattr(entry, attr).clone() for name, entry, attr in pool_fields(executor.state)})
     if shape.step == "speculative_step":  # row 0 drafts its greedy continuation (accepted), the others random tokens
@@ -97,7 +98,9 @@ def compare_step(model, graph: dict, proto, seed: int = 0) -> dict[str, float]:
     got = {o.name: to_torch(value) for o, value in zip(proto.graph.output, evaluator(proto).run(None, feeds))}
 
     want = _run_executor(executor, shape, values)
-    if "logits" in want:
+    if "logits" in want:  # a backbone or prefill step: its real tokens' hidden states, and their logits
+        lengths = values["lengths"].tolist() if shape.step == "prefill_step" else [T] * rows
+        got["out"] = torch.cat([got["out"][r, :lengths[r]] for r in range(rows)])
         got["logits"] = model.lm_head(got["out"].to(model.dtype)).float()
     pools = {f"{name}.out": getattr(entry, attr) for name, entry, attr in pool_fields(executor.state)}
     want.update({name: pools[name] for name in got if name in pools})

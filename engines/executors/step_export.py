@@ -1,9 +1,11 @@
 """One compiled step as a `torch.export` program: what the AOT engines (aot_build.py) compile with AOTInductor, and
 what other graph targets (ONNX) start from.
 
-`export_step(model, state, shape, bound)` traces the step function compiled_step.STEPS[shape.step] over `state`,
-on the example inputs of `compiled_step.example_inputs` (padding rows: nothing of the state is read back to the
-host), with the attention reading `bound` pages per row. The program's inputs are the step's tensor arguments
+`step_shapes(steps, max_tokens, sampling)` lists the calls compile-at-load compiles (`CompiledSteps.shapes`: THE
+declaration of the step functions and their tokens per row) as `StepShape`s, with the sampling variant of the
+speculative step if asked. `export_step(model, state, shape, bound)` traces the step function
+`compiled_step.<shape.step>` over `state`, on the example inputs of `CompiledSteps.padding_args` (padding rows:
+nothing of the state is read back to the host), with the attention reading `bound` pages per row. The program's inputs are the step's tensor arguments
 (`StepProgram.inputs`: the step function's parameter names, without those the shape leaves None), then the block
 table (`pages.table`), then every state pool (`<layer key>.<field>`, e.g. `backbone.layers.0.conv`), which the
 program updates in place (mutated inputs); its one output is the step function's result (`out`). The model's
@@ -21,9 +23,40 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .compiled_step import STEPS, StepShape, example_inputs, run_step
+from . import compiled_step
+from .compiled_step import CompiledSteps
 
 TABLE = "pages.table"  # the input name of the block table
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """One static-shaped call of a step function, for max_sequences rows."""
+
+    step: str  # the step function's name in compiled_step (backbone_step, prefill_step, speculative_step)
+    tokens: int  # tokens per row
+    sampling: bool = False  # a speculative step with uniforms and draft_probs (some row samples); else greedy
+
+
+def step_shapes(steps: CompiledSteps, max_tokens: int, sampling: bool = False) -> list[StepShape]:
+    """`steps.shapes(max_tokens)` as StepShapes, plus the sampling speculative step if `sampling`."""
+    shapes = [StepShape(fn.__name__, T) for fn, T in steps.shapes(max_tokens)]
+    return shapes + [StepShape(s.step, s.tokens, True) for s in shapes if sampling and s.step == "speculative_step"]
+
+
+def step_function(shape: StepShape):
+    return getattr(compiled_step, shape.step)
+
+
+def example_inputs(steps: CompiledSteps, shape: StepShape) -> list[torch.Tensor | None]:
+    """The step's arguments for max_sequences padding rows (CompiledSteps.padding_args), with the uniforms and
+    draft_probs of a sampling speculative step."""
+    args = list(steps.padding_args(step_function(shape), shape.tokens))
+    if shape.sampling:
+        rows, K, dev = steps.state.max_sequences, shape.tokens - 1, steps.model.device
+        args[7:9] = [torch.zeros(rows, 2 * K + 1, device=dev), torch.zeros(rows, K, steps.model.spec.vocab_size,
+                                                                          device=dev)]
+    return args
 
 
 @dataclass
@@ -72,9 +105,9 @@ def set_constants(fields, tensors) -> None:
             setattr(module, attr, tuple(value))
 
 
-def argument_names(shape: StepShape, args: list) -> list[str]:
+def argument_names(fn, args: list) -> list[str]:
     """The names of the step function's tensor arguments (those `args` does not leave None)."""
-    names = list(inspect.signature(STEPS[shape.step]).parameters)[1:]
+    names = list(inspect.signature(fn).parameters)[1:]
     return [name for name, arg in zip(names, args) if arg is not None]
 
 
@@ -94,7 +127,8 @@ class StepGraph(nn.Module):
         for (_, entry, attr), tensor in zip(self.fields, given):
             setattr(entry, attr, tensor)
         set_constants(self.constants, list(given))
-        return run_step(self, self.shape.step, *args)
+        with self.state.recording_steps(self.shape.step == "speculative_step"):  # (as CompiledSteps.speculative)
+            return step_function(self.shape)(self, *args)
 
 
 @torch.no_grad()
@@ -102,7 +136,7 @@ def export_step(model, state, shape: StepShape, bound: int, lift_constants: bool
     """The ExportedProgram of `shape` over `state` (max_sequences rows), its attention reading `bound` pages per
     row; with `lift_constants`, the model's plain-attribute tensors are inputs (module docstring). `state` and
     `model` are left as they were (pools, block table and constants restored; padding rows change nothing)."""
-    args = example_inputs(model, state, shape)
+    args = example_inputs(CompiledSteps(model, state), shape)
     present = [a is not None for a in args]
     saved, saved_bound = pool_tensors(state), state.pages.bound
     constants = constant_fields(model) if lift_constants else []
@@ -116,6 +150,6 @@ def export_step(model, state, shape: StepShape, bound: int, lift_constants: bool
         for (_, entry, attr), tensor in zip(pool_fields(state), saved[1:]):
             setattr(entry, attr, tensor)
         set_constants(constants, weights)
-    inputs = [*argument_names(shape, args), TABLE, *(name for name, _, _ in pool_fields(state)),
+    inputs = [*argument_names(step_function(shape), args), TABLE, *(name for name, _, _ in pool_fields(state)),
               *(name for name, *_ in constants)]
     return StepProgram(program, inputs, ["out"])

@@ -1,12 +1,13 @@
 """OUT/engines/tensorrt/: the step graphs of a checkpoint as ONNX for TensorRT, with manifest.json.
 
-One graph per step shape (`tensorrt_shapes`), each for max_sequences rows over a block table of max_length tokens
-per slot (onnx_export.py, step_export.py): the decode step (T=1), a prefill chunk (T=prefill_tokens, starting or
-continuing sequences) and, with an MTP head, the greedy speculative step (verify K+1 tokens, accept, roll back,
-draft K). The manifest lists each graph's inputs and outputs, its aliased pairs (updated pool -> pool), the nemo3
-plugins it uses (each kernel's PTX is compiled when the engine is built: plugins/tensorrt_plugins.py) and the
-command that builds the engines where TensorRT is installed (tensorrt_build.py). `validate_tensorrt_folder` runs
-every graph in onnx's reference evaluator against the torch executor (onnx_validate.py): `nemo3 validate-onnx OUT`.
+One graph per compiled step shape (`tensorrt_shapes`: CompiledSteps.shapes, THE declaration the AOT engines also
+export), each for max_sequences rows over a block table of max_length tokens per slot (onnx_export.py,
+step_export.py): the decode step (T=1), the prefill chunks (T in prefill_tokens, rows right-padded with their
+lengths) and, with an MTP head, the greedy speculative step (verify K+1 tokens, accept, roll back, draft K). The
+manifest lists each graph's inputs and outputs, its aliased pairs (updated pool -> pool), the nemo3 plugins it uses
+(each kernel's PTX is compiled when the engine is built: plugins/tensorrt_plugins.py) and the command that builds
+the engines where TensorRT is installed (tensorrt_build.py). `validate_tensorrt_folder` runs every graph in onnx's
+reference evaluator against the torch executor (onnx_validate.py): `nemo3 validate-onnx OUT`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..network.mamba2 import MAX_STEP_TOKENS
-from .compiled_step import StepShape, step_shapes
+from .compiled_step import PREFILL_TOKENS, CompiledSteps
+from .step_export import StepShape, step_shapes
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -25,22 +26,19 @@ FORMAT = 1
 @dataclass(frozen=True)
 class TensorRTTarget:
     max_sequences: int = 16
-    max_length: int = 1024
+    max_length: int = 256
     max_tokens: int = 3  # tokens per row of a speculative step: 1 + the MTP draft length served
-    prefill_tokens: int = 64  # tokens per row of a prefill chunk (> MAX_STEP_TOKENS)
+    prefill_tokens: tuple[int, ...] = PREFILL_TOKENS  # prefill chunk lengths (compiled_step.py)
 
 
 def build_command(folder: Path) -> str:
     return f"python -m nemo3.engines.executors.tensorrt_build {folder}"
 
 
-def tensorrt_shapes(target: TensorRTTarget, mtp: bool) -> list[StepShape]:
-    """The decode step, a prefill chunk and, with an MTP head, the greedy speculative step (compiled_step.py's
-    shapes, plus the prefill chunk that the runtime runs eagerly)."""
-    if target.prefill_tokens <= MAX_STEP_TOKENS:
-        raise ValueError(f"prefill_tokens={target.prefill_tokens}: a prefill chunk has more than {MAX_STEP_TOKENS} "
-                         "tokens per row (shorter calls are decode steps)")
-    return step_shapes(target.max_tokens, mtp)[:2] + [StepShape("backbone_step", target.prefill_tokens)]
+def tensorrt_shapes(model, target: TensorRTTarget) -> list[StepShape]:
+    """The compiled steps' shapes (CompiledSteps.shapes: decode, prefill chunks, greedy speculative step)."""
+    state = model.new_state(target.max_sequences, target.max_length, mtp=model.mtp is not None)
+    return step_shapes(CompiledSteps(model, state, target.prefill_tokens), target.max_tokens)
 
 
 def write_tensorrt_folder(model, out: Path, target: TensorRTTarget, log=print) -> dict:
@@ -49,7 +47,7 @@ def write_tensorrt_folder(model, out: Path, target: TensorRTTarget, log=print) -
     from .onnx_export import export_step_onnx
 
     graphs = []
-    for shape in tensorrt_shapes(target, model.mtp is not None):
+    for shape in tensorrt_shapes(model, target):
         file = f"rank0/{shape.step.removesuffix('_step')}_r{target.max_sequences}_t{shape.tokens}.onnx"
         proto, inputs, outputs = export_step_onnx(model, shape, target.max_sequences, target.max_length, out / file)
         graphs.append({"file": file, "step": shape.step, "tokens": shape.tokens, "rows": target.max_sequences,

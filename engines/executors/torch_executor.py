@@ -7,7 +7,7 @@ import torch
 
 from ...export.kv_pages import DEFAULT_PAGE_SIZE
 from .base import ForwardOutput, RaggedBatch, SpeculativeBatch
-from .compiled_step import CompiledSteps, speculative_step, unsupported
+from .compiled_step import PREFILL_TOKENS, CompiledSteps, speculative_step, unsupported
 
 PAD_SHORT = 8  # MTP rows of at most this many tokens are padded into one call
 
@@ -18,12 +18,14 @@ class TorchExecutor:
     Sequences with the same number of new tokens run as one rectangular [B, T] call of the model. With
     `compile` (True; or None: when `compiled_step.unsupported` finds nothing against it), decode, verify and
     MTP calls of the shapes `warm_up` prepared are padded to [max_sequences, T] and run as compiled steps
-    (engines/compiled_step.py); prefill chunks run eagerly. K and V live in `num_pages` pages of `page_size`
+    (engines/compiled_step.py), prefill chunks too, their rows right-padded to the next of `prefill_tokens`
+    (MTP passes over a prompt run eagerly). K and V live in `num_pages` pages of `page_size`
     tokens (default: max_length tokens for every slot), which each batch maps to slots (`RaggedBatch.pages`).
     """
 
     def __init__(self, model, max_sequences: int, max_length: int, compile: bool | None = False,
-                 num_pages: int | None = None, page_size: int = DEFAULT_PAGE_SIZE):
+                 num_pages: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 prefill_tokens: tuple[int, ...] = PREFILL_TOKENS):
         self.model, self.spec = model, model.spec
         self.max_sequences, self.max_length = max_sequences, max_length
         self.has_mtp = model.mtp is not None
@@ -35,7 +37,7 @@ class TorchExecutor:
         self._draft_probs: dict[int, torch.Tensor] = {}  # K -> [max_sequences, K, V]: each slot's draft distributions
         if compile is None:
             compile = unsupported(model) is None
-        self.compiled = CompiledSteps(model, self.state) if compile else None
+        self.compiled = CompiledSteps(model, self.state, prefill_tokens) if compile else None
 
     @property
     def kind(self) -> str:
@@ -63,21 +65,28 @@ class TorchExecutor:
         """Apply a step (rows [B, T], slots [B], past [B]) -> out [B, T, D] per group; return out by row [N, D].
 
         rows index the packed tokens; a row shorter than its group is right-padded with row index N (a
-        padding token the caller appends), whose outputs are dropped. Groups of a shape the compiled steps
-        cover, that only continue sequences (none starts), run the `compiled` step when there is one, padded
-        with slot -1 rows to max_sequences. (The batch is small host metadata: it is indexed as lists, so a
+        padding token the caller appends), whose outputs are dropped. Groups of a length the compiled steps
+        cover (CompiledSteps.chunk_tokens) run the `compiled` step when there is one, padded with slot -1 rows to
+        max_sequences and, a prefill chunk, each row right-padded to the compiled length (its real `lengths`
+        [B] passed as a fourth argument). (The batch is small host metadata: it is indexed as lists, so a
         decode step costs a few tensor constructions, not dozens of tiny tensor ops.)"""
         lengths, starts = batch.lengths.tolist(), batch.query_start.tolist()
         slots_all, past_all = batch.slots.tolist(), batch.past_lengths.tolist()
         out, n, dev = None, len(batch.token_ids), self.device
         for seqs, T in self._groups(lengths, past_all, mtp):
-            rows = [[starts[s] + i if i < lengths[s] else n for i in range(T)] for s in seqs]
             slots, past, step = [slots_all[s] for s in seqs], [past_all[s] for s in seqs], eager
-            if compiled is not None and self.compiled.covers(T) and min(past) > 0:
-                self.compiled.read_pages(max(past) + T)
+            extra = []  # a compiled prefill chunk's lengths
+            T_run = None if compiled is None else self.compiled.chunk_tokens(T)
+            if T_run is not None:
+                if T_run == 1 and 0 in past:  # (a one-token prompt) decode continues a slot's state: zero it first
+                    self.state.reset_fresh(torch.tensor(slots, device=dev), torch.tensor(past, device=dev))
+                self.compiled.read_pages(max(past) + T_run)
                 pad = self.max_sequences - len(seqs)
-                rows, slots, past, step = rows + [[n] * T] * pad, slots + [-1] * pad, past + [0] * pad, compiled
-            h = step(*(torch.tensor(x, device=dev) for x in (rows, slots, past))).flatten(0, 1)
+                slots, past, step, T = slots + [-1] * pad, past + [0] * pad, compiled, T_run
+                extra = [[lengths[s] for s in seqs] + [0] * pad] if T_run > 1 else []
+            rows = [[starts[s] + i if i < lengths[s] else n for i in range(T)] for s in seqs]
+            rows += [[n] * T] * (len(slots) - len(seqs))
+            h = step(*(torch.tensor(x, device=dev) for x in [rows, slots, past] + extra)).flatten(0, 1)
             take = [b * T + i for b, s in enumerate(seqs) for i in range(lengths[s])]  # real rows of h
             if len(take) == n:  # one group holds every row, in order
                 return h[torch.tensor(take, device=dev)] if len(take) < len(h) else h
@@ -92,7 +101,7 @@ class TorchExecutor:
         self._map_pages(batch.pages)
         ids = torch.cat([batch.token_ids, batch.token_ids.new_zeros(1)]).to(self.device)
         compiled = None if self.compiled is None else (
-            lambda rows, slots, past: self.compiled.backbone(ids[rows], slots, past))
+            lambda rows, slots, past, lengths=None: self.compiled.backbone(ids[rows], slots, past, lengths))
         hidden = self._run(batch, lambda rows, slots, past: self.model.final_hidden(
             self.model(ids[rows], self.state, slots, past)), compiled)
         return ForwardOutput(self.model.lm_head(hidden[batch.logit_rows.to(self.device)]).float(), hidden)

@@ -42,7 +42,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * Dh, D, bias=bias)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                past_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                past_lengths: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
@@ -52,7 +52,7 @@ class Attention(nn.Module):
             out = attend(q, k, v, torch.zeros(B, dtype=torch.long, device=x.device), scale)
         else:
             scales = (self.k_proj.k_scale, self.v_proj.v_scale) if cache.k.dtype == FP8 else (None, None)
-            store_in_pages(cache, k, v, slots, past_lengths, *scales)
+            store_in_pages(cache, k, v, slots, past_lengths, *scales, lengths=lengths)
             seq_lens = torch.where(slots >= 0, past_lengths + T, 0)  # padding rows see nothing
             # compiled: a static bound on the pages read per row (none set: the whole block table)
             bound = (cache.pages.bound or cache.pages.table.shape[1]) if torch.compiler.is_compiling() else None
@@ -62,15 +62,19 @@ class Attention(nn.Module):
 
 
 def store_in_pages(cache: KVCache, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, past_lengths: torch.Tensor,
-                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                   lengths: torch.Tensor | None = None) -> None:
     """Store the new k, v [B, T, kv, Dh] of each row at positions past .. past+T-1 of its slot's pages (FP8 pages:
-    divided by their scale). Padding rows (slot < 0) and positions without a page store nothing. Static shapes."""
+    divided by their scale). Padding rows (slot < 0), positions without a page and, with `lengths` [B], a row's
+    positions past its real tokens store nothing. Static shapes."""
     B, T = k.shape[:2]
     page_size, width = cache.pages.page_size, cache.pages.table.shape[1]
     positions = past_lengths[:, None] + torch.arange(T, device=k.device)  # [B, T]
     entry = positions // page_size
     page = cache.pages.table[slots.clamp(min=0)[:, None], entry.clamp(max=width - 1)].long()  # [B, T]
     real = (slots[:, None] >= 0) & (entry < width) & (page >= 0)
+    if lengths is not None:
+        real &= positions < (past_lengths + lengths)[:, None]
     index = torch.where(real, page * page_size + positions % page_size, -1).flatten()
     if k_scale is not None:
         k, v = k.float() / k_scale, v.float() / v_scale

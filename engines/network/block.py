@@ -37,10 +37,10 @@ class Block(nn.Module):
         self.mixer = make_mixer(spec, letter, parallel)
 
     def forward(self, h: torch.Tensor, state: InferenceState | None = None, slots: torch.Tensor | None = None,
-                past_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                past_lengths: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm(h)
         if getattr(self.mixer, "stateful", False):
-            x = self.mixer(x, None if state is None else state[self.key], slots, past_lengths)
+            x = self.mixer(x, None if state is None else state[self.key], slots, past_lengths, lengths)
         else:
             x = self.mixer(x)
         return h + x

@@ -58,13 +58,13 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(I, D, bias=spec.use_bias)
 
     def forward(self, h: torch.Tensor, cache: MambaState | None = None, slots: torch.Tensor | None = None,
-                past_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                past_lengths: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         I, GN = self.heads * self.head_dim, self.groups * self.state_size
         z, xBC, dt = self.in_proj(h).split([I, I + 2 * GN, self.heads], dim=-1)
-        if cache is not None and h.shape[1] <= MAX_STEP_TOKENS:
+        if cache is not None and h.shape[1] <= MAX_STEP_TOKENS and lengths is None:
             y = self.decode(xBC, dt, cache, slots, past_lengths)
         else:
-            y = self.prefill(xBC, dt, cache, slots, past_lengths)
+            y = self.prefill(xBC, dt, cache, slots, past_lengths, lengths)
         return self.parallel.row_parallel(self.out_proj, self.norm(y, z).to(h.dtype))
 
     def split_xBC(self, xBC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,8 +75,10 @@ class Mamba2Mixer(nn.Module):
                 C.unflatten(-1, (self.groups, self.state_size)))
 
     def prefill(self, xBC: torch.Tensor, dt: torch.Tensor, cache: MambaState | None, slots: torch.Tensor | None,
-                past_lengths: torch.Tensor | None) -> torch.Tensor:
-        """Conv + chunked scan over all T tokens; y [B, T, I] fp32 (D term included)."""
+                past_lengths: torch.Tensor | None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Conv + chunked scan over all T tokens; y [B, T, I] fp32 (D term included). With `lengths` [B] (rows
+        right-padded to T): dt is 0 past each row's length, which leaves the SSM state unchanged, and the conv
+        window kept is the one ending at the row's last real token."""
         batch, K = xBC.shape[0], self.conv1d.kernel_size[0]
         if cache is None:
             conv_window = xBC.new_zeros(batch, xBC.shape[-1], K - 1)
@@ -89,11 +91,18 @@ class Mamba2Mixer(nn.Module):
         xBC = F.silu(F.conv1d(inputs, self.conv1d.weight, self.conv1d.bias, groups=inputs.shape[1])).transpose(1, 2)
         x, B, C = self.split_xBC(xBC)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.time_step_limit)
+        if lengths is not None:
+            dt = dt * (torch.arange(dt.shape[1], device=dt.device) < lengths[:, None])[..., None]
         A = -torch.exp(self.A_log.float())
         y, final_state = ssd_scan(x, dt, A, B, C, self.chunk_size, ssm_state)
         y = y + self.D.float()[:, None] * x.float()
         if cache is not None:
-            write_rows(cache.conv, slots, inputs[:, :, inputs.shape[-1] - (K - 1):])
+            if lengths is None:
+                window = inputs[:, :, inputs.shape[-1] - (K - 1):]
+            else:  # inputs lengths[b] .. lengths[b] + K - 2: the K-1 inputs up to the row's last real token
+                ends = (lengths[:, None] + torch.arange(K - 1, device=inputs.device))[:, None]
+                window = inputs.gather(2, ends.expand(-1, inputs.shape[1], -1))
+            write_rows(cache.conv, slots, window)
             write_rows(cache.ssm, slots, final_state)
         return y.flatten(2)
 

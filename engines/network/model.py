@@ -39,10 +39,11 @@ class Backbone(nn.Module):
         self.norm_f = RMSNorm(spec.hidden_size, spec.layer_norm_epsilon)
 
     def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None,
-                slots: torch.Tensor | None = None, past_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, past_lengths: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embeddings(input_ids)
         for layer in self.layers:
-            h = layer(h, state, slots, past_lengths)
+            h = layer(h, state, slots, past_lengths, lengths)
         return h
 
 
@@ -85,18 +86,21 @@ class Model(nn.Module):
 
     # ---- backbone ------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, state: InferenceState | None = None,
-                slots: torch.Tensor | None = None, past_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                slots: torch.Tensor | None = None, past_lengths: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> hidden states h [B, T, D] before norm_f.
 
         With `state`, `slots` [B] and `past_lengths` [B]: row b continues the sequence stored in slot
         slots[b], which has past_lengths[b] tokens so far (0: a new sequence); slot < 0 is a padding
         row. T is the same for every row: a prefill chunk, a decode step (T=1) or a verify (T=k+1).
+        `lengths` [B] (a prefill chunk, T > MAX_STEP_TOKENS of engines/network/mamba2.py): row b's real tokens,
+        right-padded to T; its state is left as after its last real token (the padding's outputs are garbage).
         """
         if not torch.compiler.is_compiling():  # (reads the batch back: no host syncs in a compiled step)
             check_batch(input_ids, state, slots, past_lengths)
             if state is not None:
                 state.reset_fresh(slots, past_lengths)
-        return self.backbone(input_ids, state, slots, past_lengths)
+        return self.backbone(input_ids, state, slots, past_lengths, lengths)
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
         """norm_f(h): what the lm_head reads, and what MTP consumes as c_t."""

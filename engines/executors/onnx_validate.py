@@ -25,14 +25,22 @@ QUANTIZED_ACTIVATIONS_BOUND = 2e-5
 
 
 def evaluator(proto):
+    import numpy as np
     from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
 
     from ...plugins.onnx_nodes import register_schemas
     from ...plugins.onnx_reference_ops import NEMO3_OPS
     from ...quant.onnx_reference_ops import QUANT_OPS
 
+    class GatherElements(OpRun):
+        """onnx's own (numpy.choose) takes at most 64 entries along the axis (a 64-token prefill chunk has more)."""
+
+        def _run(self, data, indices, axis=0):
+            return (np.take_along_axis(data, np.where(indices < 0, indices + data.shape[axis], indices), axis),)
+
     register_schemas()
-    return ReferenceEvaluator(proto, new_ops=NEMO3_OPS + QUANT_OPS)
+    return ReferenceEvaluator(proto, new_ops=NEMO3_OPS + QUANT_OPS + [GatherElements])
 
 
 def _prompts(executor: TorchExecutor, shape: StepShape, generator: torch.Generator) -> list[int]:

@@ -29,6 +29,7 @@ import torch
 from ..network.loading import load_rank
 from ..network.parallel import Parallel
 from .base import ForwardOutput, RaggedBatch, SpeculativeBatch
+from .sequence_budget import sequence_budget
 from .torch_executor import TorchExecutor
 
 FORWARD, MTP_FORWARD, SPECULATE, WARM_UP = 1, 2, 3, 4
@@ -96,11 +97,13 @@ class DistributedExecutor:
 
 
 def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype | None, max_sequences: int,
-               max_length: int, ready: bytes) -> None:
-    """A worker rank (runtime/launcher.py's start_workers runs it): load the rank's weights, send `ready`, run
-    the leader's calls until the pipe closes."""
+               max_length: int, state_memory: int | None, ready: bytes) -> None:
+    """A worker rank (runtime/launcher.py's start_workers runs it): load the rank's weights, size its state as the
+    leader sizes its own (sequence_budget.py), send `ready`, run the leader's calls until the pipe closes."""
     parallel = Parallel.from_process_group(moe)
-    executor = TorchExecutor(load_rank(build, parallel, device, dtype), max_sequences, max_length, compile=False)
+    model = load_rank(build, parallel, device, dtype)
+    max_sequences, num_pages = sequence_budget(model, max_sequences, max_length, state_memory)
+    executor = TorchExecutor(model, max_sequences, max_length, compile=False, num_pages=num_pages)
     connection.send_bytes(ready)
     while True:
         try:

@@ -1,7 +1,8 @@
 """The build: a sequence of stages, each writing one folder of OUT/ atomically.
 
 The stages' work is done by plain library functions (export: read_summary, write_ranks; quant:
-quantize_checkpoint; triton_repo: write_validated_repository; engines/evaluation: write_report); this module
+quantize_checkpoint; engines/executors: build_engines; triton_repo: write_validated_repository;
+engines/evaluation: write_report); this module
 alone wraps them into stages, opens the checkpoint once per run and hands it to them.
 
 Before any stage runs, every stage checks the options against the model (`Stage.check`: --tp against the
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from . import __version__
 from .export.build_folder import BuildError, BuildFolder
-from .export.options import DEFAULT_PRECISION, MOE_PARALLEL, PRECISIONS, TARGETS
+from .export.options import DEFAULT_PRECISION, ENGINE_DEVICES, MOE_PARALLEL, PRECISIONS, TARGETS
 
 TMP_PREFIX = ".tmp-"
 
@@ -47,6 +48,14 @@ class BuildOptions:
     calib_data: Path | None = None
     calib_samples: int = 64
     calib_seq_len: int = 256
+    # ahead-of-time engines (the engines stage; False: it records that they were not asked for)
+    engines: bool = False
+    engine_device: str | None = None  # None: cuda when the build runs where CUDA is available, else cpu
+    engine_max_sequences: int = 16  # rows of every engine call (concurrent sequences served)
+    engine_max_length: int = 256  # tokens per sequence (one package per power-of-two bound on its pages)
+    engine_mtp: int | None = None  # MTP draft length the engines serve (None: the runtime's default; 0: decode only)
+    engine_sampling: bool = True  # also the sampling speculative step
+    engine_prefill_tokens: tuple[int, ...] | None = None  # prefill chunk lengths (None: compiled_step's; (): none)
     force: bool = False
 
     def __post_init__(self):
@@ -66,6 +75,22 @@ class BuildOptions:
             raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected one of {', '.join(MOE_PARALLEL)}")
         if self.tp < 1:
             raise BuildError(f"--tp {self.tp}: must be >= 1")
+        self._check_engine_options()
+
+    def _check_engine_options(self) -> None:
+        import torch
+
+        if self.engine_device is None:
+            self.engine_device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.engine_device not in ENGINE_DEVICES:
+            raise BuildError(f"--engine-device {self.engine_device!r}: expected one of {', '.join(ENGINE_DEVICES)}")
+        if self.engines and self.engine_device == "cuda" and not torch.cuda.is_available():
+            raise BuildError("--engine-device cuda: no CUDA device here; engines are compiled where they run")
+        for name in ("engine_max_sequences", "engine_max_length"):
+            if getattr(self, name) < 1:
+                raise BuildError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.engine_mtp is not None and self.engine_mtp < 0:
+            raise BuildError(f"--engine-mtp {self.engine_mtp}: must be >= 0")
 
 
 @dataclass
@@ -176,6 +201,39 @@ def _shard_stage() -> Stage:
                  lambda b: check_tp(b.checkpoint.spec, b.options.tp, b.options.moe_parallel))
 
 
+def _engines_stage() -> Stage:
+    import torch
+
+    from .engines.executors.aot_build import EngineTarget, build_engines
+    from .engines.executors.aot_manifest import FORMAT, host_arch
+    from .engines.runtime.factory import DEFAULT_MTP_DRAFT_TOKENS
+    from .export.checkpoint import open_checkpoint
+
+    def target(b: Build) -> EngineTarget:
+        o = b.options
+        k = DEFAULT_MTP_DRAFT_TOKENS if o.engine_mtp is None else o.engine_mtp
+        target = EngineTarget(o.engine_device, o.engine_max_sequences, o.engine_max_length, k, o.engine_sampling)
+        return target if o.engine_prefill_tokens is None else dataclasses.replace(
+            target, prefill_tokens=tuple(o.engine_prefill_tokens))
+
+    def skipped(b: Build) -> str | None:
+        if not b.options.engines:
+            return "not asked for (nemo3-build --engines)"
+        if b.options.target != "torch":
+            return f"--target {b.options.target}: its repository serves with another runtime"
+        return None
+
+    def inputs(b: Build) -> dict:
+        why = skipped(b)
+        return {"skipped": why} if why else {
+            "source": open_checkpoint(_shard_source(b)).fingerprint(), "target": dataclasses.asdict(target(b)),
+            "tp": b.options.tp, "arch": host_arch(b.options.engine_device), "torch": torch.__version__,
+            "format": FORMAT}
+
+    return Stage("engines", "engines", inputs,
+                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b), b.options.tp, skipped(b), log=print))
+
+
 def _triton_stage() -> Stage:
     from .triton_repo.build_repository import repository_inputs, repository_options, write_validated_repository
 
@@ -207,8 +265,8 @@ def _report_stage() -> Stage:
                             "options": dc.asdict(compare_options)}, run)
 
 
-STAGES = {"read": _read_stage, "quantize": _quantize_stage, "shard": _shard_stage, "triton_repo": _triton_stage,
-          "report": _report_stage}  # in build order
+STAGES = {"read": _read_stage, "quantize": _quantize_stage, "shard": _shard_stage, "engines": _engines_stage,
+          "triton_repo": _triton_stage, "report": _report_stage}  # in build order
 
 
 def stable_hash(obj) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..export.options import EXECUTORS
 from .common import one_line_errors
 
 
@@ -28,13 +29,16 @@ from .common import one_line_errors
 @click.option("--compile/--eager", "compile_steps", default=True, show_default=True,
               help="Run decode steps compiled, quantized builds included (inductor on CPU, CUDA graphs on GPU; each "
                    "step shape compiles once, before timing) or eagerly.")
+@click.option("--executor", "executors", multiple=True, type=click.Choice(EXECUTORS),
+              help="How to run each build (repeatable, one row each): its ahead-of-time engines (aot), steps compiled "
+                   "at load (compiled) or eager  [default: aot when the build has engines, else --compile/--eager].")
 @click.option("--server", default=None, help="Benchmark a running Triton server (host:port) instead.")
 @click.option("--model-name", default="nemo3", show_default=True, help="Model name on --server.")
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="bench", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
 @one_line_errors
 def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_num_tokens, no_transformers, device,
-            threads, compile_steps, server, model_name, output):
+            threads, compile_steps, executors, server, model_name, output):
     """Run one workload on every build (and MTP setting) and on transformers, in one process."""
     import torch
 
@@ -49,7 +53,8 @@ def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_nu
     else:
         paths = [Path(b) for b in builds] or [None]
         mtps = list(mtp) or None
-        targets = [Target(p, k) for p in paths for k in (mtps or _default_mtp(p))]
+        targets = [Target(p, k, executor=e) for p in paths for k in (mtps or _default_mtp(p))
+                   for e in (executors or [None])]
         report = run_benchmark(targets, workload, device=device, transformers_baseline=not no_transformers,
                                max_num_tokens=max_num_tokens, compile=compile_steps, log=click.echo)
     out = Path(output)

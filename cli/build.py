@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..export.options import MOE_PARALLEL, PRECISIONS, TARGETS
+from ..export.options import ENGINE_DEVICES, MOE_PARALLEL, PRECISIONS, TARGETS
 from .common import one_line_errors
 
 
@@ -29,10 +29,25 @@ from .common import one_line_errors
               help="Calibration text or JSONL (default: the train split of the built-in corpus).")
 @click.option("--calib-samples", type=int, default=64, show_default=True)
 @click.option("--calib-seq-len", type=int, default=256, show_default=True)
+@click.option("--engines/--no-engines", default=False, show_default=True,
+              help="Compile ahead-of-time engines (OUT/engines/, --target torch): serving then compiles nothing.")
+@click.option("--engine-device", type=click.Choice(ENGINE_DEVICES), default=None,
+              help="Where the engines run  [default: cuda where the build runs has it, else cpu].")
+@click.option("--engine-max-sequences", type=int, default=16, show_default=True,
+              help="Concurrent sequences the engines serve (every engine call runs this many rows).")
+@click.option("--engine-max-length", type=int, default=256, show_default=True,
+              help="Tokens per sequence the engines serve (one package per power-of-two bound on its KV pages).")
+@click.option("--engine-mtp", type=int, default=None,
+              help="MTP draft length the engines serve  [default: the runtime's; 0: decode steps only].")
+@click.option("--engine-sampling/--no-engine-sampling", default=True, show_default=True,
+              help="Also compile the sampling speculative step (else sampled MTP requests run it eagerly).")
+@click.option("--engine-prefill/--no-engine-prefill", default=True, show_default=True,
+              help="Also compile the prefill chunks (else prompts run eagerly).")
 @click.option("--force", is_flag=True, help="Redo every stage even if build.json says it is up to date.")
 @one_line_errors
 def main(**kwargs):
     """Build a Nemotron 3 deployment."""
     from ..pipeline import BuildOptions, build
 
+    kwargs["engine_prefill_tokens"] = None if kwargs.pop("engine_prefill") else ()
     build(BuildOptions(**kwargs), log=click.echo)

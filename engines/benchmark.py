@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..export.build_folder import label_of, model_folder
+from ..export.build_folder import BuildFolder, label_of, model_folder
+from ..export.options import EXECUTORS
 from .runtime.requests import GenerationParams
 
 
@@ -39,6 +40,7 @@ class Target:
     path: Path | None  # None: the built-in model
     mtp: int = 0
     label: str = ""
+    executor: str | None = None  # one of EXECUTORS; None: the build's engines when it has them, else as `compile` says
 
     @property
     def name(self) -> str:
@@ -54,7 +56,7 @@ class Result:
     itl_s: list[float] = field(default_factory=list)  # between consecutive outputs of a request
     tpot_s: list[float] = field(default_factory=list)  # per request: (last - first token time) / (tokens - 1)
     acceptance_length: float | None = None
-    executor: str = "eager"  # how decode steps ran: "eager", "compiled"; transformers: "generate()"
+    executor: str = "eager"  # how decode steps ran: "aot", "compiled", "eager"; transformers: "generate()"
     weight_bytes: int | None = None  # resident weight memory of the served model (engines/network/quant_linear.py)
 
     @property
@@ -165,14 +167,20 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
 
     results, prompts = [], None
     for target in targets:
-        if compile:
-            log(f"{target.name}: compiling the decode steps where the model allows it")
-        max_length = workload.input_len + workload.output_len + target.mtp + 1
+        kind = target.executor
+        if kind not in (None, *EXECUTORS):
+            raise ValueError(f"--executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
+        steps_compiled = compile if kind is None else kind == "compiled"
+        if steps_compiled:
+            log(f"{target.name}: compiling the decode steps where the model allows it (unless it has engines)")
+        shape = engine_shape(target.path)  # a build with engines: every executor serves the engines' shapes
+        max_sequences, max_length = shape or (workload.concurrency,
+                                              workload.input_len + workload.output_len + target.mtp + 1)
         engine = open_scheduler(target.path, StackOptions(
-            device=device, max_sequences=workload.concurrency, max_length=max_length, max_num_tokens=max_num_tokens,
-            num_speculative_tokens=target.mtp, compile=compile))
-        compiled = engine.executor.compiled is not None
-        if compile and not compiled:
+            device=device, max_sequences=max_sequences, max_length=max_length, max_num_tokens=max_num_tokens,
+            num_speculative_tokens=target.mtp, compile=steps_compiled, engines=None if kind is None else kind == "aot"))
+        executor = engine.executor.kind
+        if steps_compiled and executor == "eager":
             log(f"{target.name}: eager decode steps ({unsupported(engine.executor.model)})")
         try:
             prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
@@ -181,7 +189,7 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
             results.append(run_engine(engine, prompts, workload, target.name))
         finally:
             engine.executor.close()  # (a --tp N build's worker ranks)
-        results[-1].executor = "compiled" if compiled else "eager"
+        results[-1].executor = executor
         results[-1].weight_bytes = resident_weight_bytes(engine.executor.model)
         log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s ({results[-1].executor})")
     peer = None
@@ -198,6 +206,17 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         row["weight_vs_bf16"] = (None if r.weight_bytes is None or bf16.weight_bytes is None
                                  else round(r.weight_bytes / bf16.weight_bytes, 3))
     return {"workload": asdict(workload), "device": device, "torch_threads": torch.get_num_threads(), "results": rows}
+
+
+def engine_shape(path) -> tuple[int, int] | None:
+    """(max_sequences, max_length) of a build's engines, or None when it has none."""
+    from .executors.aot_manifest import MANIFEST, Manifest
+
+    build = BuildFolder.of(path)
+    if build is None or not (build.engines / MANIFEST).is_file():
+        return None
+    manifest = Manifest.read(build.engines)
+    return None if manifest.unsupported else (manifest.max_sequences, manifest.max_length)
 
 
 def markdown_table(report: dict) -> str:

@@ -46,6 +46,10 @@ class BuildFolder:
         return self.root / "ranks"
 
     @property
+    def engines(self) -> Path:
+        return self.root / "engines"
+
+    @property
     def triton_repo(self) -> Path:
         return self.root / "triton_repo"
 

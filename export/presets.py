@@ -1,30 +1,48 @@
 """Hub-style config.json dicts of the Nemotron 3 family, for planning without a checkpoint.
 
-Every entry is a `nemotron_h` config as its hub checkpoint publishes it, in that checkpoint's own key style;
-where a value could not be checked against a published file, the entry says so.
+Every entry is a `nemotron_h` config as its hub checkpoint publishes it, in that checkpoint's own key style, with
+the architecture keys of the published file (training-only and tokenizer keys are left out). Where each comes from:
 
-* nano (nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16): that config.json's architecture keys and
-  `hybrid_override_pattern` (52 layers: 23 M, 23 E, 6 *).
-* super (nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16): the pattern (88 layers: 40 M, 40 E, 8 *) as
-  quoted, with that checkpoint's safetensors parameter total (123,611,033,088, which these shapes
-  reproduce exactly; tests/test_planner.py checks it), by a public parameter-count test; MTP `*E`.
-* lightning (nvidia/NVIDIA-Nemotron-3.5-Lightning-30B-A3B-BF16): Nano 30B-A3B's architecture (the
-  52-layer, 2688-wide, 128-expert top-6 signature public loaders match it by) plus one MTP layer and
-  1M positions. Not checked against its file: that the pattern is Nano's and the MTP pattern is `*E`.
-* ultra (nvidia/NVIDIA-Nemotron-3-Ultra-550B-A55B-BF16): published with transformers-5 style
-  `layers_block_type` / `mtp_layers_block_type` (mamba, moe, attention): 108 layers, attention at
-  7, 14, 23, 32, 39, 48, 57, 64, 73, 82, 89, 98 and Mamba/MoE alternating between (48 M, 48 E, 12 *),
-  hidden 8192, 64 query / 2 KV heads of 128, Mamba 256 heads x 64, state 128, 8 groups, LatentMoE
-  512 experts top-22 of width 5120 (shared 5120) in a 2048 latent, as public loaders and tests quote
-  it. Not checked: routed_scaling_factor and routing groups (Super's values are used).
-* nano-4b (nvidia/NVIDIA-Nemotron-3-Nano-4B-BF16): a dense hybrid (M, -, *). Its config.json was not
-  found in any public source nemo3 could search; the pattern is reconstructed from NVIDIA's own ModelOpt
-  recipe for it (MLP `down_proj` of layers 1, 3, 5, 8, 10, 13, 15, 18, 20, 22, 25, 27, 29, 33, 37, 39,
-  41; attention `v_proj` of 24 and 32; the rest Mamba: 42 layers) and the widths are Nemotron-H 4B's
-  (hidden 3072, FFN 12288, 32/8 heads, Mamba 112 x 64). Treat its plan as an estimate.
+* nano (nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16): the config.json of its NVFP4 release
+  (nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-NVFP4 @ 6efb4a2a, same architecture), as a public C++ test header
+  transcribes it verbatim; a JAX port's test (NEMOTRON3_30B_JSON) quotes the same file, and NVIDIA's
+  Megatron-Bridge `Nemotron3NanoProvider` (src/megatron/bridge/models/nemotronh/nemotron_h_provider.py
+  @ 160ccccb) has the same shapes and routing. 52 layers: 23 M, 23 E, 6 *.
+* super (nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16): the config.json of its NVFP4 release
+  (nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-NVFP4 @ 4f0cf9da), transcribed verbatim by the same test header,
+  and `Nemotron3SuperProvider` in the same Megatron-Bridge file; 88 layers: 40 M, 40 E, 8 *, MTP `*E`. These shapes reproduce the BF16 checkpoint's safetensors parameter
+  total, 123,611,033,088 (tests/test_planner.py).
+* lightning (nvidia/NVIDIA-Nemotron-3.5-Lightning-30B-A3B-BF16): published in transformers-5 style
+  (`layers_block_type`, `mtp_layers_block_type`, `moe_latent_size: null`); a public parity script that diffed
+  it position by position against Nano's pattern found every architecture key and the 52-layer order equal to
+  Nano's, plus one MTP layer (`attention`, `moe`). Megatron-Bridge's recipe for it
+  (src/megatron/bridge/recipes/nemotronh/nemotron_3_5_lightning.py, HF revision b3caaabe) builds Nano's
+  architecture with MTP `*E`. max_position_embeddings 262144 as NVIDIA's NeMo Customizer model reference
+  lists it (docs.nvidia.com/nemo-helix/latest/documentation/customizer-reference/models/llama-nemotron); the
+  1M context is the model card's, as Nano's config also says 262144.
+* ultra (nvidia/NVIDIA-Nemotron-3-Ultra-550B-A55B-BF16): transformers-5 style. Table 1 of NVIDIA's Ultra
+  technical report (as NVIDIA-NeMo/Nemotron skills/nemotron-ultra/paper/architecture.md @ a07d43d9 records
+  it): 108 layers, hidden 8192, 64 query / 2 KV heads of 128, Mamba 256 heads x 64, state 128, 8 groups,
+  expert width 5120, shared expert 10240, 512 experts top-22 in a 2048 latent. The layer order (attention at
+  7, 14, 23, 32, 39, 48, 57, 64, 73, 82, 89, 98, Mamba/MoE alternating between: 48 M, 48 E, 12 *), MTP
+  (`attention`, `moe`), routed_scaling_factor 5.0, n_group 1 / topk_group 1 and intermediate_size 5120 as
+  public loaders pin the published config.json (a validator pinned to
+  nvidia/NVIDIA-Nemotron-3-Ultra-550B-A55B-NVFP4 @ 183968f8 by its SHA-256; willccbb/miles
+  scripts/models/nemotron-3-ultra-550b-a55b.sh @ 176722dd).
+* nano-4b (nvidia/NVIDIA-Nemotron-3-Nano-4B-BF16): a dense hybrid (M, -, *), 42 layers: 21 M, 17 -, 4 *.
+  NVIDIA-NeMo/Megatron-Bridge src/megatron/bridge/recipes/nemotronh/h100/nemotron_3_nano_4b.py @ 501e321c
+  ("the exact dense Nemotron 3 Nano 4B architecture", HF revision dfaf35de): hidden 3136, FFN 12544, 40 query /
+  8 KV heads of 128, Mamba 96 heads x 80, state 128, 8 groups, relu2, untied embeddings; the same values and
+  pattern are quoted from the config.json by several public loaders' tests, which also give chunk_size 256
+  and max_position_embeddings 262144. NVIDIA's ModelOpt recipe for it names the MLP `down_proj` of exactly
+  these 17 `-` layers, and these shapes give its hub page's parameter count, 3,973,556,832
+  (tests/test_family.py).
 """
 
 from __future__ import annotations
+
+# transformers-5 `layers_block_type` names of the hybrid pattern's letters
+_BLOCK_TYPES = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
 
 NANO_CONFIG: dict = {
     "architectures": ["NemotronHForCausalLM"],
@@ -87,6 +105,7 @@ SUPER_CONFIG: dict = {
     "use_conv_bias": True,
     "use_bias": False,
     "mamba_ssm_cache_dtype": "float32",
+    "intermediate_size": 2688,
     "mlp_bias": False,
     "n_routed_experts": 512,
     "num_experts_per_tok": 22,
@@ -94,6 +113,8 @@ SUPER_CONFIG: dict = {
     "moe_shared_expert_intermediate_size": 5376,
     "moe_latent_size": 1024,
     "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
     "routed_scaling_factor": 5.0,
     "norm_topk_prob": True,
     "num_nextn_predict_layers": 1,
@@ -104,10 +125,11 @@ SUPER_CONFIG: dict = {
 }
 
 LIGHTNING_CONFIG: dict = {
-    **NANO_CONFIG,
+    **{key: value for key, value in NANO_CONFIG.items() if key != "hybrid_override_pattern"},
+    "layers_block_type": [_BLOCK_TYPES[c] for c in NANO_CONFIG["hybrid_override_pattern"]],
+    "moe_latent_size": None,
     "num_nextn_predict_layers": 1,
-    "mtp_hybrid_override_pattern": "*E",
-    "max_position_embeddings": 1048576,
+    "mtp_layers_block_type": ["attention", "moe"],
 }
 
 ULTRA_CONFIG: dict = {
@@ -116,7 +138,7 @@ ULTRA_CONFIG: dict = {
     "vocab_size": 131072,
     "hidden_size": 8192,
     "num_hidden_layers": 108,
-    "layers_block_type": [{"M": "mamba", "E": "moe", "*": "attention"}[c] for c in
+    "layers_block_type": [_BLOCK_TYPES[c] for c in
                           "MEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*EMEMEMEM*EMEMEMEM*EMEMEM*"
                           "EMEMEMEM*EMEMEMEME"],
     "num_attention_heads": 64,
@@ -132,13 +154,16 @@ ULTRA_CONFIG: dict = {
     "use_conv_bias": True,
     "use_bias": False,
     "mamba_ssm_cache_dtype": "float32",
+    "intermediate_size": 5120,
     "mlp_bias": False,
     "n_routed_experts": 512,
     "num_experts_per_tok": 22,
     "moe_intermediate_size": 5120,
-    "moe_shared_expert_intermediate_size": 5120,
+    "moe_shared_expert_intermediate_size": 10240,
     "moe_latent_size": 2048,
     "n_shared_experts": 1,
+    "n_group": 1,
+    "topk_group": 1,
     "routed_scaling_factor": 5.0,
     "norm_topk_prob": True,
     "num_nextn_predict_layers": 1,
@@ -152,23 +177,23 @@ NANO_4B_CONFIG: dict = {
     "architectures": ["NemotronHForCausalLM"],
     "model_type": "nemotron_h",
     "vocab_size": 131072,
-    "hidden_size": 3072,
+    "hidden_size": 3136,
     "num_hidden_layers": 42,
-    "hybrid_override_pattern": "M-M-M-MM-M-MM-M-MM-M-M-M*-M-M-MM*-MMM-M-M-",
-    "num_attention_heads": 32,
+    "hybrid_override_pattern": "M-M-M-MM-M-M*-M-M*-M-M-M*-M-M-MM*-MMM-M-M-",
+    "num_attention_heads": 40,
     "num_key_value_heads": 8,
     "head_dim": 128,
     "attention_bias": False,
-    "mamba_num_heads": 112,
-    "mamba_head_dim": 64,
+    "mamba_num_heads": 96,
+    "mamba_head_dim": 80,
     "ssm_state_size": 128,
     "n_groups": 8,
     "conv_kernel": 4,
-    "chunk_size": 128,
+    "chunk_size": 256,
     "use_conv_bias": True,
     "use_bias": False,
     "mamba_ssm_cache_dtype": "float32",
-    "intermediate_size": 12288,
+    "intermediate_size": 12544,
     "mlp_bias": False,
     "mlp_hidden_act": "relu2",
     "num_nextn_predict_layers": 0,

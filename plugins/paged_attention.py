@@ -4,8 +4,11 @@ K and V of every sequence live in pages of `page_size` tokens, `k_pages` / `v_pa
 KV, Dh]; row b's pages are block_table[b, 0], block_table[b, 1], ... (position p is slot p % page_size of
 page block_table[b, p // page_size]). Row b has seq_lens[b] tokens, its T queries being the newest: query i
 sits at position seq_lens[b] - T + i and sees the positions up to its own (no positional embedding).
-Query head h reads KV head h // (H / KV); scores are scaled by `scale`, the softmax runs in fp32 (the
-reference is torch's scaled_dot_product_attention, whose CPU kernel is fused: it never holds the scores).
+Query head h reads KV head h // (H / KV); scores are scaled by `scale`, the softmax runs in fp32. The reference
+runs eager decode and verify calls (few query rows per KV head) in the flash-decoding form of the Triton kernel:
+splits of SPLIT_KEYS keys read page by page with an online softmax, so a long context is read once in
+cache-sized blocks, never copied whole; prefill chunks and compiled steps gather the pages they read and call
+torch's fused scaled_dot_product_attention (one graph of static size when compiled).
 
 FP8 KV: pages of float8_e4m3fn hold K / k_scale and V / v_scale (fp32 scalars, ModelOpt's `k_scale` /
 `v_scale`); they are read back as stored * scale.
@@ -30,6 +33,10 @@ WHERE = "plugins/paged_attention.py"
 FP8 = torch.float8_e4m3fn
 
 
+SPLIT_KEYS = 1024  # eager decode: keys per split of the online softmax (a cache-sized block of K and V)
+SPLIT_ROWS = 64  # eager calls with at most this many query rows per KV head (T x H/KV) run in splits
+
+
 def paged_attention_reference(q, k_pages, v_pages, block_table, seq_lens, scale, k_scale=None, v_scale=None,
                               max_pages=None):
     """Plain-torch specification (module docstring). Returns [B, T, H, Dh] in q.dtype."""
@@ -38,20 +45,54 @@ def paged_attention_reference(q, k_pages, v_pages, block_table, seq_lens, scale,
     if max_pages is None:
         max_pages = -(-int(seq_lens.max()) // page_size) if B else 0
     table = block_table[:, :max_pages].clamp(min=0).long()  # [B, P]
-    L = table.shape[1] * page_size
-    k = _read(k_pages, table, k_scale, q.dtype).view(B, L, KV, Dh).transpose(1, 2)  # [B, KV, L, Dh]
-    v = _read(v_pages, table, v_scale, q.dtype).view(B, L, KV, Dh).transpose(1, 2)
     # query i of row b at position seq_lens[b] - T + i (a padding row's at 0: it sees one stale key, then is zeroed)
     query_pos = (seq_lens[:, None].long() - T + torch.arange(T, device=q.device)).clamp(min=0)  # [B, T]
-    visible = torch.arange(L, device=q.device) <= query_pos[..., None]  # [B, T, L]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=visible[:, None], scale=scale,
-                                         enable_gqa=True)  # [B, H, T, Dh]: query head h reads KV head h // (H/KV)
-    return torch.where((seq_lens > 0)[:, None, None, None], out.transpose(1, 2), 0).to(q.dtype)
+    if torch.compiler.is_compiling() or T * (H // KV) > SPLIT_ROWS:
+        k, v = _read(k_pages, table, k_scale, q.dtype), _read(v_pages, table, v_scale, q.dtype)
+        out = _attend(q, k, v, query_pos, scale)
+    else:
+        out = _attend_in_splits(q, k_pages, v_pages, table, query_pos, scale, k_scale, v_scale)
+    return torch.where((seq_lens > 0)[:, None, None, None], out, 0).to(q.dtype)
+
+
+def _attend(q, k, v, query_pos, scale):
+    """Torch's fused SDPA over every row's gathered K, V [B, L, KV, Dh]: query head h reads KV head h // (H/KV)."""
+    visible = torch.arange(k.shape[1], device=q.device) <= query_pos[..., None]  # [B, T, L]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=visible[:, None], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _attend_in_splits(q, k_pages, v_pages, table, query_pos, scale, k_scale, v_scale):
+    """The flash-decoding form the Triton kernel computes: each KV head's T x H/KV query rows walk the row's
+    pages SPLIT_KEYS keys at a time with an online softmax in fp32, so K and V are read in cache-sized blocks
+    and no copy of a whole row is made (what a decode step over a long context pays for otherwise)."""
+    B, T, H, Dh = q.shape
+    page_size, KV = k_pages.shape[1], k_pages.shape[2]
+    G = H // KV
+    rows = q.float().view(B, T, KV, G, Dh).transpose(1, 2).reshape(B, KV, T * G, Dh) * scale  # row t * G + g
+    row_pos = query_pos.repeat_interleave(G, dim=1)[:, None, :, None]  # [B, 1, T * G, 1]
+    top = torch.full((B, KV, T * G, 1), -torch.inf, device=q.device)  # running max, sum and unnormalized output
+    total = torch.zeros_like(top)
+    acc = torch.zeros(B, KV, T * G, Dh, device=q.device)
+    per_split = max(1, SPLIT_KEYS // page_size)
+    for first in range(0, table.shape[1], per_split):
+        pages = table[:, first:first + per_split]
+        k, v = _read(k_pages, pages, k_scale, torch.float32), _read(v_pages, pages, v_scale, torch.float32)
+        keys = first * page_size + torch.arange(k.shape[1], device=q.device)
+        scores = (rows @ k.permute(0, 2, 3, 1)).masked_fill(keys > row_pos, -torch.inf)  # [B, KV, T * G, keys]
+        new_top = torch.maximum(top, scores.amax(-1, keepdim=True))  # finite: every row sees position 0
+        probs, decay = torch.exp(scores - new_top), torch.exp(top - new_top)
+        total = total * decay + probs.sum(-1, keepdim=True)
+        acc = acc * decay + probs @ v.transpose(1, 2)
+        top = new_top
+    return (acc / total).view(B, KV, T, G, Dh).transpose(1, 2).reshape(B, T, H, Dh)
 
 
 def _read(pages: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """pages[table] in `dtype`, FP8 pages dequantized with their scale."""
-    x = pages[table]
+    """The pages of each row of table [B, P] as [B, P * page_size, KV, Dh] in `dtype`, FP8 pages dequantized."""
+    B, P = table.shape
+    x = pages.index_select(0, table.flatten()).view(B, P * pages.shape[1], *pages.shape[2:])
     return (x.float() * scale).to(dtype) if pages.dtype == FP8 else x.to(dtype)
 
 

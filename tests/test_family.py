@@ -14,6 +14,7 @@ from conftest import add_missing_tensors, hf_model, save_hf_checkpoint
 
 import nemo3
 from nemo3.cli.plan import command as plan_command
+from nemo3.export.planner import plan
 from nemo3.export.presets import PRESETS
 from nemo3.export.spec import ModelSpec
 
@@ -21,7 +22,7 @@ SEQ = 12
 # what each member is, from its published config (export/presets.py): layers, M/E/*/- counts, MTP pattern,
 # attention heads / KV heads / head dim, Mamba heads x head dim, state, groups, experts (top-k), latent
 FAMILY = {
-    "nano-4b": (42, (23, 0, 2, 17), "", (32, 8, 128), (112, 64, 128, 8), None, None),
+    "nano-4b": (42, (21, 0, 4, 17), "", (40, 8, 128), (96, 80, 128, 8), None, None),
     "nano": (52, (23, 23, 6, 0), "", (32, 2, 128), (64, 64, 128, 8), (128, 6), None),
     "lightning": (52, (23, 23, 6, 0), "*E", (32, 2, 128), (64, 64, 128, 8), (128, 6), None),
     "super": (88, (40, 40, 8, 0), "*E", (32, 2, 128), (128, 64, 128, 8), (512, 22), 1024),
@@ -40,6 +41,16 @@ def test_config_parses_with_the_published_shapes(name):
     if experts:
         assert (spec.n_routed_experts, spec.num_experts_per_tok) == experts and spec.moe_latent_size == latent
 
+
+
+def test_parameter_totals_match_the_releases():
+    """Shapes no reduced model checks (widths, shared experts): the published sizes. Nano 4B's hub page gives
+    3,973,556,832 BF16 parameters; Ultra's BF16 repository holds 1121 GB (its shared experts' width alone moves
+    that by 8 GB)."""
+    def weight_bytes(name):
+        return plan(ModelSpec.from_config(PRESETS[name]), "bf16", 1, gpu_memory=2**42, context=1).weights[0]["total"]
+    assert weight_bytes("nano-4b") == 2 * 3_973_556_832
+    assert round(weight_bytes("ultra") / 1e9) == 1121
 
 def reduced(name: str) -> dict:
     """The member's config with small widths and few experts; pattern, MTP and per-head shapes unchanged."""

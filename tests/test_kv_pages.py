@@ -8,13 +8,17 @@ import pytest
 import torch
 from conftest import add_missing_tensors, hf_model, make_config, save_hf_checkpoint
 
+from nemo3.engines.executors.sequence_budget import sequence_budget
 from nemo3.engines.executors.torch_executor import TorchExecutor
 from nemo3.engines.network.loading import load
+from nemo3.engines.network.model import Model
+from nemo3.engines.network.parallel import Parallel
 from nemo3.engines.runtime.factory import StackOptions, open_scheduler
 from nemo3.engines.runtime.requests import FinishReason, GenerationParams
 from nemo3.engines.runtime.scheduler import Scheduler
 from nemo3.export.kv_pages import pages_for
 from nemo3.export.planner import plan, sequence_state
+from nemo3.export.spec import ModelSpec
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,31 @@ def test_the_planners_max_sequences_is_what_the_runtime_admits(model, tmp_path):
         engine.step()
         assert not any(s.preemptions for s in engine.running.values())
     assert engine.pages.free == p.num_pages
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8"])
+def test_each_tp_rank_allocates_the_state_the_planner_plans_for_it(kv_heads, kv_dtype):
+    """At tp 2 the planner's per-rank state (each rank's half of the Mamba heads and conv channels, its KV
+    heads, or one replicated head when the ranks outnumber them) is what each sharded rank's model allocates
+    for the slots and pages sequence_budget gives it from the plan's memory."""
+    spec = ModelSpec.from_config(make_config("mtp", vocab_size=64, num_key_value_heads=kv_heads))
+    context, tp = 200, 2
+    state = sequence_state(spec, tp, kv_dtype)
+    assert state.per_page < sequence_state(spec, 1, kv_dtype).per_page or kv_heads == 1
+    weights = plan(spec, "bf16", tp=tp, context=context, kv_dtype=kv_dtype).weights[0]["total"]
+    p = plan(spec, "bf16", tp=tp, gpu_memory=weights + 3 * state.bytes(context) + state.fixed, context=context,
+             kv_dtype=kv_dtype, reserve=0.0)
+    for rank in range(tp):
+        model = Model(spec, Parallel(tp, rank)).to(torch.bfloat16)
+        if kv_dtype == "fp8":  # what an FP8 KV recipe's rank weights carry
+            for name, module in model.named_modules():
+                if name.endswith("k_proj"):
+                    module.register_buffer("k_scale", torch.ones(()))
+        max_sequences, num_pages = sequence_budget(model, 8, context, p.free_for_sequences)
+        assert (max_sequences, num_pages) == (p.max_sequences, p.num_pages) == (3, 3 * pages_for(context))
+        pools = model.new_state(max_sequences, context, num_pages=num_pages)
+        assert pools.nbytes() == p.max_sequences * p.per_sequence["total"], rank
 
 
 @pytest.mark.slow

@@ -29,7 +29,10 @@ from nemo3.engines.runtime.factory import StackOptions, load_server, open_schedu
 from nemo3.engines.runtime.launcher import launch
 from nemo3.engines.runtime.requests import FinishReason, GenerationParams
 from nemo3.export.builtin import BUILTIN_DIR
+from nemo3.export.kv_pages import pages_for
+from nemo3.export.planner import sequence_state
 from nemo3.export.rank_writer import write_ranks
+from nemo3.export.spec import ModelSpec
 from nemo3.pipeline import BuildOptions, run_stages
 from nemo3.quant import nvfp4
 
@@ -136,6 +139,25 @@ def test_served_text_equals_tp1(builds, name):
         assert server.engine.slots.in_use == 0
     finally:
         server.close()
+    assert no_process_left()
+
+
+def test_state_memory_sizes_every_rank_by_the_planners_per_rank_accounting(builds):
+    """StackOptions.state_memory at tp 2 is bytes per rank: leader and worker build the slots and pages the
+    planner's per-rank state gives (tests/test_kv_pages.py checks each rank's pools against it), every page is
+    mapped on both ranks, and the text is tp 1's."""
+    build, context = builds("bf16-tp2"), SERVE["max_length"]
+    state = sequence_state(ModelSpec.from_config(json.loads((build / "checkpoint" / "config.json").read_text())), 2, "fp32",
+                           conv_bytes=4)  # float32 on CPU
+    scheduler = open_scheduler(build, StackOptions(max_length=context, state_memory=2 * state.bytes(context) + 1))
+    try:
+        executor = scheduler.executor
+        assert (executor.max_sequences, executor.num_pages) == (2, 2 * pages_for(context))
+        assert executor.local.state.nbytes() == 2 * state.bytes(context)
+        texts = [c.text for c in scheduler.generate(PROMPTS, GREEDY)]
+    finally:
+        scheduler.executor.close()
+    assert texts == tp1_texts(build, 0)
     assert no_process_left()
 
 

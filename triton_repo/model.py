@@ -79,6 +79,9 @@ class TritonPythonModel:
             self.engine = resolve_factory(params["server_factory"])(build_dir, device, tp)
         except (ValueError, FileNotFoundError) as e:
             raise pb_utils.TritonModelException(f"nemo3: {e}") from e
+        executor = getattr(getattr(self.engine, "engine", None), "executor", None)  # (the default factory's)
+        if executor is not None:  # aot: the build's ahead-of-time engines; compiled: at load; eager
+            pb_utils.Logger.log_info(f"nemo3: {build_dir}: decode steps run {executor.kind}")
         self.active: dict[str, object] = {}  # runtime request id -> Triton request
         self.lock = threading.Lock()
         self.stopping = threading.Event()

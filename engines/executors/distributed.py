@@ -29,6 +29,7 @@ import torch
 from ..network.loading import load_rank
 from ..network.parallel import Parallel
 from .base import ForwardOutput, RaggedBatch, SpeculativeBatch
+from .sequence_budget import sequence_budget
 from .torch_executor import TorchExecutor
 
 FORWARD, MTP_FORWARD, SPECULATE, WARM_UP = 1, 2, 3, 4
@@ -46,6 +47,7 @@ class DistributedExecutor:
     def __init__(self, local: TorchExecutor, workers):
         self.local, self.workers = local, workers
         self.spec, self.has_mtp, self.model, self.compiled = local.spec, local.has_mtp, local.model, local.compiled
+        self.kind = local.kind  # how decode steps run, as bench reports it
         self.max_sequences, self.max_length = local.max_sequences, local.max_length
         self.num_pages, self.page_size = local.num_pages, local.page_size
         self._failure: str | None = None
@@ -95,11 +97,13 @@ class DistributedExecutor:
 
 
 def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype | None, max_sequences: int,
-               max_length: int, ready: bytes) -> None:
-    """A worker rank (runtime/launcher.py's start_workers runs it): load the rank's weights, send `ready`, run
-    the leader's calls until the pipe closes."""
+               max_length: int, state_memory: int | None, ready: bytes) -> None:
+    """A worker rank (runtime/launcher.py's start_workers runs it): load the rank's weights, size its state as the
+    leader sizes its own (sequence_budget.py), send `ready`, run the leader's calls until the pipe closes."""
     parallel = Parallel.from_process_group(moe)
-    executor = TorchExecutor(load_rank(build, parallel, device, dtype), max_sequences, max_length, compile=False)
+    model = load_rank(build, parallel, device, dtype)
+    max_sequences, num_pages = sequence_budget(model, max_sequences, max_length, state_memory)
+    executor = TorchExecutor(model, max_sequences, max_length, compile=False, num_pages=num_pages)
     connection.send_bytes(ready)
     while True:
         try:

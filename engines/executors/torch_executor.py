@@ -40,6 +40,11 @@ class TorchExecutor:
         self.compiled = CompiledSteps(model, self.state, prefill_tokens) if compile else None
 
     @property
+    def kind(self) -> str:
+        """How decode steps run, as bench reports it: "compiled" or "eager" (aot_executor.py: "aot")."""
+        return "eager" if self.compiled is None else "compiled"
+
+    @property
     def device(self) -> torch.device:
         return self.model.device
 

@@ -1,8 +1,8 @@
 """The one place a serving stack is assembled from a build folder or a checkpoint.
 
 `nemo3 generate`, `nemo3 bench`, the Python API and Triton's model (`load_server`, the default
-`server_factory`) all come here, so the defaults (MTP draft length, compiled or eager decode steps)
-are decided once:
+`server_factory`) all come here, so the defaults (MTP draft length; a build's ahead-of-time engines, else
+compiled or eager decode steps) are decided once:
 
     scheduler = open_scheduler("deploy", StackOptions(max_sequences=8))   # a Scheduler, driven by its caller
     server = load_server(Path("deploy"), device="cuda", tp=1)             # the same on a background thread
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from ...export.build_folder import BuildFolder, model_folder
-from ...export.kv_pages import page_budget
-from ...export.planner import sequence_state
+from ..executors.aot_executor import AOTExecutor
+from ..executors.aot_manifest import MANIFEST, Manifest
 from ..executors.base import Executor
 from ..executors.distributed import DistributedExecutor, serve_rank
+from ..executors.sequence_budget import sequence_budget
 from ..executors.torch_executor import TorchExecutor
 from ..network.loading import load, load_rank, read_rank_config
 from ..network.parallel import Parallel
@@ -48,16 +49,16 @@ class StackOptions:
     # True: decode steps compiled where the model allows it (executors/compiled_step.unsupported says why not),
     # False: eager; None: compiled on CUDA (CUDA graphs), eager on CPU (compiling costs tens of seconds per shape)
     compile: bool | None = None
+    # a build's ahead-of-time engines (OUT/engines/): None: used when the build has them (their max_sequences,
+    # max_length and page size replace the ones here), True: required, False: not used
+    engines: bool | None = None
     # tensor-parallel builds: how long a rank waits for the others at one collective before the stack fails
     # (a rank that hangs)
     rank_timeout_s: float = RANK_TIMEOUT_S
-    # bytes for sequence state (SSM state, conv windows, KV pages): when given, max_sequences and the KV pages are
-    # what fits of sequences of max_length tokens, by the planner's accounting (`nemo3 plan`'s "free for
-    # sequences" gives the runtime its "max concurrent sequences"); None: max_sequences slots of max_length tokens
+    # bytes for sequence state (SSM state, conv windows, KV pages) on each rank: when given, max_sequences and the
+    # KV pages are what fits of sequences of max_length tokens, by the planner's accounting (`nemo3 plan`'s "free
+    # for sequences" gives the runtime its "max concurrent sequences"); None: max_sequences slots of max_length tokens
     state_memory: int | None = None
-
-
-KV_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8"}  # planner's names
 
 
 def open_scheduler(path: str | Path | None = None, options: StackOptions = StackOptions()) -> Scheduler:
@@ -95,20 +96,27 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
     tp, moe = build_ranks(path)
     compile = options.compile if options.compile is not None else options.device.startswith("cuda")
     if tp == 1:
-        model = load(model_folder(path), device=options.device, dtype=options.dtype)
-        max_sequences, num_pages = sequence_budget(model, options)
+        folder = model_folder(path)
+        model = load(folder, device=options.device, dtype=options.dtype)
+        engines = _engines(path, folder, options)
+        if engines is not None:
+            return AOTExecutor(model, engines)
+        max_sequences, num_pages = sequence_budget(model, options.max_sequences, options.max_length,
+                                                   options.state_memory)
         return TorchExecutor(model, max_sequences, options.max_length, compile=None if compile else False,
                              num_pages=num_pages)
-    if options.state_memory is not None:
-        raise ValueError(f"state_memory: sized for one rank; a --tp {tp} build takes max_sequences")
+    if options.engines:
+        raise ValueError(f"{path}: a --tp {tp} build has no engines (per-rank engines are not built yet)")
     ranks = str(BuildFolder(Path(path)).ranks)
     workers = start_workers(serve_rank, tp, default_backend(options.device),
                             args=(ranks, moe, options.device, options.dtype, options.max_sequences,
-                                  options.max_length, READY),
+                                  options.max_length, options.state_memory, READY),
                             timeout=timedelta(seconds=options.rank_timeout_s))
     try:
         model = load_rank(ranks, Parallel.from_process_group(moe), options.device, options.dtype)
-        local = TorchExecutor(model, options.max_sequences, options.max_length, compile=False)
+        max_sequences, num_pages = sequence_budget(model, options.max_sequences, options.max_length,
+                                                   options.state_memory)
+        local = TorchExecutor(model, max_sequences, options.max_length, compile=False, num_pages=num_pages)
     except BaseException:
         workers.close()
         raise
@@ -116,20 +124,25 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
     return DistributedExecutor(local, workers)
 
 
-def sequence_budget(model, options: StackOptions) -> tuple[int, int | None]:
-    """(max_sequences, KV pages) for the executor: StackOptions.state_memory split by the planner's accounting
-    (export/kv_pages.py), or max_sequences slots of max_length tokens (None: the executor's default pages)."""
-    if options.state_memory is None:
-        return options.max_sequences, None
-    kv = torch.float8_e4m3fn if model.fp8_kv_layers() else model.dtype
-    if kv not in KV_DTYPE_NAMES or model.dtype not in KV_DTYPE_NAMES:
-        raise ValueError(f"state_memory: no page accounting for {kv} KV pages of a {model.dtype} model")
-    state = sequence_state(model.spec, 1, KV_DTYPE_NAMES[kv], conv_bytes=model.dtype.itemsize)
-    budget = page_budget(options.state_memory, state, options.max_length)
-    if budget.max_sequences < 1:
-        raise ValueError(f"state_memory={options.state_memory}: one sequence of max_length="
-                         f"{options.max_length} tokens needs {state.bytes(options.max_length)} bytes")
-    return budget.max_sequences, budget.num_pages
+def _engines(path, checkpoint: Path, options: StackOptions) -> Path | None:
+    """The engines folder to serve `path` (whose `checkpoint` is loaded) with, or None; engines required and none
+    there, or engines built from another checkpoint: a one-line error."""
+    from ...export.checkpoint import open_checkpoint
+
+    build = BuildFolder.of(path)
+    folder = build.engines if build is not None else None
+    if options.engines is False or (options.engines is None and options.state_memory is not None):
+        return None  # (engines have the state shapes they were built for; state_memory sizes its own)
+    manifest = Manifest.read(folder) if folder is not None and (folder / MANIFEST).is_file() else None
+    if manifest is None or manifest.unsupported:
+        if options.engines:
+            why = manifest.unsupported if manifest else f"no {MANIFEST} under engines/"
+            raise ValueError(f"{path}: no engines ({why}): build them with nemo3-build --engines")
+        return None
+    if manifest.fingerprint != open_checkpoint(checkpoint).fingerprint():
+        raise ValueError(f"{folder / MANIFEST}: engines built from another checkpoint than {checkpoint}: rebuild them "
+                         f"(nemo3-build --engines --output {build.root})")
+    return folder
 
 
 def load_server(build_dir: str | Path, device: str = "cpu", tp: int = 1, **options) -> ThreadedServer:

@@ -107,7 +107,10 @@ class Workers:
         import multiprocessing.connection as mpc
 
         if error is not None:
-            mpc.wait([p.sentinel for p in self.processes], DEATH_WAIT_S)
+            ended = mpc.wait([p.sentinel for p in self.processes], DEATH_WAIT_S)
+            for process in self.processes:  # (a dying process's sentinel closes a moment before it can be reaped)
+                if process.sentinel in ended:
+                    process.join(DEATH_WAIT_S)
         for rank, (process, connection) in enumerate(zip(self.processes, self.connections), start=1):
             if not process.is_alive():
                 self._read_reports(rank, connection)

@@ -4,7 +4,9 @@ Flash-decoding over pages. A program owns one (row, KV head, block of query rows
 pages): its query rows are the (token, query head) pairs of the T new tokens and the H/KV query heads that
 read this KV head, so each K/V page is loaded once for all of them (GQA); it walks its split's pages up to
 the last position its queries see with an online softmax and writes an unnormalized partial result, its
-running max and its sum. The splits of a row are merged afterwards (log-sum-exp). The grid is fixed by the
+running max and its sum. The splits of a row are merged afterwards (log-sum-exp). With one split (SINGLE:
+a launch whose grid already fills the GPU, and the TensorRT plugin, plugins/tensorrt_kernels.py) the program
+normalizes and writes the output [B, T, H, Dh] itself: one launch, no merge, no scratch. The grid is fixed by the
 block table's width (a CUDA graph replays it unchanged); a program whose pages lie past its row's length
 loops zero times, so the work follows the real lengths. Decode (T=1: G query rows per program) and prefill
 chunks (T*G rows in blocks of BLOCK_M) run the same kernel.
@@ -30,10 +32,10 @@ def _paged_attention_kernel(
     s_k_p, s_k_s, s_k_h, s_k_d,
     s_v_p, s_v_s, s_v_h, s_v_d,
     s_t_b, s_t_p,
-    s_a_b, s_a_k, s_a_m, s_a_s,
+    s_a_0, s_a_1, s_a_2, s_a_3,  # acc [B, KV, M, splits, (D)]; with SINGLE: out [B, T, H, (D)] (m, l unused)
     s_m_b, s_m_k, s_m_m,
     PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, SINGLE: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1) % KV
@@ -91,11 +93,16 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    out = b * s_a_b + kvh * s_a_k + rows[:, None] * s_a_m + split * s_a_s + offs_d[None, :]
-    tl.store(acc_ptr + out, acc, mask=row_ok[:, None] & d_ok[None, :])
-    stat = b * s_m_b + kvh * s_m_k + rows * s_m_m + split
-    tl.store(m_ptr + stat, m_i, mask=row_ok)
-    tl.store(l_ptr + stat, l_i, mask=row_ok)
+    if SINGLE:  # rows that saw nothing (padding rows) have l = 0 and give zeros
+        out = b * s_a_0 + t[:, None] * s_a_1 + head[:, None] * s_a_2 + offs_d[None, :]
+        acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(acc_ptr + out, acc.to(acc_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        out = b * s_a_0 + kvh * s_a_1 + rows[:, None] * s_a_2 + split * s_a_3 + offs_d[None, :]
+        tl.store(acc_ptr + out, acc, mask=row_ok[:, None] & d_ok[None, :])
+        stat = b * s_m_b + kvh * s_m_k + rows * s_m_m + split
+        tl.store(m_ptr + stat, m_i, mask=row_ok)
+        tl.store(l_ptr + stat, l_i, mask=row_ok)
 
 
 def launch_config(batch: int, kv_heads: int, rows: int, width: int, device: torch.device) -> tuple[int, int]:
@@ -119,28 +126,45 @@ def merge(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
     return (acc * weight[..., None]).sum(-2) / torch.where(total > 0, total, 1.0)
 
 
-def launch(q, k_pages, v_pages, block_table, seq_lens, scale, k_scale=None, v_scale=None):
-    """Runs the kernel on the inputs of plugins/paged_attention.py's op; returns [B, T, H, Dh]."""
+def prepare(q, k_pages, v_pages, block_table, seq_lens, scale, k_scale=None, v_scale=None, splits=None):
+    """(outputs, grid, kernel args, kernel meta): the launch `launch` makes, for tools that compile it ahead of
+    time. splits: programs per row's pages (default: launch_config's for q's device). With one split the kernel
+    writes the result, outputs = (out [B, T, H, Dh],); else the partials to merge, outputs = (acc, m, l)."""
     B, T, H, D = q.shape
     page_size, KV = k_pages.shape[1], k_pages.shape[2]
     if page_size < 16 or page_size & (page_size - 1):
         raise ValueError(f"plugins/paged_attention_triton.py: page_size={page_size} must be a power of two >= 16")
     G, width = H // KV, block_table.shape[1]
     M = T * G
-    block_m, splits = launch_config(B, KV, M, width, q.device)
-    acc = torch.empty(B, KV, M, splits, D, dtype=torch.float32, device=q.device)
-    m = torch.empty(B, KV, M, splits, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    if B and M:
-        fp8 = k_pages.dtype == torch.float8_e4m3fn
-        scales = (k_scale, v_scale) if fp8 else (m, m)  # never read without FP8
-        grid = (B, KV * triton.cdiv(M, block_m), splits)
-        _paged_attention_kernel[grid](
-            q, k_pages, v_pages, block_table, seq_lens, *scales, acc, m, l,
+    block_m, default_splits = launch_config(B, KV, M, width, q.device)
+    splits = splits or default_splits
+    if splits == 1:
+        out = torch.empty(B, T, H, D, dtype=q.dtype, device=q.device)
+        outputs, acc, m, l, stat_strides = (out,), out, out, out, (0, 0, 0)  # m, l never stored
+    else:
+        acc = torch.empty(B, KV, M, splits, D, dtype=torch.float32, device=q.device)
+        m = torch.empty(B, KV, M, splits, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        outputs, stat_strides = (acc, m, l), m.stride()[:3]
+    fp8 = k_pages.dtype == torch.float8_e4m3fn
+    scales = (k_scale, v_scale) if fp8 else (acc, acc)  # never read without FP8
+    args = (q, k_pages, v_pages, block_table, seq_lens, *scales, acc, m, l,
             T, G, M, KV, D, triton.cdiv(width, splits), float(scale),
-            *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(),
-            *acc.stride()[:4], *m.stride()[:3],
-            PAGE=page_size, BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(D)), FP8=fp8,
-            IEEE=q.dtype == torch.float32, num_warps=4)
-    out = merge(acc, m, l).view(B, KV, T, G, D).transpose(1, 2).reshape(B, T, H, D)
+            *q.stride(), *k_pages.stride(), *v_pages.stride(), *block_table.stride(), *acc.stride()[:4],
+            *stat_strides)
+    meta = dict(PAGE=page_size, BLOCK_M=block_m, BLOCK_D=max(16, next_power_of_2(D)), FP8=fp8,
+                IEEE=q.dtype == torch.float32, SINGLE=splits == 1, num_warps=4)
+    return outputs, (B, KV * triton.cdiv(M, block_m), splits), args, meta
+
+
+def launch(q, k_pages, v_pages, block_table, seq_lens, scale, k_scale=None, v_scale=None):
+    """Runs the kernel on the inputs of plugins/paged_attention.py's op; returns [B, T, H, Dh]."""
+    B, T, H, D = q.shape
+    outputs, grid, args, meta = prepare(q, k_pages, v_pages, block_table, seq_lens, scale, k_scale, v_scale)
+    if B and T:
+        _paged_attention_kernel[grid](*args, **meta)
+    if len(outputs) == 1:
+        return outputs[0]
+    KV = k_pages.shape[2]
+    out = merge(*outputs).view(B, KV, T, H // KV, D).transpose(1, 2).reshape(B, T, H, D)
     return out.to(q.dtype)

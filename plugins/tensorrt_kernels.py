@@ -7,7 +7,9 @@ which must therefore be unused). Each node has a small wrapper kernel below with
 node's inputs, then its outputs (an aliased output is the same buffer as its input: the wrapper updates the input
 in place, as the op does). Shapes are static per engine (one per step shape), so sizes, scalars and the dense
 strides are the wrapper's constexprs and there are no extra arguments. The wrapper calls the op's Triton kernel;
-grid, num_warps and block sizes come from the op's `prepare`, the function its Triton launcher runs.
+grid, num_warps and block sizes come from the op's `prepare`, the function its Triton launcher runs. Paged
+attention launches its kernel with one split (`prepare(..., splits=1)`): each program walks all of its row's pages
+and writes the normalized output, so the plugin is one launch with no merge and no workspace.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from .latent_moe_route_triton import _latent_moe_route_kernel
 from .latent_moe_route_triton import prepare as route_prepare
 from .mamba2_state_update_triton import _mamba2_state_update_kernel
 from .mamba2_state_update_triton import prepare as mamba_prepare
+from .paged_attention_triton import _paged_attention_kernel
+from .paged_attention_triton import prepare as attention_prepare
 
 WHERE = "plugins/tensorrt_kernels.py"
 
@@ -92,6 +96,38 @@ def latent_moe_route_trt(logits_ptr, bias_ptr, weights_ptr, ids_ptr, E: tl.const
                              SCALE, E, 1, 1, TOP_K, 1, TOP_K, 1, NORM, BLOCK_G, BLOCK_GS, BLOCK_K)
 
 
+@triton.jit
+def _paged_attention_dense(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
+                           T: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr,
+                           SCALE: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           FP8: tl.constexpr, IEEE: tl.constexpr):
+    # one split over all WIDTH pages of a row: the kernel normalizes and writes out itself (SINGLE)
+    _paged_attention_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, out_ptr,
+                            out_ptr, T, G, T * G, KV, D, WIDTH, SCALE,
+                            T * KV * G * D, KV * G * D, D, 1,            # q [B, T, H, D]
+                            PAGE * KV * D, KV * D, D, 1, PAGE * KV * D, KV * D, D, 1,  # k, v pages [P, PAGE, KV, D]
+                            WIDTH, 1,                                    # block table [B, WIDTH]
+                            T * KV * G * D, KV * G * D, D, 1,            # out like q
+                            0, 0, 0, PAGE, BLOCK_M, BLOCK_D, FP8, IEEE, True)
+
+
+@triton.jit
+def paged_attention_trt(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, T: tl.constexpr, G: tl.constexpr,
+                        KV: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr, SCALE: tl.constexpr,
+                        PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    _paged_attention_dense(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, out_ptr, out_ptr, T, G, KV, D, WIDTH,
+                           SCALE, PAGE, BLOCK_M, BLOCK_D, False, IEEE)
+
+
+@triton.jit
+def paged_attention_fp8_trt(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr,
+                            T: tl.constexpr, G: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+                            WIDTH: tl.constexpr, SCALE: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+    _paged_attention_dense(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, k_scale_ptr, v_scale_ptr, out_ptr, T, G, KV,
+                           D, WIDTH, SCALE, PAGE, BLOCK_M, BLOCK_D, True, IEEE)
+
+
 @dataclass
 class LaunchPlan:
     """One node's launch: `kernel[grid](*inputs, *outputs, num_warps=num_warps, **constexprs)` (outputs: new
@@ -149,11 +185,23 @@ def _route_plan(inputs, top_k, n_group, topk_group, norm_topk_prob, routed_scali
     return LaunchPlan(latent_moe_route_trt, grid, num_warps, consts, list(outputs))
 
 
+def _attention_plan(inputs, scale):
+    q, k_pages, v_pages, table, lens, *scales = inputs
+    outputs, grid, _, meta = attention_prepare(q, k_pages, v_pages, table, lens, scale, *scales, splits=1)
+    num_warps, consts = _split(meta, "PAGE", "BLOCK_M", "BLOCK_D", "IEEE")
+    kernel = paged_attention_fp8_trt if scales else paged_attention_trt
+    KV = k_pages.shape[2]
+    consts.update(T=q.shape[1], G=q.shape[2] // KV, KV=KV, D=q.shape[3], WIDTH=table.shape[1], SCALE=float(scale))
+    return LaunchPlan(kernel, grid, num_warps, consts, list(outputs))
+
+
 PLANS = {
     "causal_conv1d_update": (_conv_plan, ("silu",)),
     "causal_conv1d_update_steps": (_conv_plan, ("silu",)),
     "mamba2_state_update": (_mamba_plan, ("dt_softplus", "dt_min", "dt_max")),
     "mamba2_state_update_steps": (_mamba_plan, ("dt_softplus", "dt_min", "dt_max")),
+    "paged_attention": (_attention_plan, ("scale",)),
+    "paged_attention_fp8": (_attention_plan, ("scale",)),
     "latent_moe_route": (_route_plan, ("top_k", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor")),
 }
 

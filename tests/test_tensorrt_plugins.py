@@ -19,12 +19,14 @@ from nemo3.plugins.causal_conv1d_update import causal_conv1d_update_reference
 from nemo3.plugins.dispatch import interpreter_enabled, triton_available
 from nemo3.plugins.latent_moe_route import latent_moe_route_reference
 from nemo3.plugins.mamba2_state_update import FLOAT_MAX, mamba2_state_update_reference
+from nemo3.plugins.paged_attention import paged_attention_reference
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable: no kernel to build")
 ATTRS = {"causal_conv1d_update": {"silu": 1}, "mamba2_state_update": {"dt_softplus": 1, "dt_min": 0.0,
                                                                        "dt_max": FLOAT_MAX},
          "latent_moe_route": {"top_k": 3, "n_group": 4, "topk_group": 2, "norm_topk_prob": 1,
-                              "routed_scaling_factor": 2.5}}
+                              "routed_scaling_factor": 2.5},
+         "paged_attention": {"scale": 0.3, "max_pages": -1}, "paged_attention_fp8": {"scale": 0.3, "max_pages": -1}}
 
 
 def node_inputs(op_type, steps, g, Bt=3, T=2, slots=(2, -1, 0)):
@@ -40,7 +42,25 @@ def node_inputs(op_type, steps, g, Bt=3, T=2, slots=(2, -1, 0)):
         inputs = [rand(4, H, P, N), rand(Bt, T, H, P), rand(Bt, T, H), -rand(H).abs(), rand(Bt, T, G, N),
                   rand(Bt, T, G, N), rand(H), rand(H), slots]
         return inputs + ([torch.zeros(Bt, T, H, P, N)] if steps else [])
+    if op_type.startswith("paged_attention"):
+        return attention_inputs(op_type.endswith("fp8"), g, T)
     return [rand(5, 16), 0.1 * rand(16)]
+
+
+def attention_inputs(fp8, g, T, H=6, KV=2, D=16, page=16, width=4, lens=(0, 16, 17, 50, 2)):
+    """GQA (3 query heads per KV head) over pages in a random order: a padding row, rows ending on and just past
+    a page boundary, one over 4 pages, one with no history; table entries past a row's pages are -1."""
+    B = len(lens)
+    order = torch.randperm(B * width, generator=g).view(B, width).to(torch.int32)
+    lens = torch.tensor(lens, dtype=torch.int32)
+    table = torch.where(torch.arange(width) * page < lens[:, None], order, -1).to(torch.int32)
+    q = torch.randn(B, T, H, D, generator=g)
+    k, v = (torch.randn(B * width, page, KV, D, generator=g) for _ in range(2))
+    if not fp8:
+        return [q, k, v, table, lens]
+    k_scale, v_scale = torch.tensor(0.02), torch.tensor(0.03)
+    return [q, (k / k_scale).to(torch.float8_e4m3fn), (v / v_scale).to(torch.float8_e4m3fn), table, lens, k_scale,
+            v_scale]
 
 
 def reference(op_type, inputs, attrs):
@@ -55,6 +75,8 @@ def reference(op_type, inputs, attrs):
         y = mamba2_state_update_reference(state, x, dt, A, B, C, D, dt_bias, slots, None, True,
                                           (attrs["dt_min"], attrs["dt_max"]), steps[0] if steps else None)
         return [y, state, *steps]
+    if op_type.startswith("paged_attention"):
+        return [paged_attention_reference(*inputs[:5], attrs["scale"], *inputs[5:])]
     return list(latent_moe_route_reference(*inputs, attrs["top_k"], attrs["n_group"], attrs["topk_group"],
                                            bool(attrs["norm_topk_prob"]), attrs["routed_scaling_factor"]))
 
@@ -84,7 +106,7 @@ from nemo3.plugins.aot import compile_launch
 from nemo3.plugins.mamba2_state_update import FLOAT_MAX
 from nemo3.plugins.tensorrt_kernels import compile_plugin
 from nemo3.plugins import causal_conv1d_update_triton as conv, mamba2_state_update_triton as mamba
-from nemo3.plugins import latent_moe_route_triton as route
+from nemo3.plugins import latent_moe_route_triton as route, paged_attention_triton as attention
 
 Bt, T, H, P, N, G, K, E = 8, 3, 64, 64, 128, 8, 4, 128
 C = H * P + 2 * G * N
@@ -108,6 +130,13 @@ r_in = [act(Bt, E, dtype=fp32), act(E, dtype=fp32)]
 attrs = {"top_k": 6, "n_group": 1, "topk_group": 1, "norm_topk_prob": 1, "routed_scaling_factor": 2.5}
 cases.append(("latent_moe_route", r_in, None, attrs, route._latent_moe_route_kernel,
               route.prepare(*r_in, 6, 1, 1, True, 2.5)))
+Hq, KV, D, page, width = 32, 2, 128, 64, 16
+a_in = [act(Bt, T, Hq, D), act(64, page, KV, D), act(64, page, KV, D), act(Bt, width, dtype=torch.int32), slots]
+fp8_pages = act(64, page, KV, D, dtype=torch.float8_e4m3fn)
+fp8_in = a_in[:1] + [fp8_pages, fp8_pages] + a_in[3:] + [torch.ones(()), torch.ones(())]
+for op, a_inputs in (("paged_attention", a_in), ("paged_attention_fp8", fp8_in)):
+    cases.append((op, a_inputs, None, {"scale": 0.088, "max_pages": -1}, attention._paged_attention_kernel,
+                  attention.prepare(*a_inputs[:5], 0.088, *a_inputs[5:], splits=1)))
 for op, inputs, inter, attrs, kernel, (_, grid, args, meta) in cases:
     op_type = op if inter is None else op + "_steps"
     plugin = compile_plugin(op_type, inputs + ([] if inter is None else [inter]), attrs, capability=90)
@@ -123,12 +152,12 @@ for op, inputs, inter, attrs, kernel, (_, grid, args, meta) in cases:
 def test_plugins_compile_for_hopper_with_the_triton_launch_parameters():
     """At Nano shapes (bf16 activations, fp32 SSM state), every node's kernel compiles to PTX for sm_90 and its
     launch parameters equal those of the op's own Triton launch on a GPU (the same `prepare`; shared memory of
-    the op kernel compiled for that launch)."""
+    the op kernel compiled for that launch; paged attention's with one split, bf16 and fp8 pages)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run([sys.executable, "-c", COMPILE_AT_NANO_SHAPES], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.splitlines()) == 5, done.stdout
+    assert len(done.stdout.splitlines()) == 7, done.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,

@@ -63,6 +63,7 @@ CASES = [  # lens, T, H, KV, Dh, page_size
     ([0, 9, 200], 1, 6, 3, 16, 32),  # a padding row (length 0), non-power-of-two heads
     (torch.randint(2, 300, (6,), generator=torch.Generator().manual_seed(5)).tolist(), 2, 4, 2, 32, 16),  # random
     ([2, 1024, 1025, 2300], 2, 4, 2, 16, 128),  # long rows: the reference's online softmax over several splits
+    ([0, 3, 16], 2, 4, 2, 16, 16),  # a one-page table: one split, the kernel writes the normalized output itself
 ]
 
 

@@ -1,7 +1,7 @@
 """The build: a sequence of stages, each writing one folder of OUT/ atomically.
 
 The stages' work is done by plain library functions (export: read_summary, write_ranks; quant:
-quantize_checkpoint; engines/executors: build_engines; triton_repo: write_validated_repository;
+quantize_checkpoint; engines/executors: build_engines, write_tensorrt_folder; triton_repo: write_validated_repository;
 engines/evaluation: write_report); this module
 alone wraps them into stages, opens the checkpoint once per run and hands it to them.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -68,9 +69,9 @@ class BuildOptions:
             raise BuildError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.target not in TARGETS:
             raise BuildError(f"--target {self.target!r}: expected one of {', '.join(TARGETS)}")
-        if self.target == "tensorrt":
-            raise BuildError("--target tensorrt: the ONNX + TensorRT engine path is not built yet; "
-                             "use --target torch (nemo3 runtime) or --target trtllm (TensorRT-LLM)")
+        if self.target == "tensorrt" and self.tp > 1:
+            raise BuildError(f"--target tensorrt --tp {self.tp}: per-rank ONNX graphs are not built yet (a rank's "
+                             "all-reduce would have to be a node of the graph); use --tp 1")
         if self.moe_parallel not in MOE_PARALLEL:
             raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected one of {', '.join(MOE_PARALLEL)}")
         if self.tp < 1:
@@ -103,6 +104,7 @@ class Stage:
     run: Callable[["Build", Path | None], dict]  # returns a summary recorded in build.json
     # checks the options against the model before any stage runs (may settle an option); returns a note or None
     check: Callable[["Build"], str | None] | None = None
+    applies: Callable[["BuildOptions"], bool] | None = None  # None: always; else whether the build runs the stage
 
 
 @dataclass
@@ -234,6 +236,42 @@ def _engines_stage() -> Stage:
                  lambda b, tmp: build_engines(_shard_source(b), tmp, target(b), b.options.tp, skipped(b), log=print))
 
 
+def _tensorrt_stage() -> Stage:
+    """OUT/engines/tensorrt/ (--target tensorrt): the step graphs as ONNX; the engines are built where TensorRT is."""
+    from .engines.executors.compiled_step import PREFILL_TOKENS
+    from .engines.executors.tensorrt_build import build_plans, tensorrt_installed
+    from .engines.executors.tensorrt_folder import FORMAT, TensorRTTarget, build_command, write_tensorrt_folder
+    from .engines.runtime.factory import DEFAULT_MTP_DRAFT_TOKENS
+    from .export.checkpoint import open_checkpoint
+
+    def target(b: Build) -> TensorRTTarget:
+        o = b.options
+        k = DEFAULT_MTP_DRAFT_TOKENS if o.engine_mtp is None else o.engine_mtp
+        prefill = PREFILL_TOKENS if o.engine_prefill_tokens is None else tuple(o.engine_prefill_tokens)
+        return TensorRTTarget(o.engine_max_sequences, o.engine_max_length, 1 + k, prefill)
+
+    def run(b: Build, tmp: Path | None) -> dict:
+        from .engines.network.loading import load
+
+        model = load(_shard_source(b))
+        summary = write_tensorrt_folder(model, tmp, target(b))
+        if tensorrt_installed():
+            return {**summary, "plans": [str(p.relative_to(tmp)) for p in build_plans(tmp)]}
+        return {**summary, "note": f"TensorRT is not installed here: the engines (rank0/*.plan) must be built where "
+                                    f"it is, with `{build_command(b.folder.tensorrt.resolve())}`"}
+
+    def check(b: Build) -> None:
+        missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise BuildError(f"--target tensorrt: {' and '.join(missing)} not installed: install nemo3's onnx extra "
+                             "(pip install -e '.[onnx]' in a checkout)")
+
+    return Stage("tensorrt", "tensorrt",
+                 lambda b: {"source": open_checkpoint(_shard_source(b)).fingerprint(),
+                            "target": dataclasses.asdict(target(b)), "format": FORMAT},
+                 run, check, applies=lambda options: options.target == "tensorrt")
+
+
 def _triton_stage() -> Stage:
     from .triton_repo.build_repository import repository_inputs, repository_options, write_validated_repository
 
@@ -266,6 +304,7 @@ def _report_stage() -> Stage:
 
 
 STAGES = {"read": _read_stage, "quantize": _quantize_stage, "shard": _shard_stage, "engines": _engines_stage,
+          "tensorrt": _tensorrt_stage,  # (after engines: it writes OUT/engines/tensorrt inside the engines folder)
           "triton_repo": _triton_stage, "report": _report_stage}  # in build order
 
 
@@ -279,7 +318,8 @@ def run_stages(options: BuildOptions, names: list[str] | None = None, log: Calla
     if unknown:
         raise BuildError(f"unknown stage(s) {', '.join(unknown)}: expected {', '.join(STAGES)}")
     b = Build(options)
-    stages = [STAGES[n]() for n in STAGES if names is None or n in names]
+    stages = [stage for stage in (STAGES[n]() for n in STAGES if names is None or n in names)
+              if stage.applies is None or stage.applies(options)]
     for stage in stages:  # every option against the model, before anything is written or computed
         note = stage.check(b) if stage.check is not None else None
         if note:
@@ -313,11 +353,14 @@ def run_stages(options: BuildOptions, names: list[str] | None = None, log: Calla
         if final is not None:
             if final.exists():
                 shutil.rmtree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
         seconds = round(time.perf_counter() - start, 3)
         b.record["stages"][stage.name] = {"hash": key, "seconds": seconds, **summary}
         _write_record(folder, b.record)  # after each stage: an interrupted build keeps what completed
         log(f"[{stage.name}] done in {seconds:.1f}s")
+        if "note" in summary:  # what the user must do next
+            log(f"[{stage.name}] {summary['note']}")
     _write_record(folder, b.record)
     return b.record
 

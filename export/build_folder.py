@@ -50,6 +50,10 @@ class BuildFolder:
         return self.root / "engines"
 
     @property
+    def tensorrt(self) -> Path:
+        return self.engines / "tensorrt"
+
+    @property
     def triton_repo(self) -> Path:
         return self.root / "triton_repo"
 

@@ -18,13 +18,10 @@ LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
 
 def compile_launch(kernel, args: tuple, meta: dict, capability: int = 90):
     """triton's CompiledKernel (asm: ttir, ttgir, llir, ptx, cubin) for an sm_<capability> GPU."""
-    import triton
     from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.compiler import ASTSource
+    from triton.backends.compiler import BaseBackend
 
-    if interpreter_enabled() or not hasattr(kernel, "arg_names"):
-        raise RuntimeError(f"{WHERE}: kernels can only be compiled in a process with TRITON_INTERPRET off")
+    _require_compiler(kernel)
     constexprs = {name: value for name, value in meta.items() if name not in LAUNCH_OPTIONS}
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
@@ -40,5 +37,21 @@ def compile_launch(kernel, args: tuple, meta: dict, capability: int = 90):
         if specialization == "D":
             attrs[(index,)] = [["tt.divisibility", 16]]
     options = {k: v for k, v in meta.items() if k in LAUNCH_OPTIONS}
-    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
-                          options=options)
+    return compile_signature(kernel, signature, constexprs, options, capability, attrs)
+
+
+def compile_signature(kernel, signature: dict, constexprs: dict, options: dict, capability: int = 90,
+                      attrs: dict | None = None):
+    """triton's CompiledKernel for an explicit signature ({arg name: "*bf16" | "i32" | ... | "constexpr"})."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    _require_compiler(kernel)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs or {}),
+                          target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def _require_compiler(kernel) -> None:
+    if interpreter_enabled() or not hasattr(kernel, "arg_names"):
+        raise RuntimeError(f"{WHERE}: kernels can only be compiled in a process with TRITON_INTERPRET off")

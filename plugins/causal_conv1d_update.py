@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import eager_reference, use_triton
+from .dispatch import eager_reference, functional_mode, use_triton
 from .pool_rows import write_rows
 
 WHERE = "plugins/causal_conv1d_update.py"
@@ -85,6 +85,24 @@ def _(x, conv_pool, weight, bias, slots, silu, intermediate_states, impl):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("nemo3::causal_conv1d_update_functional", mutates_args=())
+def _causal_conv1d_update_functional(x: torch.Tensor, conv_pool: torch.Tensor, weight: torch.Tensor,
+                                     bias: torch.Tensor, slots: torch.Tensor, silu: bool,
+                                     intermediate_states: torch.Tensor | None
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op without mutation: (out, the updated pool, the updated intermediate_states or an empty tensor)."""
+    pool = conv_pool.clone()
+    steps = None if intermediate_states is None else intermediate_states.clone()
+    out = causal_conv1d_update_reference(x, pool, weight, bias, slots, "silu" if silu else None, steps)
+    return out, pool, conv_pool.new_empty(0) if steps is None else steps
+
+
+@_causal_conv1d_update_functional.register_fake
+def _(x, conv_pool, weight, bias, slots, silu, intermediate_states):
+    steps = conv_pool.new_empty(0) if intermediate_states is None else torch.empty_like(intermediate_states)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(conv_pool), steps
+
+
 def causal_conv1d_update(x, conv_pool, weight, bias, slots, activation="silu", intermediate_states=None, *,
                          impl=None):
     """Conv decode step (module docstring), through the `nemo3::causal_conv1d_update` op.
@@ -97,5 +115,13 @@ def causal_conv1d_update(x, conv_pool, weight, bias, slots, activation="silu", i
     _check(x, conv_pool, weight, bias, slots, activation, intermediate_states)
     if eager_reference(impl, x.device, WHERE):
         return causal_conv1d_update_reference(x, conv_pool, weight, bias, slots, activation, intermediate_states)
+    if functional_mode():  # (a missing bias is a zero bias: plugin nodes take a fixed list of inputs)
+        out, pool, steps = _causal_conv1d_update_functional(
+            x, conv_pool, weight, weight.new_zeros(weight.shape[0]) if bias is None else bias, slots,
+            activation == "silu", intermediate_states)
+        conv_pool.copy_(pool)
+        if intermediate_states is not None:
+            intermediate_states.copy_(steps)
+        return out
     return _causal_conv1d_update_op(x, conv_pool, weight, bias, slots, activation == "silu", intermediate_states,
                                     impl or "")

@@ -78,13 +78,14 @@ def _launch_config(batch: int, channels: int, on_gpu: bool) -> tuple[int, int]:
     return block_c, 4 if block_c >= 128 else 1
 
 
-def prepare(x, conv_pool, weight, bias, slots, silu, intermediate_states):
-    """(out, grid, kernel args, kernel meta): the launch `launch` makes, for tools that compile it ahead of time."""
+def prepare(x, conv_pool, weight, bias, slots, silu, intermediate_states, on_gpu=None):
+    """(out, grid, kernel args, kernel meta): the launch `launch` makes, for tools that compile it ahead of time
+    (on_gpu: the launch for a GPU whatever device the tensors are on; default: x's device)."""
     Bt, T, C = x.shape
     K = weight.shape[1]
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     slots = slots.contiguous()                             # read as slots_ptr + row
-    block_c, num_warps = _launch_config(Bt, C, x.is_cuda)
+    block_c, num_warps = _launch_config(Bt, C, x.is_cuda if on_gpu is None else on_gpu)
     bias_arg = bias if bias is not None else weight          # never read when HAS_BIAS is False
     inter = intermediate_states if intermediate_states is not None else conv_pool
     i_strides = intermediate_states.stride() if intermediate_states is not None else (0, 0, 0, 0)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -47,11 +48,32 @@ def use_triton(impl: str | None, device: torch.device, where: str) -> bool:
     return True
 
 
+_FUNCTIONAL = [False]
+
+
+@contextlib.contextmanager
+def functional_ops():
+    """While active, every op is called as a custom op (never inlined as its reference) and the ops that update
+    state pools in place run as their functional variants (`<op>_functional`: the updated pools are outputs),
+    whose results are copied back: what an ONNX export needs, where each op must stay one node and no op may
+    mutate its inputs."""
+    _FUNCTIONAL.append(True)
+    try:
+        yield
+    finally:
+        _FUNCTIONAL.pop()
+
+
+def functional_mode() -> bool:
+    return _FUNCTIONAL[-1]
+
+
 def eager_reference(impl: str | None, device: torch.device, where: str) -> bool:
     """True when a call runs the plain-torch reference directly, skipping the custom-op machinery (whose
     per-call Python overhead dominates small CPU batches). The references have static shapes and no
-    host syncs, so a compiled step traces them into its graph; the Triton kernels stay opaque custom ops."""
-    return not use_triton(impl, device, where)
+    host syncs, so a compiled step traces them into its graph; the Triton kernels stay opaque custom ops.
+    Never under `functional_ops`."""
+    return not functional_mode() and not use_triton(impl, device, where)
 
 
 def next_power_of_2(n: int) -> int:

@@ -18,10 +18,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import eager_reference, use_triton
+from .dispatch import eager_reference, functional_mode, use_triton
 from .pool_rows import write_rows
 
 WHERE = "plugins/mamba2_state_update.py"
+FLOAT_MAX = torch.finfo(torch.float32).max  # an unbounded dt limit, as op arguments spell it (no inf in graphs)
 
 
 def mamba2_state_update_reference(state_pool, x, dt, A, B, C, D, dt_bias, slots, z=None, dt_softplus=True,
@@ -106,6 +107,26 @@ def _(state_pool, x, dt, A, B, C, D, dt_bias, slots, z, dt_softplus, dt_min, dt_
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("nemo3::mamba2_state_update_functional", mutates_args=())
+def _mamba2_state_update_functional(state_pool: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,
+                                    B: torch.Tensor, C: torch.Tensor, D: torch.Tensor, dt_bias: torch.Tensor,
+                                    slots: torch.Tensor, dt_softplus: bool, dt_min: float, dt_max: float,
+                                    intermediate_states: torch.Tensor | None
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op without mutation: (y, the updated pool, the updated intermediate_states or an empty tensor)."""
+    pool = state_pool.clone()
+    steps = None if intermediate_states is None else intermediate_states.clone()
+    y = mamba2_state_update_reference(pool, x, dt, A, B, C, D, dt_bias, slots, None, dt_softplus, (dt_min, dt_max),
+                                      steps)
+    return y, pool, state_pool.new_empty(0) if steps is None else steps
+
+
+@_mamba2_state_update_functional.register_fake
+def _(state_pool, x, dt, A, B, C, D, dt_bias, slots, dt_softplus, dt_min, dt_max, intermediate_states):
+    steps = state_pool.new_empty(0) if intermediate_states is None else torch.empty_like(intermediate_states)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(state_pool), steps
+
+
 def mamba2_state_update(state_pool, x, dt, A, B, C, D, dt_bias, slots, z=None, dt_softplus=True,
                         dt_limit=(0.0, math.inf), intermediate_states=None, *, impl=None):
     """One or more SSM decode steps (module docstring), through the `nemo3::mamba2_state_update` op.
@@ -119,5 +140,15 @@ def mamba2_state_update(state_pool, x, dt, A, B, C, D, dt_bias, slots, z=None, d
     if eager_reference(impl, x.device, WHERE):
         return mamba2_state_update_reference(state_pool, x, dt, A, B, C, D, dt_bias, slots, z, dt_softplus,
                                              dt_limit, intermediate_states)
+    if functional_mode():
+        if z is not None:
+            raise ValueError(f"{WHERE}: z is not supported by the functional op (the network gates y itself)")
+        y, pool, steps = _mamba2_state_update_functional(state_pool, x, dt, A, B, C, D, dt_bias, slots,
+                                                         bool(dt_softplus), float(dt_limit[0]),
+                                                         min(float(dt_limit[1]), FLOAT_MAX), intermediate_states)
+        state_pool.copy_(pool)
+        if intermediate_states is not None:
+            intermediate_states.copy_(steps)
+        return y
     return _mamba2_state_update_op(state_pool, x, dt, A, B, C, D, dt_bias, slots, z, bool(dt_softplus),
                                    float(dt_limit[0]), float(dt_limit[1]), intermediate_states, impl or "")

@@ -86,13 +86,15 @@ def _launch_config(batch: int, H: int, P: int, N: int, on_gpu: bool) -> tuple[in
     return block_p, block_n, num_warps
 
 
-def prepare(state_pool, x, dt, A, B, C, D, dt_bias, slots, z, dt_softplus, dt_min, dt_max, intermediate_states):
-    """(y, grid, kernel args, kernel meta): the launch `launch` makes, for tools that compile it ahead of time."""
+def prepare(state_pool, x, dt, A, B, C, D, dt_bias, slots, z, dt_softplus, dt_min, dt_max, intermediate_states,
+            on_gpu=None):
+    """(y, grid, kernel args, kernel meta): the launch `launch` makes, for tools that compile it ahead of time
+    (on_gpu: the launch for a GPU whatever device the tensors are on; default: x's device)."""
     Bt, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     slots = slots.contiguous()                             # read as slots_ptr + row
-    block_p, block_n, num_warps = _launch_config(Bt, H, P, N, x.is_cuda)
+    block_p, block_n, num_warps = _launch_config(Bt, H, P, N, x.is_cuda if on_gpu is None else on_gpu)
     z_arg = z if z is not None else x                       # never read when HAS_Z is False
     inter = intermediate_states if intermediate_states is not None else state_pool
     z_strides = z.stride() if z is not None else (0, 0, 0, 0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import functional_mode
+
 
 def write_rows(pool: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
     """pool[index[i]] = values[i] for every i with index[i] >= 0, in place.
@@ -19,7 +21,8 @@ def write_rows(pool: torch.Tensor, index: torch.Tensor, values: torch.Tensor) ->
     pool.dtype). Shapes are static and nothing is read back to the host.
     """
     values = values.to(pool.dtype)
-    if pool.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # inductor cannot select float8 values: move bytes
+    # inductor cannot select float8 values: move bytes (not in an ONNX export, which has no bitcast)
+    if pool.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not functional_mode():
         pool, values = pool.view(torch.uint8), values.view(torch.uint8)
     owner = index == 0
     row0 = torch.where(owner.any(), values.index_select(0, owner.int().argmax().view(1))[0], pool[0])

@@ -78,9 +78,9 @@ def test_corrupt_file_fails_before_any_stage(checkpoint, tmp_path):
     assert not (tmp_path / "out" / "build.json").exists()
 
 
-def test_unbuilt_tensorrt_target_is_refused_up_front(checkpoint, tmp_path):
+def test_unbuilt_tensorrt_ranks_are_refused_up_front(checkpoint, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(build_main, ["--checkpoint", str(checkpoint), "--output", str(out),
-                                             "--target", "tensorrt"])
-    assert result.exit_code == 1 and "--target tensorrt: the ONNX + TensorRT engine path is not built yet" in result.output
+                                             "--target", "tensorrt", "--tp", "2"])
+    assert result.exit_code == 1 and "--target tensorrt --tp 2: per-rank ONNX graphs are not built yet" in result.output
     assert not out.exists()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...export.spec import ModelSpec
-from ...plugins.dispatch import use_triton
+from ...plugins.dispatch import functional_mode, use_triton
 from ...plugins.grouped_gemm import grouped_gemm
 from ...plugins.latent_moe_route import latent_moe_route
 from ...quant.layout import NVFP4
@@ -86,6 +86,8 @@ class MoE(nn.Module):
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) over the experts held, accumulated in fp32.
         x [T, De] -> [T, De]; a rank's part of the sum when sharded."""
+        if functional_mode():  # an ONNX export: static shapes, each expert's own (quantized) layers
+            return self.run_every_expert(x, weights, ids)
         if (self.stacked is not None or self.packed is not None) and use_triton(None, x.device, WHERE):
             return self.run_experts_grouped(x, weights, ids)
         if self.stacked is not None and (ids.numel() <= GATHER_MAX_PAIRS or torch.compiler.is_compiling()):
@@ -99,6 +101,13 @@ class MoE(nn.Module):
             token, slot = (ids == e).nonzero(as_tuple=True)
             y = self.experts[str(e)](x[token], reduce=False)
             out.index_add_(0, token, y.float() * weights[token, slot, None])
+        return out.to(x.dtype)
+
+    def run_every_expert(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The same sum with every expert held running on every token (unrouted tokens add zeros)."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, expert in self.experts.items():
+            out += expert(x, reduce=False).float() * (weights * (ids == int(e))).sum(-1, keepdim=True)
         return out.to(x.dtype)
 
     stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # (up [E, I, De], down [E, De, I]) once stacked

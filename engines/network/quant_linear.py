@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...export.checkpoint import Checkpoint
-from ...plugins.dispatch import use_triton
+from ...plugins.dispatch import functional_mode, use_triton
 from ...plugins.fp8_linear import fp8_linear
 from ...plugins.grouped_gemm import nvfp4_linear
-from ...quant import fp8, nvfp4
+from ...quant import fp8, nvfp4, qdq_ops
 from ...quant.layout import BF16, FP8, NVFP4, LinearLayout, linear_layouts
 from .parallel import Parallel, VocabHead
 
@@ -101,6 +101,9 @@ class QuantLinear(nn.Module):
             return self._output(nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias))
         if fmt == BF16:
             weight = self.weight
+        elif functional_mode():  # an ONNX export: the weight stays quantized, dequantized by a node
+            weight = (qdq_ops.nvfp4_dequantize_weight(self.weight, self.weight_scale, self.weight_scale_2)
+                      if fmt == NVFP4 else qdq_ops.fp8_dequantize_weight(self.weight, self.weight_scale))
         else:
             weight = self.dequantized if self.dequantized is not None else self.dequantize_weight(x.dtype)
         return self._output(F.linear(x, weight.to(x.dtype), bias))
@@ -108,7 +111,8 @@ class QuantLinear(nn.Module):
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         """K/V projections: the output as the FP8 cache holds it."""
         if self.layout.output_scale:
-            y = fp8.fake_quantize(y, getattr(self, self.layout.output_scale))
+            fake_quantize = qdq_ops.fp8_qdq if functional_mode() else fp8.fake_quantize
+            y = fake_quantize(y, getattr(self, self.layout.output_scale))
         return y
 
     def extra_repr(self) -> str:
@@ -131,7 +135,10 @@ class QuantVocabHead(QuantLinear):
 
 def fake_quantize_input(weight_format: str, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
     """A W4A4 (nvfp4) or W8A8 (fp8) layer's input as its GEMM sees it: quantized and dequantized with
-    `input_scale` (one scalar, or one per row of x). Branch-free: runs inside compiled graphs."""
+    `input_scale` (one scalar, or one per row of x). Branch-free: runs inside compiled graphs. In an ONNX
+    export (plugins/dispatch.functional_ops) the quantization nodes' ops (quant/qdq_ops.py)."""
+    if functional_mode():
+        return (qdq_ops.nvfp4_qdq if weight_format == NVFP4 else qdq_ops.fp8_qdq)(x, input_scale)
     if weight_format == NVFP4:
         return nvfp4.fake_quantize(x, input_scale)
     return fp8.fake_quantize(x, input_scale)

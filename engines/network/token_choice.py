@@ -50,6 +50,12 @@ def sample(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return (cdf <= uniform[..., None] * cdf[..., -1:]).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def leading_true(mask: torch.Tensor) -> torch.Tensor:
+    """[B, K] bool -> [B] int: how many of each row's first entries are all True (a cumsum of the False ones, not a
+    cumprod: ONNX has no cumulative product)."""
+    return ((~mask).int().cumsum(-1) == 0).sum(-1)
+
+
 def accept_drafts(target: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.Tensor,
                   greedy: torch.Tensor, draft_probs: torch.Tensor | None, uniforms: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,12 +70,12 @@ def accept_drafts(target: torch.Tensor, drafts: torch.Tensor, num_drafts: torch.
     best = target.argmax(-1)  # [B, K+1]
     match = best[:, :K] == drafts
     if draft_probs is None:
-        accepted = (match & real).int().cumprod(-1).sum(-1)
+        accepted = leading_true(match & real)
         return accepted, best.gather(1, accepted[:, None].long())[:, 0]
     p_y = target[:, :K].gather(-1, drafts[..., None])[..., 0]
     q_y = draft_probs.gather(-1, drafts[..., None])[..., 0]
     ok = torch.where(greedy[:, None], match, uniforms[:, :K] * q_y < p_y)
-    accepted = (ok & real).int().cumprod(-1).sum(-1)
+    accepted = leading_true(ok & real)
     at = accepted.long()[:, None, None].expand(-1, 1, target.shape[-1])
     p = target.gather(1, at)[:, 0]
     q = torch.cat([draft_probs, torch.zeros_like(draft_probs[:, :1])], 1).gather(1, at)[:, 0]

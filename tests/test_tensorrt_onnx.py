@@ -1,0 +1,126 @@
+"""The tensorrt target (engines/executors/onnx_export.py, tensorrt_folder.py, the pipeline's `tensorrt` stage): the
+step graphs as ONNX, run in onnx's reference evaluator (nemo3 nodes through the plugins' references, TensorRT's
+quantization nodes by their semantics) against the torch executor, for the built-in model's bf16, fp8 and nvfp4
+builds (the model runs in fp32 on CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+from nemo3.engines.executors.onnx_validate import check_graph  # noqa: E402
+from nemo3.engines.executors.tensorrt_folder import (TensorRTTarget, read_manifest,  # noqa: E402
+                                                     validate_tensorrt_folder, write_tensorrt_folder)
+from nemo3.engines.network.loading import load  # noqa: E402
+from nemo3.export.build_folder import BuildError, BuildFolder, model_folder  # noqa: E402
+from nemo3.pipeline import BuildOptions, run_stages  # noqa: E402
+from nemo3.plugins.onnx_nodes import DOMAIN, NODES  # noqa: E402
+
+pytestmark = pytest.mark.timeout(1800)
+ROWS, LENGTH, PREFILL = 2, 32, 16
+# decode, a prefill chunk (slot 0 starts its sequence in it, slot 1 continues with fewer tokens), a greedy
+# speculative step of 2 drafts (row 0's accepted, row 1's random)
+TARGET = TensorRTTarget(ROWS, LENGTH, 3, (PREFILL,))
+
+
+def options(out, precision: str) -> BuildOptions:
+    return BuildOptions(output=out, precision=precision, target="tensorrt", calib_samples=4, calib_seq_len=32,
+                        engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_prefill_tokens=(PREFILL,))
+
+
+@pytest.fixture(scope="module")
+def bf16_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trt") / "bf16"
+    logs = []
+    record = run_stages(options(out, "bf16"), ["quantize", "tensorrt"], log=logs.append)
+    assert record["stages"]["tensorrt"]["graphs"] == 3, logs  # decode, prefill, speculative
+    assert any("tensorrt_build" in line and "must be built where" in line for line in logs), logs
+    return out
+
+
+def test_bf16_build_graphs_equal_the_torch_executor(bf16_build):
+    """Every graph of the stage's folder: checker, plugin attributes, and every output (logits, hidden, the
+    speculative step's tokens, each updated pool) equals the torch executor's to fp32 rounding."""
+    folder = BuildFolder(bf16_build).tensorrt
+    manifest = read_manifest(folder)
+    results = validate_tensorrt_folder(load(model_folder(bf16_build)), folder, log=lambda line: None)
+    assert len(results) == 3
+    for graph in manifest["graphs"]:
+        outputs = results[graph["file"]]
+        assert set(outputs) == set(graph["outputs"]) | ({"logits"} if graph["step"] != "speculative_step" else set())
+        assert graph["aliased"] and all(graph["aliased"][name] in graph["inputs"] for name in graph["aliased"])
+    verify = next(g for g in manifest["graphs"] if g["step"] == "speculative_step")
+    assert {"mamba2_state_update_steps", "causal_conv1d_update_steps", "latent_moe_route",
+            "paged_attention"} <= set(verify["plugins"])
+    assert "pages.table" in verify["inputs"] and "pages.table" not in verify["aliased"].values()
+
+
+@pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
+def test_quantized_graphs_equal_the_torch_executor(tmp_path, precision):
+    """fp8: FLOAT8E4M3FN weights with DequantizeLinear, activations through QuantizeLinear/DequantizeLinear; nvfp4:
+    FLOAT4E2M1 weights with two DequantizeLinear and trt::TRT_FP4DynamicQuantize activations; decode, prefill and
+    speculative graphs equal the torch executor's outputs."""
+    out = tmp_path / precision
+    run_stages(options(out, precision), ["quantize"], log=lambda line: None)
+    model = load(model_folder(out))
+    folder = tmp_path / "tensorrt"
+    write_tensorrt_folder(model, folder, TARGET, log=lambda line: None)
+    proto = onnx.load(str(folder / read_manifest(folder)["graphs"][0]["file"]))
+    types = {onnx.TensorProto.DataType.Name(init.data_type) for init in proto.graph.initializer}
+    ops = {(node.domain, node.op_type) for node in proto.graph.node}
+    assert ("", "DequantizeLinear") in ops and ("", "QuantizeLinear") in ops and "FLOAT8E4M3FN" in types
+    if precision == "nvfp4":
+        assert "FLOAT4E2M1" in types and ("trt", "TRT_FP4DynamicQuantize") in ops
+    results = validate_tensorrt_folder(model, folder, log=lambda line: None)
+    assert len(results) == 3
+
+
+def test_plugin_nodes_carry_the_plugin_attributes(bf16_build):
+    """Each nemo3 node: a known op_type, plugin_namespace/plugin_version and its scalar attributes; no local function
+    shadows a plugin; the checker passes; a node stripped of its attributes is reported."""
+    folder = BuildFolder(bf16_build).tensorrt
+    proto = onnx.load(str(folder / read_manifest(folder)["graphs"][0]["file"]))
+    nodes = [node for node in proto.graph.node if node.domain == DOMAIN]
+    assert {node.op_type for node in nodes} == {"mamba2_state_update", "causal_conv1d_update", "latent_moe_route",
+                                                "paged_attention"}
+    for node in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["plugin_namespace"] == b"nemo3" and attrs["plugin_version"] == b"1"
+        assert set(NODES[node.op_type].attributes) <= set(attrs)
+    assert not {f.name for f in proto.functions} & set(NODES)
+    assert check_graph(proto) == []
+    del nodes[0].attribute[:]
+    assert any("plugin attributes" in problem for problem in check_graph(proto))
+
+
+def test_validate_onnx_cli(bf16_build):
+    from click.testing import CliRunner
+    from nemo3.cli.validate_onnx import command
+
+    result = CliRunner().invoke(command, [str(bf16_build)])
+    assert result.exit_code == 0, result.output
+    assert "3 graphs equal the torch executor" in result.output
+
+
+def test_tensorrt_target_options():
+    with pytest.raises(BuildError, match="--target tensorrt --tp 2"):
+        BuildOptions(output="x", target="tensorrt", tp=2)
+
+
+def test_tensorrt_build_needs_tensorrt(bf16_build):
+    """Engines are built only where TensorRT is installed: a clear error here, plans there."""
+    from nemo3.engines.executors.tensorrt_build import build_plans
+
+    folder = BuildFolder(bf16_build).tensorrt
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="TensorRT is not installed here"):
+            build_plans(folder)
+        pytest.skip("tensorrt is not installed: engines are not built here")
+    plans = build_plans(folder)
+    assert len(plans) == len(json.loads((folder / "manifest.json").read_text())["graphs"])

@@ -53,7 +53,7 @@ class BuildOptions:
     engines: bool = False
     engine_device: str | None = None  # None: cuda when the build runs where CUDA is available, else cpu
     engine_max_sequences: int = 16  # rows of every engine call (concurrent sequences served)
-    engine_max_length: int = 256  # tokens per sequence (one package per power-of-two bound on its pages)
+    engine_max_length: int = 256  # tokens per sequence (the pages a row reads: a dynamic dimension of each package)
     engine_mtp: int | None = None  # MTP draft length the engines serve (None: the runtime's default; 0: decode only)
     engine_sampling: bool = True  # also the sampling speculative step
     engine_prefill_tokens: tuple[int, ...] | None = None  # prefill chunk lengths (None: compiled_step's; (): none)

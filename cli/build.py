@@ -36,7 +36,7 @@ from .common import one_line_errors
 @click.option("--engine-max-sequences", type=int, default=16, show_default=True,
               help="Concurrent sequences the engines serve (every engine call runs this many rows).")
 @click.option("--engine-max-length", type=int, default=256, show_default=True,
-              help="Tokens per sequence the engines serve (one package per power-of-two bound on its KV pages).")
+              help="Tokens per sequence the engines serve (the KV pages read: a dynamic dimension of each package).")
 @click.option("--engine-mtp", type=int, default=None,
               help="MTP draft length the engines serve  [default: the runtime's; 0: decode steps only].")
 @click.option("--engine-sampling/--no-engine-sampling", default=True, show_default=True,

@@ -1,7 +1,8 @@
 """Ahead-of-time engines (engines/executors/step_export.py, aot_build.py, aot_executor.py, the pipeline's `engines`
 stage) against the eager executor: a bf16 build of the built-in model (fp32 activations on CPU) with the decode and
 greedy speculative (k=2) and 16-token prefill chunk engines, and an nvfp4 build with the decode engine, each compiled
-once for the module."""
+once for the module, for sequences of two 64-token pages (each package reads 1 or 2 pages per row: a dynamic
+dimension)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from nemo3.pipeline import BuildOptions, run_stages
 # four packages (about 40 s each on an idle 2-core machine, longer under load)
 pytestmark = [pytest.mark.skipif(cpp_compiler() is None, reason="AOTInductor needs a C++ compiler on CPU; none found"),
               pytest.mark.timeout(1800)]
-ROWS, LENGTH = 3, 64
+ROWS, LENGTH = 3, 128
 STAGES = ["quantize", "engines"]
 
 
@@ -50,14 +51,22 @@ def snapshot(executor) -> dict[str, torch.Tensor]:
 
 
 class Counted:
-    """A package's runner that counts its calls (the engines really run, not the eager fallback)."""
+    """A package's runner that records the pages per row of each call (its int32 input: the sliced block table):
+the engines really run, not the eager fallback."""
 
     def __init__(self, runner, calls: list):
         self.runner, self.calls = runner, calls
 
     def boxed_run(self, inputs):
-        self.calls.append(len(inputs))
+        self.calls += [t.shape[1] for t in inputs if t.dtype == torch.int32]
         return self.runner.boxed_run(inputs)
+
+
+def count_calls(executor) -> list[int]:
+    """The pages per row of every package call `executor` makes from now on (Counted)."""
+    calls = []
+    executor.compiled.runners = {key: Counted(runner, calls) for key, runner in executor.compiled.runners.items()}
+    return calls
 
 
 @pytest.mark.parametrize("precision", ["bf16", "nvfp4"])
@@ -68,8 +77,7 @@ def test_engine_steps_equal_the_eager_executor(builds, precision):
     model = load(model_folder(builds / precision))
     eager, aot = TorchExecutor(model, ROWS, LENGTH), AOTExecutor(model, builds / precision / "engines")
     assert aot.kind == "aot" and (aot.max_sequences, aot.max_length) == (ROWS, LENGTH)
-    calls = []
-    aot.compiled.runners = {key: Counted(runner, calls) for key, runner in aot.compiled.runners.items()}
+    calls = count_calls(aot)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.spec.vocab_size, (n,), generator=g).tolist() for n in (7, 11)]
     slots = [2, 0]  # slot 1 stays free: nobody may write it
@@ -87,7 +95,7 @@ def test_engine_steps_equal_the_eager_executor(builds, precision):
         for name, t in after_eager.items():
             assert torch.allclose(after_aot[name].float(), t.float(), rtol=1e-4, atol=1e-5), name
     # bf16: the 11-token chunk, the decode and the speculative step; nvfp4: the decode step (its prompts run eagerly)
-    assert len(calls) == (3 if precision == "bf16" else 1)
+    assert calls == ([1] * 3 if precision == "bf16" else [1])
     for name, t in snapshot(aot).items():
         assert not t[1].any(), f"{name}: the free slot 1 was written"
 
@@ -95,15 +103,20 @@ def test_engine_steps_equal_the_eager_executor(builds, precision):
 @pytest.mark.parametrize("k", [0, 2])
 def test_greedy_text_through_the_engines_equals_eager(builds, k):
     """The serving stack the factory picks for a build with engines generates, greedily, the eager stack's tokens,
-    with MTP off and with 2 drafts."""
-    prompts = ["The history of", "Once upon a time, a", "In mathematics, a group"]
+    with MTP off and with 2 drafts; the longest prompt (about 55 tokens) grows past its first page, so the same
+    packages read 1, then 2 pages per row."""
+    prompts = ["The history of", "Once upon a time, a", ("In mathematics, a group is a set with an operation that is "
+               "associative, has an identity element and has inverses: the integers with addition form a group, and "
+               "so do the rotations of a square about its centre in the plane")]
     params = GenerationParams(max_tokens=16, ignore_eos=True)
     outputs = []
     for engines in (None, False):
         scheduler = open_scheduler(builds / "bf16", StackOptions(max_sequences=ROWS, max_length=LENGTH,
                                                                  engines=engines, num_speculative_tokens=k))
         assert scheduler.executor.kind == ("aot" if engines is None else "eager")
+        calls = count_calls(scheduler.executor) if engines is None else None
         outputs.append([c.token_ids for c in scheduler.generate(prompts, params)])
+        assert calls is None or set(calls) == {1, 2}
     assert [len(t) for t in outputs[0]] == [16] * 3
     assert outputs[0] == outputs[1]
 

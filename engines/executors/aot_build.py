@@ -2,13 +2,15 @@
 step_export.py and compiled by AOTInductor into `OUT/engines/` (the `engines` stage of nemo3-build; aot_executor.py
 runs them).
 
-Each (StepShape, bound on the pages read per row) becomes one package, `rank0/<step>_t<T>[_sampling]_p<bound>.pt2`,
-of static shape: max_sequences rows (the runtime pads decode, prefill-chunk and speculative calls to that many rows,
-padding rows with slot -1); a prefill chunk of T tokens gets the bounds from its own pages up. A package holds code, no weights: the model's parameters and buffers are AOTInductor constants kept
-out of the package (`package_constants_in_so=False`) that the executor points at the served model's tensors
-(user-managed), and its plain-attribute tensors (stacked experts, dequantized weights) are inputs; the state pools
-are inputs updated in place, so the runtime keeps its one InferenceState (prefill chunks, which run eagerly, see
-what the engines wrote). Not frozen, unlike compile-at-load: freezing would fold (copy) the weights into each
+Each StepShape becomes one package, `rank0/<step>_t<T>[_sampling].pt2`: max_sequences rows (the runtime pads decode,
+prefill-chunk and speculative calls to that many rows, padding rows with slot -1), and a dynamic number of pages
+read per row, from 1 to the block table's width: the executor passes the block table sliced to the call's bound
+(`CompiledSteps.read_pages`), so one package serves every bound as fast as one package per bound (README,
+"Ahead-of-time engines"). A package holds code, no weights: the model's parameters and buffers are AOTInductor
+constants kept out of the package (`package_constants_in_so=False`) that the executor points at the served model's
+tensors (user-managed), and its plain-attribute tensors (stacked experts, dequantized weights) are inputs; the state
+pools are inputs updated in place, so the runtime keeps its one InferenceState (prefill chunks, which run eagerly,
+see what the engines wrote). Not frozen, unlike compile-at-load: freezing would fold (copy) the weights into each
 package. On CPU the Triton kernels' plain-torch references are traced in (plugins/dispatch.py).
 """
 
@@ -19,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from ...export.kv_pages import DEFAULT_PAGE_SIZE, pages_for
+from ...export.kv_pages import DEFAULT_PAGE_SIZE
 from .aot_manifest import EngineEntry, Manifest, host_arch
-from .compiled_step import PREFILL_TOKENS, CompiledSteps, page_bounds, unsupported
+from .compiled_step import PREFILL_TOKENS, CompiledSteps, unsupported
 from .step_export import StepShape, export_step, step_shapes
 
 # no precompiled headers: inductor keeps them in one machine-wide folder ($TMPDIR/torchinductor_$USER) whatever the
@@ -33,17 +35,11 @@ INDUCTOR_CONFIGS = {"aot_inductor.package_constants_in_so": False, "aot_inductor
 class EngineTarget:
     device: str = "cpu"
     max_sequences: int = 16
-    max_length: int = 256  # tokens per sequence: the largest bound on the pages read is its pages
+    max_length: int = 256  # tokens per sequence: the most pages read per row are its pages
     draft_tokens: int = 2  # MTP draft length served (0: the decode step only)
     sampling: bool = True  # also the sampling speculative step (else sampled MTP requests run it eagerly)
     prefill_tokens: tuple[int, ...] = PREFILL_TOKENS  # prefill chunk lengths (CompiledSteps keeps those that fit)
     page_size: int = DEFAULT_PAGE_SIZE
-
-    def shapes(self, steps: CompiledSteps) -> list[tuple[StepShape, int]]:
-        """(step shape, bound) of every package."""
-        bounds = page_bounds(pages_for(self.max_length, self.page_size))
-        return [(shape, bound) for shape in step_shapes(steps, 1 + self.draft_tokens, self.sampling)
-                for bound in bounds if bound >= min(bounds[-1], pages_for(shape.tokens, self.page_size))]
 
 
 def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, skipped: str | None = None,
@@ -66,7 +62,8 @@ def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, sk
                                 page_size=target.page_size)
         steps = CompiledSteps(model, state, target.prefill_tokens)
         manifest.prefill_tokens = list(steps.prefill_tokens)
-        manifest.engines = [_compile(model, state, shape, bound, out, log) for shape, bound in target.shapes(steps)]
+        manifest.engines = [_compile(model, state, shape, out, log)
+                            for shape in step_shapes(steps, 1 + target.draft_tokens, target.sampling)]
     manifest.write(out)
     return {"engines": len(manifest.engines), "arch": manifest.arch, "unsupported": manifest.unsupported,
             "bytes": sum(f.stat().st_size for f in out.rglob("*.pt2"))}
@@ -85,17 +82,17 @@ def not_built_yet(device: str, tp: int) -> str | None:
     return None
 
 
-def package_name(shape: StepShape, bound: int) -> str:
-    return f"rank0/{shape.step}_t{shape.tokens}{'_sampling' if shape.sampling else ''}_p{bound}.pt2"
+def package_name(shape: StepShape) -> str:
+    return f"rank0/{shape.step}_t{shape.tokens}{'_sampling' if shape.sampling else ''}.pt2"
 
 
 @torch.no_grad()
-def _compile(model, state, shape: StepShape, bound: int, out: Path, log) -> EngineEntry:
-    step = export_step(model, state, shape, bound, lift_constants=True)
-    file = package_name(shape, bound)
+def _compile(model, state, shape: StepShape, out: Path, log) -> EngineEntry:
+    step = export_step(model, state, shape, lift_constants=True)
+    file = package_name(shape)
     (out / file).parent.mkdir(parents=True, exist_ok=True)
     torch._inductor.aoti_compile_and_package(step.program, package_path=str(out / file),
                                              inductor_configs=INDUCTOR_CONFIGS)
     log(f"[engines] {file}")
-    return EngineEntry(file=file, step=shape.step, tokens=shape.tokens, sampling=shape.sampling, bound=bound,
-                       inputs=step.inputs, outputs=step.outputs)
+    return EngineEntry(file=file, step=shape.step, tokens=shape.tokens, sampling=shape.sampling,
+                       max_pages=state.pages.table.shape[1], inputs=step.inputs, outputs=step.outputs)

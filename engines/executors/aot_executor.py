@@ -3,8 +3,9 @@
 `AOTExecutor` is the torch executor whose decode, prefill-chunk and speculative calls (padded to the engines'
 max_sequences rows) run the AOTInductor packages instead of torch.compile'd steps; the MTP pass over a prompt stays
 eager, as in the torch executor. The engines update the executor's own state pools and read the served model's
-weights (user-managed constants: nothing is copied). A call no package covers (a draft length or a bound the build
-did not export, a min_tokens ban, a sampled speculative step of a build without it) runs the step eagerly.
+weights (user-managed constants: nothing is copied); each call passes the block table sliced to the pages it reads
+(`CompiledSteps.read_pages`: a dynamic dimension of every package). A call no package covers (a draft length the
+build did not export, a min_tokens ban, a sampled speculative step of a build without it) runs the step eagerly.
 """
 
 from __future__ import annotations
@@ -22,19 +23,20 @@ from .torch_executor import TorchExecutor
 
 
 class EngineSteps(CompiledSteps):
-    """CompiledSteps whose call of (step function, bound) runs the package of the call's tensor arguments."""
+    """CompiledSteps whose call of a step function runs the package of the call's tensor arguments."""
 
     def __init__(self, model, state, folder: Path, manifest: Manifest):
         super().__init__(model, state, tuple(manifest.prefill_tokens))
         self.runners = {_key(entry): _load(folder / entry.file, model) for entry in manifest.engines}
-        self.extra = [*pool_tensors(state), *constant_tensors(model)]  # every package's inputs after the step's
+        # every package's inputs after the step's and the block table's
+        self.extra = [*pool_tensors(state)[1:], *constant_tensors(model)]
 
     def _call(self, fn, *args) -> torch.Tensor:
-        key = (fn.__name__, args[0].shape[1], tuple(a is not None for a in args), self.state.pages.bound)
-        runner = self.runners.get(key)
+        runner = self.runners.get((fn.__name__, args[0].shape[1], tuple(a is not None for a in args)))
         if runner is None:
             return fn(self, *args)
-        return runner.boxed_run([*(a for a in args if a is not None), *self.extra])[0]
+        table = self.state.pages.table[:, :self.state.pages.bound].contiguous()
+        return runner.boxed_run([*(a for a in args if a is not None), table, *self.extra])[0]
 
     def warm_up(self, max_tokens: int) -> None:
         """Nothing to compile."""
@@ -42,7 +44,7 @@ class EngineSteps(CompiledSteps):
 
 def _key(entry: EngineEntry) -> tuple:
     names = list(inspect.signature(getattr(compiled_step, entry.step)).parameters)[1:]
-    return entry.step, entry.tokens, tuple(name in entry.inputs for name in names), entry.bound
+    return entry.step, entry.tokens, tuple(name in entry.inputs for name in names)
 
 
 def _load(path: Path, model):

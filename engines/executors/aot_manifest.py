@@ -1,15 +1,16 @@
 """`OUT/engines/manifest.json`: what a build's AOTInductor packages were compiled for, and the check that they
 can run here.
 
-    {"format": 2, "device": "cpu", "arch": "x86_64-AVX512", "torch": "2.13.0", "dtype": "float32",
+    {"format": 3, "device": "cpu", "arch": "x86_64-AVX512", "torch": "2.13.0", "dtype": "float32",
      "max_sequences": 16, "max_length": 2048, "page_size": 64, "prefill_tokens": [16, 64, 256], "fingerprint": "<the served checkpoint's fingerprint>",
-     "engines": [{"file": "rank0/speculative_step_t3_p2.pt2", "step": "speculative_step", "tokens": 3,
-                  "sampling": false, "bound": 2, "inputs": [...], "outputs": ["out"]}, ...],
+     "engines": [{"file": "rank0/speculative_step_t3.pt2", "step": "speculative_step", "tokens": 3,
+                  "sampling": false, "max_pages": 32, "inputs": [...], "outputs": ["out"]}, ...],
      "unsupported": null}
 
-Each package holds no weights: its inputs are named in `inputs` (step_export.py: the step's tensors, the block
-table, the state pools, the model's plain-attribute tensors), its parameters and buffers are loaded from the
-served model by their module paths (AOTInductor's user-managed constants), so the weights are in memory once.
+Each package holds no weights: its inputs are named in `inputs` (step_export.py: the step's tensors, the block table
+sliced to the pages read, the state pools, the model's plain-attribute tensors), its parameters and buffers are
+loaded from the served model by their module paths (AOTInductor's user-managed constants), so the weights are in
+memory once.
 
 A package runs only on the device kind, architecture (CPU packages are built with -march=native; CUDA ones hold
 cubins for one sm_XX) and torch version it was built with: `check_runs_here` refuses any other in one line that
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-FORMAT = 2
+FORMAT = 3
 MANIFEST = "manifest.json"
 
 
@@ -35,7 +36,9 @@ class EngineEntry:
     step: str  # a step function of compiled_step.STEPS (compiled_step.StepShape)
     tokens: int  # T: tokens per row
     sampling: bool  # a speculative step with uniforms and draft_probs
-    bound: int  # pages per row the attention reads (compiled_step.CompiledSteps.read_pages)
+    # the pages per row the attention reads, any bound (compiled_step.CompiledSteps.read_pages) from 1 to this: the
+    # columns of the block table input, a dynamic dimension (step_export.PAGES)
+    max_pages: int
     inputs: list[str]
     outputs: list[str]
 

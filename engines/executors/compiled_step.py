@@ -247,12 +247,6 @@ def speculative_step(steps: CompiledSteps, ids, num_drafts, slots, past, tempera
     return torch.cat([accepted[:, None], token[:, None], torch.stack(drafts, 1)], 1)
 
 
-def page_bounds(width: int) -> list[int]:
-    """Every bound on the pages read per row that `CompiledSteps.read_pages` sets on CPU for a block table of
-    `width` entries per row."""
-    return sorted({min(width, next_power_of_2(n)) for n in range(1, width + 1)})
-
-
 def own_code(fn):
     """A copy of fn with a code object of its own: dynamo keeps compiled graphs, and its limit of
     recompilations, per code object, so engines built one after another (bench, tests) do not share them."""

@@ -5,14 +5,16 @@ what other graph targets (ONNX) start from.
 declaration of the step functions and their tokens per row) as `StepShape`s, with the sampling variant of the
 speculative step if asked. `export_step(model, state, shape, bound)` traces the step function
 `compiled_step.<shape.step>` over `state`, on the example inputs of `CompiledSteps.padding_args` (padding rows:
-nothing of the state is read back to the host), with the attention reading `bound` pages per row. The program's inputs are the step's tensor arguments
+nothing of the state is read back to the host), with the attention reading `bound` pages per row (None: as many as
+the block table input has columns, a dynamic dimension). The program's inputs are the step's tensor arguments
 (`StepProgram.inputs`: the step function's parameter names, without those the shape leaves None), then the block
-table (`pages.table`), then every state pool (`<layer key>.<field>`, e.g. `backbone.layers.0.conv`), which the
-program updates in place (mutated inputs); its one output is the step function's result (`out`). The model's
-weights are the program's parameters and buffers, under their module paths (`model.<name>`), not inputs. Tensors
-a module holds as plain attributes (an MoE layer's stacked experts, a quantized layer's dequantized weight) are
-constants of the program, or with `lift_constants` inputs after the pools (`model.<module path>.<attr>[.<i>]`,
-`constant_fields`), so that a compiled program can take every weight from the loaded model.
+table (`pages.table`, with `bound` None sliced to the pages read), then every state pool (`<layer key>.<field>`,
+e.g. `backbone.layers.0.conv`), which the program updates in place (mutated inputs); its one output is the step
+function's result (`out`). The model's weights are the program's parameters and buffers, under their module paths
+(`model.<name>`), not inputs. Tensors a module holds as plain attributes (an MoE layer's stacked experts, a
+quantized layer's dequantized weight) are constants of the program, or with `lift_constants` inputs after the pools
+(`model.<module path>.<attr>[.<i>]`, `constant_fields`), so that a compiled program can take every weight from the
+loaded model.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from . import compiled_step
 from .compiled_step import CompiledSteps
 
 TABLE = "pages.table"  # the input name of the block table
+PAGES = "pages"  # the dynamic dimension of a block table input: the pages read per row
 
 
 @dataclass(frozen=True)
@@ -132,19 +135,27 @@ class StepGraph(nn.Module):
 
 
 @torch.no_grad()
-def export_step(model, state, shape: StepShape, bound: int, lift_constants: bool = False) -> StepProgram:
+def export_step(model, state, shape: StepShape, bound: int | None = None,
+                lift_constants: bool = False) -> StepProgram:
     """The ExportedProgram of `shape` over `state` (max_sequences rows), its attention reading `bound` pages per
-    row; with `lift_constants`, the model's plain-attribute tensors are inputs (module docstring). `state` and
-    `model` are left as they were (pools, block table and constants restored; padding rows change nothing)."""
+    row, or with `bound` None as many as the block table input has columns (a dynamic dimension, `PAGES`, from 1
+    to the table's width: the caller passes the table sliced to the bound, contiguous); with `lift_constants`, the
+    model's plain-attribute tensors are inputs (module docstring). `state` and `model` are left as they were
+    (pools, block table and constants restored; padding rows change nothing)."""
     args = example_inputs(CompiledSteps(model, state), shape)
     present = [a is not None for a in args]
     saved, saved_bound = pool_tensors(state), state.pages.bound
     constants = constant_fields(model) if lift_constants else []
     weights = constant_tensors(model) if lift_constants else []
+    inputs = (*(a for a in args if a is not None), *saved, *weights)
+    dynamic = None
+    if bound is None and saved[0].shape[1] > 1:  # (a table of one column: one bound, static)
+        pages = {1: torch.export.Dim(PAGES, min=1, max=saved[0].shape[1])}
+        dynamic = (tuple(pages if i == sum(present) else None for i in range(len(inputs))),)  # (forward(*inputs))
     state.pages.bound = bound
     try:
         graph = StepGraph(model, state, shape, present, constants)
-        program = torch.export.export(graph, (*(a for a in args if a is not None), *saved, *weights), strict=False)
+        program = torch.export.export(graph, inputs, dynamic_shapes=dynamic, strict=False)
     finally:
         state.pages.table, state.pages.bound = saved[0], saved_bound
         for (_, entry, attr), tensor in zip(pool_fields(state), saved[1:]):

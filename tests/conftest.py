@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -173,3 +175,24 @@ def prefill_and_compare(eager, compiled, prompts: list[list[int]], bound: float 
     for name, t in after_eager.items():
         assert (after_compiled[name].float() - t.float()).abs().max() <= bound * max(t.float().abs().max(), 1), name
     del compiled.compiled.backbone  # (the class's method again)
+
+
+def interruptible() -> None:
+    """preexec_fn of a subprocess a test stops with Ctrl-C (SIGINT): the signal at its default disposition and
+    unblocked in the child, as a terminal starts a command, whatever this pytest process's main thread inherited.
+    (In the full suite on a loaded machine, two such tests once saw the child ignore SIGINT; alone they pass.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def wait_interrupted(process: subprocess.Popen, timeout: float = 60) -> str:
+    """Wait for a process sent SIGINT; on timeout kill it and fail with its and this process's signal masks."""
+    try:
+        return process.communicate(timeout=timeout)[1] if process.stderr else ""
+    except subprocess.TimeoutExpired:
+        masks = {who: {line.split(":")[0]: line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                       if line.startswith(("SigBlk", "SigIgn", "SigPnd", "ShdPnd"))}
+                 for who, pid in (("child", process.pid), ("pytest", os.getpid()))}
+        process.kill()
+        process.communicate()
+        raise AssertionError(f"{process.args[3:5]} did not stop within {timeout} s of SIGINT; signal masks {masks}")

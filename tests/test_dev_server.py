@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import interruptible, wait_interrupted
 from tritonclient.utils import InferenceServerException
 
 from nemo3.triton_repo.client import Generation, RequestFailed, RequestOptions, TextClient
@@ -136,7 +137,7 @@ def test_serve_command_serves_until_interrupted(repo):
     tests = str(Path(__file__).parent)  # the server factory test_client:load_server
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", "from nemo3.cli.main import main; main()", "serve", str(repo), "--port", "0"]
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         line = process.stderr.readline()
         assert line.startswith("nemo3-dev-server (not Triton): ensemble, nemo3 at 127.0.0.1:"), line
@@ -144,7 +145,8 @@ def test_serve_command_serves_until_interrupted(repo):
         assert TextClient(url).generate("one two").text == "two one"
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        wait_interrupted(process)
+        assert process.returncode == 0
 
 
 def test_serve_command_names_a_model_that_cannot_load(tmp_path):

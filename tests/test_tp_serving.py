@@ -20,6 +20,7 @@ import threading
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from conftest import interruptible, wait_interrupted
 from test_distributed import checks
 from test_network import rel_err
 
@@ -183,10 +184,11 @@ def test_stopping_generate_leaves_no_process(builds, sig):
 
     nemo3 = [sys.executable, "-c", "from nemo3.cli.main import main; main()"]
     run = subprocess.Popen(nemo3 + ["generate", "--build", str(builds("bf16-tp2")), PROMPTS[0], "--max-tokens", "1000"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                           preexec_fn=interruptible)
     assert run.stdout.read(len(PROMPTS[0]) + 1)  # serving: the prompt and a first token are out
     os.kill(run.pid, sig)
-    run.communicate(timeout=60)
+    wait_interrupted(run)
     assert run.returncode == (1 if sig == signal.SIGINT else -sig)  # (click: "Aborted!")
     for _ in range(100):  # the workers see their pipe close and exit
         try:

@@ -88,6 +88,9 @@ def test_quantized_compiled_prefill_and_decode_steps_give_the_fake_quantized_eag
     the largest logit for nvfp4 and nvfp4-all, 1.1e-6 for fp8; the bound is 1e-5 because a last-bit difference
     between inductor's GEMMs and eager ones can move a value across an FP8/E2M1 rounding boundary (a missing
     activation quantizer would differ by ~1e-2)."""
+    if quantized_builtin.parent.name.startswith("nvfp4-all"):
+        pytest.skip("nvfp4-all adds the nvfp4 case's W4A4 activation quantizer to more layers: the same graph code, "
+                    "two more minutes of compiling (its fake quantizers are checked above)")
     reference_model, model = load(quantized_builtin), load(quantized_builtin)
     for moe in reference_model.modules():
         if isinstance(moe, MoE):

@@ -23,8 +23,8 @@ from nemo3.plugins.onnx_nodes import DOMAIN, NODES  # noqa: E402
 pytestmark = pytest.mark.timeout(1800)
 ROWS, LENGTH, PREFILL = 2, 32, 16
 # decode, a prefill chunk (slot 0 starts its sequence in it, slot 1 continues with fewer tokens), a greedy
-# speculative step of 2 drafts (row 0's accepted, row 1's random)
-TARGET = TensorRTTarget(ROWS, LENGTH, 3, (PREFILL,))
+# speculative step of 2 drafts (row 0's accepted, row 1's random); the bf16 build also the sampling speculative step
+TARGET = TensorRTTarget(ROWS, LENGTH, 3, (PREFILL,), sampling=False)
 
 
 def options(out, precision: str) -> BuildOptions:
@@ -37,18 +37,20 @@ def bf16_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("trt") / "bf16"
     logs = []
     record = run_stages(options(out, "bf16"), ["quantize", "tensorrt"], log=logs.append)
-    assert record["stages"]["tensorrt"]["graphs"] == 3, logs  # decode, prefill, speculative
+    assert record["stages"]["tensorrt"]["graphs"] == 4, logs  # decode, prefill, speculative greedy and sampling
     assert any("tensorrt_build" in line and "must be built where" in line for line in logs), logs
     return out
 
 
 def test_bf16_build_graphs_equal_the_torch_executor(bf16_build):
     """Every graph of the stage's folder: checker, plugin attributes, and every output (logits, hidden, the
-    speculative step's tokens, each updated pool) equals the torch executor's to fp32 rounding."""
+    speculative steps' tokens, each updated pool) equals the torch executor's to fp32 rounding. The sampling
+    speculative step takes the uniforms, sampling parameters and draft distributions as inputs (no random node:
+    its sampled tokens equal the executor's for the same uniforms) and returns the updated draft distributions."""
     folder = BuildFolder(bf16_build).tensorrt
     manifest = read_manifest(folder)
     results = validate_tensorrt_folder(load(model_folder(bf16_build)), folder, log=lambda line: None)
-    assert len(results) == 3
+    assert len(results) == 4
     for graph in manifest["graphs"]:
         outputs = results[graph["file"]]
         assert set(outputs) == set(graph["outputs"]) | ({"logits"} if graph["step"] != "speculative_step" else set())
@@ -57,6 +59,12 @@ def test_bf16_build_graphs_equal_the_torch_executor(bf16_build):
     assert {"mamba2_state_update_steps", "causal_conv1d_update_steps", "latent_moe_route",
             "paged_attention"} <= set(verify["plugins"])
     assert "pages.table" in verify["inputs"] and "pages.table" not in verify["aliased"].values()
+    assert not verify["sampling"] and "uniforms" not in verify["inputs"]
+    sampled = next(g for g in manifest["graphs"] if g["sampling"])
+    assert {"uniforms", "temperature", "top_k", "top_p"} <= set(sampled["inputs"])
+    assert sampled["aliased"]["draft_probs.out"] == "draft_probs" and sampled["file"].endswith("sampling_r2_t3.onnx")
+    proto = onnx.load(str(folder / sampled["file"]))
+    assert not {n.op_type for n in proto.graph.node} & {"RandomUniform", "RandomUniformLike", "Multinomial"}
 
 
 @pytest.mark.parametrize("precision", ["fp8", "nvfp4"])
@@ -103,7 +111,7 @@ def test_validate_onnx_cli(bf16_build):
 
     result = CliRunner().invoke(command, [str(bf16_build)])
     assert result.exit_code == 0, result.output
-    assert "3 graphs equal the torch executor" in result.output
+    assert "4 graphs equal the torch executor" in result.output
 
 
 def test_tensorrt_target_options():

@@ -5,14 +5,17 @@ builds (the model runs in fp32 on CPU)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
+import torch
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
 from nemo3.engines.executors.onnx_validate import check_graph  # noqa: E402
+from nemo3.engines.executors.step_export import pool_fields  # noqa: E402
 from nemo3.engines.executors.tensorrt_folder import (TensorRTTarget, read_manifest,  # noqa: E402
                                                      validate_tensorrt_folder, write_tensorrt_folder)
 from nemo3.engines.network.loading import load  # noqa: E402
@@ -132,3 +135,102 @@ def test_tensorrt_build_needs_tensorrt(bf16_build):
         pytest.skip("tensorrt is not installed: engines are not built here")
     plans = build_plans(folder)
     assert len(plans) == len(json.loads((folder / "manifest.json").read_text())["graphs"])
+
+
+def _graph_calls(model, manifest, state):
+    """(manifest entry, step function, padding-row arguments of its shape) for every graph."""
+    from nemo3.engines.executors.compiled_step import CompiledSteps
+    from nemo3.engines.executors.step_export import StepShape, example_inputs, step_function
+
+    steps = CompiledSteps(model, state, (PREFILL,))
+    for graph in manifest["graphs"]:
+        shape = StepShape(graph["step"], graph["tokens"], graph["sampling"])
+        yield graph, step_function(shape), example_inputs(steps, shape)
+
+
+def test_tensorrt_executor_binds_every_graph_tensor(bf16_build):
+    """The TensorRT executor's binding plan, from each ONNX graph's inputs and outputs: a call finds its graph by
+    (step, tokens, arguments passed: greedy and sampling speculative steps apart, a min_tokens ban in none); every
+    input is the executor's own tensor (step arguments, the block table, each pool), every updated pool is bound
+    to its input's memory, `out` is new, each with the graph's shape and dtype; an executor of another max_length
+    (a wider block table) is refused naming the tensor."""
+    from nemo3.engines.executors.tensorrt_executor import bind, call_key, graph_key, onnx_io
+    from nemo3.engines.executors.torch_executor import TorchExecutor
+
+    folder = BuildFolder(bf16_build).tensorrt
+    manifest, model = read_manifest(folder), load(model_folder(bf16_build))
+    keys = [graph_key(graph) for graph in manifest["graphs"]]
+    assert len(set(keys)) == 4
+    executor = TorchExecutor(model, ROWS, LENGTH, compile=False)  # (TensorRTExecutor's state)
+    pools = {id(getattr(entry, attr)) for _, entry, attr in pool_fields(executor.state)}
+    for graph, fn, args in _graph_calls(model, manifest, executor.state):
+        assert call_key(fn, args) == graph_key(graph)
+        if graph["step"] == "speculative_step":  # a banned token: no graph (the step runs eagerly)
+            banned = list(args[:-1]) + [args[0].new_zeros(ROWS, 3, model.spec.vocab_size, dtype=bool)]
+            assert call_key(fn, banned) not in keys
+        io = onnx_io(onnx.load(str(folder / graph["file"])))
+        tensors = bind(graph, executor.state, fn, args, io)
+        assert set(tensors) == set(graph["inputs"]) | set(graph["outputs"])
+        assert tensors["pages.table"] is executor.state.pages.table
+        assert {id(tensors[name]) for name in graph["inputs"] if name not in ("draft_probs",)} >= pools
+        for output, source in graph["aliased"].items():
+            assert tensors[output].data_ptr() == tensors[source].data_ptr()
+        assert tuple(tensors["out"].shape) == io["out"][0]
+    wider = TorchExecutor(model, ROWS, 2 * LENGTH, compile=False)
+    graph, fn, args = next(_graph_calls(model, manifest, wider.state))
+    with pytest.raises(ValueError, match=f"{graph['file']}: pages.table is"):
+        bind(graph, wider.state, fn, args, onnx_io(onnx.load(str(folder / graph["file"]))))
+
+
+def test_tensorrt_profile_shapes(bf16_build):
+    """The engines' input shapes are the runtime's: static graphs give min = opt = max = the graph's shape; a
+    dynamic block-table width ranges over 1 .. the table's pages; another dynamic dimension is refused."""
+    from nemo3.engines.executors.tensorrt_build import profile_shapes
+    from nemo3.engines.executors.tensorrt_executor import onnx_io
+    from nemo3.export.kv_pages import pages_for
+
+    folder = BuildFolder(bf16_build).tensorrt
+    graph = read_manifest(folder)["graphs"][0]
+    inputs = {name: shape for name, (shape, _) in onnx_io(onnx.load(str(folder / graph["file"]))).items()
+              if name in graph["inputs"]}
+    shapes = profile_shapes(inputs, graph)
+    assert all(low == opt == high == inputs[name] for name, (low, opt, high) in shapes.items())
+    width = pages_for(LENGTH)
+    assert inputs["pages.table"] == (ROWS, width)
+    dynamic = profile_shapes({**inputs, "pages.table": (ROWS, -1)}, graph)
+    assert dynamic["pages.table"] == ((ROWS, 1), (ROWS, width), (ROWS, width))
+    with pytest.raises(ValueError, match="input ids has a dynamic dimension 0"):
+        profile_shapes({**inputs, "ids": ("rows", 1)}, graph)
+
+
+def test_tensorrt_executor_needs_built_engines(bf16_build):
+    """Without .plan files a build serves with the torch executor; asking for its engines names the command that
+    builds them where TensorRT is installed."""
+    from nemo3.engines.runtime.factory import StackOptions, open_scheduler
+
+    scheduler = open_scheduler(bf16_build, StackOptions(max_sequences=ROWS, max_length=LENGTH))
+    assert scheduler.executor.kind in ("eager", "compiled")
+    with pytest.raises(FileNotFoundError, match="no TensorRT engine; .*tensorrt_build"):
+        open_scheduler(bf16_build, StackOptions(engines=True))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(),
+                    reason="tensorrt is not installed or no CUDA device here: engines cannot be built or run")
+def test_tensorrt_executor_generates_what_the_torch_executor_does(bf16_build):
+    """On a GPU with TensorRT: the engines built, greedy text (MTP k=2 and k=0) equals the torch executor's."""
+    from nemo3.engines.executors.tensorrt_build import build_plans
+    from nemo3.engines.runtime.factory import StackOptions, open_scheduler
+    from nemo3.engines.runtime.requests import GenerationParams
+
+    folder = BuildFolder(bf16_build).tensorrt
+    build_plans(folder)
+    dtype = getattr(torch, read_manifest(folder)["dtype"])  # (the activations the graphs were exported with)
+    params = GenerationParams(max_tokens=12, temperature=0.0)
+    texts = {}
+    for engines in (True, False):
+        for k in (0, 2):
+            scheduler = open_scheduler(bf16_build, StackOptions(device="cuda", dtype=dtype, engines=engines,
+                                                                compile=False, num_speculative_tokens=k))
+            assert (scheduler.executor.kind == "tensorrt") == engines
+            texts[engines, k] = "".join(d.text for d in scheduler.stream("The capital of", params))
+    assert texts[True, 0] == texts[False, 0] == texts[True, 2] == texts[False, 2]

@@ -176,7 +176,7 @@ def test_tensorrt_executor_binds_every_graph_tensor(bf16_build):
         for output, source in graph["aliased"].items():
             assert tensors[output].data_ptr() == tensors[source].data_ptr()
         assert tuple(tensors["out"].shape) == io["out"][0]
-    wider = TorchExecutor(model, ROWS, 2 * LENGTH, compile=False)
+    wider = TorchExecutor(model, ROWS, 4 * LENGTH, compile=False)  # (2 pages per row, not 1)
     graph, fn, args = next(_graph_calls(model, manifest, wider.state))
     with pytest.raises(ValueError, match=f"{graph['file']}: pages.table is"):
         bind(graph, wider.state, fn, args, onnx_io(onnx.load(str(folder / graph["file"]))))

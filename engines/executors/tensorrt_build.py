@@ -93,4 +93,7 @@ def build_plans(folder: Path, log=print) -> list[Path]:
 
 
 if __name__ == "__main__":
-    build_plans(Path(sys.argv[1]))
+    try:
+        build_plans(Path(sys.argv[1]))
+    except (RuntimeError, FileNotFoundError) as e:
+        sys.exit(str(e))

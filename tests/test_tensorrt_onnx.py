@@ -234,3 +234,55 @@ def test_tensorrt_executor_generates_what_the_torch_executor_does(bf16_build):
             assert (scheduler.executor.kind == "tensorrt") == engines
             texts[engines, k] = "".join(d.text for d in scheduler.stream("The capital of", params))
     assert texts[True, 0] == texts[False, 0] == texts[True, 2] == texts[False, 2]
+
+
+class ReferenceEngine:
+    """A step graph run in onnx's reference evaluator on the tensors the TensorRT executor binds, its outputs
+    written into them (each updated pool into its input's memory): the engine's contract, on CPU."""
+
+    def __init__(self, graph, proto):
+        from nemo3.engines.executors.onnx_validate import evaluator
+        from nemo3.engines.executors.tensorrt_executor import onnx_io
+
+        self.graph, self.io, self.session, self.runs = graph, onnx_io(proto), evaluator(proto), 0
+        self.inputs, self.outputs = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
+
+    def run(self, state, fn, args):
+        from nemo3.engines.executors.tensorrt_executor import bind
+        from nemo3.plugins.onnx_reference_ops import to_numpy, to_torch
+
+        tensors = bind(self.graph, state, fn, args, self.io)
+        results = self.session.run(None, {name: to_numpy(tensors[name]) for name in self.inputs})
+        for name, value in zip(self.outputs, results):
+            tensors[name].copy_(to_torch(value).reshape(tensors[name].shape))
+        self.runs += 1
+        return tensors["out"]
+
+
+def test_graph_steps_serve_what_the_torch_executor_does(bf16_build):
+    """The TensorRT executor's steps (GraphSteps) with each graph run by the reference evaluator through the
+    executor's bindings: a greedy and a sampled request with MTP k=2 (prefill chunk, greedy and sampling
+    speculative graphs) and a request without MTP (decode graph) give the eager torch executor's tokens."""
+    from nemo3.engines.executors.tensorrt_executor import GraphSteps, graph_key
+    from nemo3.engines.executors.torch_executor import TorchExecutor
+    from nemo3.engines.runtime.requests import GenerationParams
+    from nemo3.engines.runtime.scheduler import Scheduler
+
+    folder = BuildFolder(bf16_build).tensorrt
+    graphs, model = read_manifest(folder)["graphs"], load(model_folder(bf16_build))
+    engines = {graph_key(g): ReferenceEngine(g, onnx.load(str(folder / g["file"]))) for g in graphs}
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, model.spec.vocab_size, (n,), generator=g).tolist() for n in (11, 5)]
+    runs = {2: [GenerationParams(max_tokens=9, ignore_eos=True),  # (its last steps alone: the greedy graph)
+                GenerationParams(max_tokens=5, ignore_eos=True, temperature=0.8, top_p=0.9, seed=7)],
+            0: [GenerationParams(max_tokens=3, ignore_eos=True)]}
+    for k, params in runs.items():
+        tokens = []
+        for graph_steps in (False, True):
+            executor = TorchExecutor(model, ROWS, LENGTH, compile=False)
+            if graph_steps:
+                executor.compiled = GraphSteps(model, executor.state, graphs, engines)
+            completions = Scheduler(executor, num_speculative_tokens=k).generate(prompts[:len(params)], params)
+            tokens.append([c.token_ids for c in completions])
+        assert tokens[0] == tokens[1], (k, tokens)
+    assert all(engine.runs for engine in engines.values()), {e.graph["file"]: e.runs for e in engines.values()}

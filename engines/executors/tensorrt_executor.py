@@ -2,9 +2,9 @@
 
 `TensorRTExecutor` is the torch executor whose decode, prefill-chunk and speculative calls (padded to the graphs'
 max_sequences rows) run the engine of their step graph (tensorrt_folder.py's manifest), as AOTExecutor runs AOTInductor
-packages; the MTP pass over a prompt stays eager. A call is matched to a graph by `call_key` (step, tokens per row,
-the step arguments it passes: a sampled speculative step passes uniforms and draft_probs, a greedy one not); a call no
-graph covers (a min_tokens ban, another draft length) runs the step eagerly.
+packages; the MTP pass over a prompt stays eager. `GraphSteps` matches a call to a graph by `call_key` (step, tokens
+per row, the step arguments it passes: a sampled speculative step passes uniforms and draft_probs, a greedy one not);
+a call no graph covers (a min_tokens ban, another draft length) runs the step eagerly.
 
 Each engine's tensors are bound by name (`bind`): the step's arguments, the block table (whole: the graphs read every
 column, as CUDA steps do) and every state pool are the executor's own tensors; each updated pool `<name>.out` is bound
@@ -118,17 +118,23 @@ class EngineCall:
         return tensors[OUT]
 
 
-class TensorRTSteps(CompiledSteps):
-    """CompiledSteps whose call of a step function runs the engine of its graph (or the step eagerly)."""
+def load_engines(folder: Path, graphs: list[dict]) -> dict[tuple, EngineCall]:
+    """{graph_key: EngineCall} of every graph's .plan in `folder`."""
+    trt = import_tensorrt()
+    from ...plugins.tensorrt_plugins import register_plugins
 
-    def __init__(self, model, state, folder: Path, graphs: list[dict]):
+    register_plugins()  # (the engines' plugin creators, found by name when they are deserialized)
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    return {graph_key(g): EngineCall(runtime, g, plan_path(folder, g)) for g in graphs}
+
+
+class GraphSteps(CompiledSteps):
+    """CompiledSteps whose call of a step function runs its graph's engine (`calls`: graph_key -> an object whose
+    `run(state, fn, args)` returns `out`), or the step eagerly when no graph covers the call."""
+
+    def __init__(self, model, state, graphs: list[dict], calls: dict):
         super().__init__(model, state, tuple(g["tokens"] for g in graphs if g["step"] == "prefill_step"))
-        trt = import_tensorrt()
-        from ...plugins.tensorrt_plugins import register_plugins
-
-        register_plugins()  # (the engines' plugin creators, found by name when they are deserialized)
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.calls = {graph_key(g): EngineCall(runtime, g, plan_path(folder, g)) for g in graphs}
+        self.calls = calls
 
     def read_pages(self, tokens: int) -> None:
         self.state.pages.bound = self.state.pages.table.shape[1]  # (the graphs read the whole block table)
@@ -162,4 +168,4 @@ class TensorRTExecutor(TorchExecutor):
             raise ValueError(f"{folder}: engines built for {manifest['dtype']} activations, the model runs "
                              f"{model.dtype}")
         super().__init__(model, graphs[0]["rows"], graphs[0]["max_length"], compile=False)
-        self.compiled = TensorRTSteps(model, self.state, folder, graphs)
+        self.compiled = GraphSteps(model, self.state, graphs, load_engines(folder, graphs))

@@ -41,7 +41,8 @@ def bf16_build(tmp_path_factory):
     logs = []
     record = run_stages(options(out, "bf16"), ["quantize", "tensorrt"], log=logs.append)
     assert record["stages"]["tensorrt"]["graphs"] == 4, logs  # decode, prefill, speculative greedy and sampling
-    assert any("tensorrt_build" in line and "must be built where" in line for line in logs), logs
+    if importlib.util.find_spec("tensorrt") is None:  # (where it is, the stage builds the plans)
+        assert any("tensorrt_build" in line and "must be built where" in line for line in logs), logs
     return out
 
 

@@ -196,10 +196,10 @@ def test_tensorrt_profile_shapes(bf16_build):
               if name in graph["inputs"]}
     shapes = profile_shapes(inputs, graph)
     assert all(low == opt == high == inputs[name] for name, (low, opt, high) in shapes.items())
-    width = pages_for(LENGTH)
-    assert inputs["pages.table"] == (ROWS, width)
-    dynamic = profile_shapes({**inputs, "pages.table": (ROWS, -1)}, graph)
-    assert dynamic["pages.table"] == ((ROWS, 1), (ROWS, width), (ROWS, width))
+    assert inputs["pages.table"] == (ROWS, pages_for(LENGTH))
+    longer = dict(graph, max_length=4 * 64)  # (4 pages of the default 64 tokens per row)
+    dynamic = profile_shapes({**inputs, "pages.table": (ROWS, -1)}, longer)
+    assert dynamic["pages.table"] == ((ROWS, 1), (ROWS, 4), (ROWS, 4))
     with pytest.raises(ValueError, match="input ids has a dynamic dimension 0"):
         profile_shapes({**inputs, "ids": ("rows", 1)}, graph)
 

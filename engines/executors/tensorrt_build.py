@@ -18,7 +18,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from ...export.kv_pages import DEFAULT_PAGE_SIZE, pages_for
+from ...export.kv_pages import pages_for
 from .step_export import TABLE
 from .tensorrt_folder import read_manifest
 
@@ -42,19 +42,20 @@ def profile_shapes(inputs: dict[str, tuple], graph: dict) -> dict[str, tuple[tup
     """{input: (min, opt, max) shape} for the runtime's calls of manifest entry `graph`, from the network's input
     shapes (a dynamic dimension: -1 or a name). The runtime passes the whole block table, so its columns, if
     dynamic, range from 1 to the table's width (opt: the width); any other dynamic dimension is refused."""
-    width = pages_for(graph["max_length"], graph.get("page_size", DEFAULT_PAGE_SIZE))
+    width = pages_for(graph["max_length"])  # (the graphs' states have the default page size: onnx_export.py)
     shapes = {}
     for name, shape in inputs.items():
-        low, high = [], []
+        bounds = []
         for axis, dim in enumerate(shape):
             if isinstance(dim, int) and dim >= 0:
-                low.append(dim), high.append(dim)
+                bounds.append((dim, dim))
             elif name == TABLE and axis == 1:
-                low.append(1), high.append(width)
+                bounds.append((1, width))
             else:
                 raise ValueError(f"{graph['file']}: input {name} has a dynamic dimension {axis} ({dim}) the runtime "
                                  "does not vary")
-        shapes[name] = (tuple(low), tuple(high), tuple(high))
+        low, high = (tuple(b[i] for b in bounds) for i in (0, 1))
+        shapes[name] = (low, high, high)
     return shapes
 
 

@@ -229,11 +229,12 @@ def _engines_stage() -> Stage:
         why = skipped(b)
         return {"skipped": why} if why else {
             "source": open_checkpoint(_shard_source(b)).fingerprint(), "target": dataclasses.asdict(target(b)),
-            "tp": b.options.tp, "arch": host_arch(b.options.engine_device), "torch": torch.__version__,
-            "format": FORMAT}
+            "tp": b.options.tp, "moe_parallel": b.options.moe_parallel, "arch": host_arch(b.options.engine_device),
+            "torch": torch.__version__, "format": FORMAT}
 
     return Stage("engines", "engines", inputs,
-                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b), b.options.tp, skipped(b), log=print))
+                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b),
+                                              b.folder.ranks if b.options.tp > 1 else None, skipped(b), log=print))
 
 
 def _tensorrt_stage() -> Stage:

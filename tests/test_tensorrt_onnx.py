@@ -68,7 +68,7 @@ def test_quantized_graphs_equal_the_torch_executor(tmp_path, precision):
     run_stages(options(out, precision), ["quantize"], log=lambda line: None)
     model = load(model_folder(out))
     folder = tmp_path / "tensorrt"
-    write_tensorrt_folder(model, folder, TARGET, log=lambda line: None)
+    write_tensorrt_folder([model], folder, TARGET, log=lambda line: None)
     proto = onnx.load(str(folder / read_manifest(folder)["graphs"][0]["file"]))
     types = {onnx.TensorProto.DataType.Name(init.data_type) for init in proto.graph.initializer}
     ops = {(node.domain, node.op_type) for node in proto.graph.node}

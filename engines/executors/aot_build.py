@@ -23,7 +23,6 @@ vocabulary range, which rank adds the row-parallel biases, an expert-parallel ra
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from ...export.kv_pages import DEFAULT_PAGE_SIZE
 from ..network.parallel import DEFAULT_GROUP, SINGLE, Parallel
 from .aot_manifest import EngineEntry, Manifest, host_arch
 from .compiled_step import PREFILL_TOKENS, CompiledSteps, not_traceable
-from .step_export import StepShape, export_step, step_shapes
+from .step_export import StepShape, export_step, stand_in_group, step_shapes
 
 # no precompiled headers: inductor keeps them in one machine-wide folder ($TMPDIR/torchinductor_$USER) whatever the
 # cache dir, which concurrent builds on a shared machine can remove under each other
@@ -97,25 +96,6 @@ def not_built_yet(device: str) -> str | None:
                 "compiled into a package; as custom ops they stay Python callbacks); serving compiles CUDA graphs "
                 "at load")
     return None
-
-
-@contextmanager
-def stand_in_group(parallel: Parallel):
-    """For a sharded `parallel`: this process as its rank of a default process group of its world size, named as a
-    serving stack's is, that communicates nothing (the "fake" backend), while the rank's steps are compiled."""
-    if not parallel.sharded:
-        yield
-        return
-    import torch.distributed as dist
-
-    dist.init_process_group("fake", rank=parallel.rank, world_size=parallel.world_size)
-    try:
-        if dist.group.WORLD.group_name != DEFAULT_GROUP:
-            raise RuntimeError(f"torch named the default process group {dist.group.WORLD.group_name!r}, not "
-                               f"{DEFAULT_GROUP!r}: the engines would not find a serving stack's group")
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def package_name(shape: StepShape, rank: int) -> str:

@@ -18,11 +18,13 @@ Row-parallel biases are replicated and must enter the all-reduced sum once: rank
 its bias, the other ranks' parts drop theirs.
 
 World size 1 (`SINGLE`) is the unsharded network: every size is the model's and every collective a
-no-op, so there is one code path. Inside the network the collectives are torch's functional ones
-(`_c10d_functional.all_reduce` / `all_gather_into_tensor`, each followed by `wait_tensor`; gloo on CPU,
-NCCL on GPU), named by the process group's name: the same ops run eagerly, under torch.compile and in
-a torch.export program, which AOTInductor compiles into a package that runs them in the group of that
-name (aot_build.py). They carry no gradient: sharded networks are for inference.
+no-op, so there is one code path. The collectives run on gloo (CPU) or NCCL (GPU) and carry no
+gradient: sharded networks are for inference. Traced into a graph (torch.compile, torch.export) they
+are torch's functional collectives (`_c10d_functional.all_reduce` / `all_gather_into_tensor`, each
+followed by `wait_tensor`), named by the process group's name, which AOTInductor compiles into a
+package that runs them in the group of that name (aot_build.py); run eagerly they are torch.distributed's
+calls, which release the GIL while they wait (a functional collective called from Python holds it, and
+gloo's worker thread, freeing a finished all-gather's tensors, waits for it: a deadlock).
 """
 
 from __future__ import annotations
@@ -103,18 +105,30 @@ class Parallel:
         return dist.group.WORLD.group_name if dist.is_initialized() else DEFAULT_GROUP
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum of every rank's x (a new tensor)."""
+        """The sum of every rank's x (eagerly: in place)."""
         if not self.sharded:
             return x
-        c10d = torch.ops._c10d_functional
-        return c10d.wait_tensor(c10d.all_reduce(x, "sum", self.group_name))
+        import torch.distributed as dist
+
+        if torch.compiler.is_compiling():
+            c10d = torch.ops._c10d_functional
+            return c10d.wait_tensor(c10d.all_reduce(x, "sum", self.group_name))
+        dist.all_reduce(x, group=self.group)
+        return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's x [..., n] concatenated in rank order along the last dimension: [..., world_size * n]."""
         if not self.sharded:
             return x
-        c10d = torch.ops._c10d_functional
-        parts = c10d.wait_tensor(c10d.all_gather_into_tensor(x.contiguous(), self.world_size, self.group_name))
+        import torch.distributed as dist
+
+        x = x.contiguous()
+        if torch.compiler.is_compiling():
+            c10d = torch.ops._c10d_functional
+            parts = c10d.wait_tensor(c10d.all_gather_into_tensor(x, self.world_size, self.group_name))
+        else:
+            parts = torch.empty(self.world_size, *x.shape, dtype=x.dtype, device=x.device)
+            dist.all_gather_into_tensor(parts, x, group=self.group)
         return parts.view(self.world_size, *x.shape).movedim(0, -2).flatten(-2)  # [W, ..., n] -> [..., W * n]
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:

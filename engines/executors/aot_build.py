@@ -2,9 +2,9 @@
 step_export.py and compiled by AOTInductor into `OUT/engines/` (the `engines` stage of nemo3-build; aot_executor.py
 runs them).
 
-Each StepShape becomes one package per rank, `rank<r>/<step>_t<T>[_sampling].pt2`: max_sequences rows (the runtime pads decode,
-prefill-chunk and speculative calls to that many rows, padding rows with slot -1), and a dynamic number of pages
-read per row, from 1 to the block table's width: the executor passes the block table sliced to the call's bound
+Each StepShape becomes one package per rank, `rank<r>/<step>_t<T>[_sampling].pt2`: max_sequences rows (the runtime
+pads decode, prefill-chunk and speculative calls to that many rows, padding rows with slot -1), and a dynamic number
+of pages read per row, from 1 to the block table's width: the executor passes the block table sliced to the call's bound
 (`CompiledSteps.read_pages`), so one package serves every bound as fast as one package per bound (README,
 "Ahead-of-time engines"). A package holds code, no weights: the model's parameters and buffers are AOTInductor
 constants kept out of the package (`package_constants_in_so=False`) that the executor points at the served model's
@@ -17,8 +17,8 @@ A --tp N > 1 build compiles each rank's steps from its per-rank weights (OUT/ran
 process, inside a stand-in process group of the rank's place (torch.distributed's "fake" backend: AOTInductor looks
 the group up while compiling, and nothing is communicated): the network's collectives are functional ones traced by
 the process group's name (engines/network/parallel.py), that of the default group every rank of a serving stack
-joins (DEFAULT_GROUP, in the manifest), and the package runs them in that group. Each rank has its own packages: the ranks' graphs differ in constants (the
-vocabulary range, which rank adds the row-parallel biases, an expert-parallel rank's expert ids).
+joins (DEFAULT_GROUP, in the manifest), and the package runs them in that group. Each rank has its own packages:
+the ranks' graphs differ in constants (the vocabulary range, which rank adds the row-parallel biases).
 """
 
 from __future__ import annotations

@@ -152,22 +152,22 @@ def compare_ranks(model, graph: dict, protos: list, seed: int = 0) -> dict[str, 
     g = torch.Generator().manual_seed(seed)
     rows, T = graph["rows"], shape.tokens
     executor = TorchExecutor(model, rows, graph["max_length"])
-    table = executor.state.pages.table.clone()
-    pools = [{i.name: np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim],
-                               onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
-              for i in proto.graph.input if i.name in graph["aliased"].values()} for proto in protos]
     lengths = [T] + [1 + r % T for r in range(1, rows)] if shape.step == "prefill_step" else [T] * rows
     past, diffs = torch.zeros(rows, dtype=torch.long), {}
+    step_inputs = {"ids", "slots", "past", "lengths", TABLE}
+    pools = [{i.name: np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim],  # (each rank's own shapes)
+                               onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+              for i in proto.graph.input if i.name not in step_inputs} for proto in protos]
     for _ in range(2):
         values = {"ids": torch.randint(0, model.spec.vocab_size, (rows, T), generator=g), "slots": torch.arange(rows),
-                  "past": past, "lengths": torch.tensor(lengths), TABLE: table}
+                  "past": past, "lengths": torch.tensor(lengths), TABLE: executor.state.pages.table}
         feeds = [{i.name: pools[r][i.name] if i.name in pools[r] else to_numpy(values[i.name])
                   for i in proto.graph.input} for r, proto in enumerate(protos)]
         outputs = run_ranks(protos, feeds)
         want = _run_executor(executor, shape, values)
         for rank, (proto, results) in enumerate(zip(protos, outputs)):
             got = {o.name: value for o, value in zip(proto.graph.output, results)}
-            pools[rank] = {name: got[f"{name}.out"] for name in pools[rank]}
+            pools[rank].update({name: got[f"{name}.out"] for name in pools[rank] if f"{name}.out" in got})
             hidden = to_torch(got["out"])
             hidden = torch.cat([hidden[r, :lengths[r]] for r in range(rows)])
             for name, actual in (("out", hidden), ("logits", model.lm_head(hidden.to(model.dtype)).float())):

@@ -39,8 +39,9 @@ def build_plans(folder: Path, log=print) -> list[Path]:
 
     manifest = read_manifest(folder)
     if manifest["tp"] > 1:
-        raise RuntimeError(f"{WHERE}: {folder} holds the graphs of --tp {manifest['tp']} ranks, whose AllReduce/AllGather "
-                           "nodes need TensorRT plugins (NCCL) nemo3 does not provide; build with --tp 1")
+        raise RuntimeError(f"{WHERE}: {folder} holds the graphs of --tp {manifest['tp']} ranks, whose "
+                           "AllReduce/AllGather nodes need TensorRT plugins (NCCL) nemo3 does not provide; build with "
+                           "--tp 1")
     trt = import_tensorrt()
     register_plugins()  # the nemo3 nodes' AOT plugins, found by the parser in TensorRT's registry
     logger = trt.Logger(trt.Logger.WARNING)

@@ -62,7 +62,8 @@ def write_tensorrt_folder(models, out: Path, target: TensorRTTarget, log=print) 
                 graphs.append({"file": file, "rank": rank, "step": shape.step, "tokens": shape.tokens,
                                "rows": target.max_sequences, "max_length": target.max_length, "inputs": inputs,
                                "outputs": outputs,
-                               "aliased": {name: name.removesuffix(".out") for name in outputs if name.endswith(".out")},
+                               "aliased": {name: name.removesuffix(".out") for name in outputs
+                                           if name.endswith(".out")},
                                "plugins": sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})})
                 log(f"[tensorrt] {file}")
     used = sorted({p for g in graphs for p in g["plugins"]})

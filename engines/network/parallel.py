@@ -127,7 +127,7 @@ class Parallel:
             c10d = torch.ops._c10d_functional
             parts = c10d.wait_tensor(c10d.all_gather_into_tensor(x, self.world_size, self.group_name))
         else:
-            parts = torch.empty(self.world_size, *x.shape, dtype=x.dtype, device=x.device)
+            parts = x.new_empty(self.world_size * x.shape[0], *x.shape[1:])  # (gloo: the ranks' x concatenated)
             dist.all_gather_into_tensor(parts, x, group=self.group)
         return parts.view(self.world_size, *x.shape).movedim(0, -2).flatten(-2)  # [W, ..., n] -> [..., W * n]
 

@@ -143,6 +143,31 @@ def test_tp2_rank_graphs_run_together_give_the_tp1_executor(tp2_build):
         compare_ranks(model, manifest["graphs"][0], [protos[0], protos[0]])
 
 
+def test_the_ranks_evaluators_meet_at_each_collective():
+    """Two ranks' graphs (s = AllReduce(x), y = AllGather(x)) run together: each rank gets the sum and the ranks' x
+    in rank order."""
+    import numpy as np
+
+    from nemo3.engines.executors.onnx_collectives import collective_translations
+    from nemo3.engines.executors.onnx_validate import run_ranks
+    from nemo3.plugins.onnx_nodes import OPSET, plugin_attributes
+
+    collective_translations()  # (registers the nodes' schemas)
+    h = onnx.helper
+    nodes = [h.make_node("AllReduce", ["x"], ["s"], domain=DOMAIN, **plugin_attributes(world_size=2)),
+             h.make_node("AllGather", ["x"], ["y"], domain=DOMAIN, **plugin_attributes(world_size=2))]
+    graph = h.make_graph(nodes, "collectives", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+                         [h.make_tensor_value_info("s", onnx.TensorProto.FLOAT, [2, 3]),
+                          h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 3])])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(DOMAIN, OPSET)])
+    assert check_graph(proto) == []
+    xs = [np.arange(6, dtype=np.float32).reshape(2, 3) * (rank + 1) for rank in range(2)]
+    outputs = run_ranks([proto, proto], [{"x": x} for x in xs])
+    for total, gathered in outputs:
+        np.testing.assert_array_equal(total, xs[0] + xs[1])
+        np.testing.assert_array_equal(gathered, np.concatenate(xs))
+
+
 def test_tensorrt_engines_of_a_tp_build_are_refused_in_one_line(tp2_build):
     from nemo3.engines.executors.tensorrt_build import build_plans
 

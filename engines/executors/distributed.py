@@ -23,6 +23,7 @@ rank, and every later call raises it at once: the ranks cannot continue without 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -98,7 +99,7 @@ class DistributedExecutor:
 
 
 def rank_executor(model, max_sequences: int, max_length: int, state_memory: int | None,
-                  engines: str | None) -> TorchExecutor:
+                  engines: Path | None) -> TorchExecutor:
     """A rank's executor, the same on every rank: over the build's ahead-of-time engines (the folder `engines`: the
     rank's packages, their state shapes), else eager with its state sized by sequence_budget.py."""
     if engines is not None:
@@ -108,7 +109,7 @@ def rank_executor(model, max_sequences: int, max_length: int, state_memory: int 
 
 
 def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype | None, max_sequences: int,
-               max_length: int, state_memory: int | None, engines: str | None, ready: bytes) -> None:
+               max_length: int, state_memory: int | None, engines: Path | None, ready: bytes) -> None:
     """A worker rank (runtime/launcher.py's start_workers runs it): load the rank's weights, make its executor as the
     leader makes its own (rank_executor), send `ready`, run the leader's calls until the pipe closes."""
     parallel = Parallel.from_process_group(moe)

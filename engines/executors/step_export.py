@@ -176,8 +176,11 @@ def stand_in_group(parallel: Parallel):
     if not parallel.sharded:
         yield
         return
+    import sys
+
     import torch.distributed as dist
 
+    hook = sys.excepthook  # (which init_process_group replaces for good by one prefixing errors with the rank)
     dist.init_process_group("fake", rank=parallel.rank, world_size=parallel.world_size)
     try:
         if dist.group.WORLD.group_name != DEFAULT_GROUP:
@@ -186,3 +189,4 @@ def stand_in_group(parallel: Parallel):
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook

@@ -107,7 +107,6 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
                              num_pages=num_pages)
     ranks = str(BuildFolder(Path(path)).ranks)
     engines = _engines(path, model_folder(path), options)
-    engines = None if engines is None else str(engines)
     workers = start_workers(serve_rank, tp, default_backend(options.device),
                             args=(ranks, moe, options.device, options.dtype, options.max_sequences,
                                   options.max_length, options.state_memory, engines, READY),

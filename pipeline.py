@@ -69,9 +69,6 @@ class BuildOptions:
             raise BuildError(f"--precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
         if self.target not in TARGETS:
             raise BuildError(f"--target {self.target!r}: expected one of {', '.join(TARGETS)}")
-        if self.target == "tensorrt" and self.tp > 1:
-            raise BuildError(f"--target tensorrt --tp {self.tp}: per-rank ONNX graphs are not built yet (a rank's "
-                             "all-reduce would have to be a node of the graph); use --tp 1")
         if self.moe_parallel not in MOE_PARALLEL:
             raise BuildError(f"--moe-parallel {self.moe_parallel!r}: expected one of {', '.join(MOE_PARALLEL)}")
         if self.tp < 1:
@@ -229,11 +226,12 @@ def _engines_stage() -> Stage:
         why = skipped(b)
         return {"skipped": why} if why else {
             "source": open_checkpoint(_shard_source(b)).fingerprint(), "target": dataclasses.asdict(target(b)),
-            "tp": b.options.tp, "arch": host_arch(b.options.engine_device), "torch": torch.__version__,
-            "format": FORMAT}
+            "tp": b.options.tp, "moe_parallel": b.options.moe_parallel, "arch": host_arch(b.options.engine_device),
+            "torch": torch.__version__, "format": FORMAT}
 
     return Stage("engines", "engines", inputs,
-                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b), b.options.tp, skipped(b), log=print))
+                 lambda b, tmp: build_engines(_shard_source(b), tmp, target(b),
+                                              b.folder.ranks if b.options.tp > 1 else None, skipped(b), log=print))
 
 
 def _tensorrt_stage() -> Stage:
@@ -251,10 +249,16 @@ def _tensorrt_stage() -> Stage:
         return TensorRTTarget(o.engine_max_sequences, o.engine_max_length, 1 + k, prefill, o.engine_sampling)
 
     def run(b: Build, tmp: Path | None) -> dict:
-        from .engines.network.loading import load
+        from .engines.network.loading import load, load_rank
+        from .engines.network.parallel import Parallel
 
-        model = load(_shard_source(b))
-        summary = write_tensorrt_folder(model, tmp, target(b))
+        o = b.options
+        models = ([load(_shard_source(b))] if o.tp == 1 else  # (a rank's model is loaded when its graphs are exported)
+                  (load_rank(b.folder.ranks, Parallel(o.tp, r, o.moe_parallel)) for r in range(o.tp)))
+        summary = write_tensorrt_folder(models, tmp, target(b))
+        if o.tp > 1:
+            return {**summary, "note": f"--tp {o.tp}: the ranks' graphs hold AllReduce/AllGather nodes, whose TensorRT "
+                                        "plugins (NCCL) nemo3 does not provide: `nemo3 validate-onnx` runs them on CPU"}
         if tensorrt_installed():
             return {**summary, "plans": [str(p.relative_to(tmp)) for p in build_plans(tmp)]}
         return {**summary, "note": f"TensorRT is not installed here: the engines (rank0/*.plan) must be built where "
@@ -268,7 +272,8 @@ def _tensorrt_stage() -> Stage:
 
     return Stage("tensorrt", "tensorrt",
                  lambda b: {"source": open_checkpoint(_shard_source(b)).fingerprint(),
-                            "target": dataclasses.asdict(target(b)), "format": FORMAT},
+                            "target": dataclasses.asdict(target(b)), "tp": b.options.tp,
+                            "moe_parallel": b.options.moe_parallel, "format": FORMAT},
                  run, check, applies=lambda options: options.target == "tensorrt")
 
 

@@ -52,9 +52,14 @@ TENSOR_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(
 
 def register_schemas() -> None:
     """Register every nemo3 node's schema with onnx (once per process)."""
+    register_node_schemas(NODES.values())
+
+
+def register_node_schemas(specs) -> None:
+    """Register the schemas of nemo3 nodes `specs` (NodeSpecs) with onnx, those not registered yet."""
     import onnx
 
-    for spec in NODES.values():
+    for spec in specs:
         if onnx.defs.has(spec.op_type, DOMAIN):
             continue
         kinds = {"int": onnx.defs.OpSchema.AttrType.INT, "float": onnx.defs.OpSchema.AttrType.FLOAT}

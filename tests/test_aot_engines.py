@@ -142,13 +142,14 @@ def test_rerunning_the_build_skips_the_engines_stage(builds, tmp_path):
 
 
 def test_a_build_without_engines_says_why_and_serves_as_before(tmp_path):
-    """A build that did not ask for engines, or whose engines cannot be built yet (--tp 2), gets a manifest saying
-    why and no packages; the factory then serves it without engines, and refuses when engines are required."""
+    """A build that did not ask for engines, or whose engines cannot be built (--tp 2 --moe-parallel ep: a rank's
+    experts are not stacked), gets a manifest saying why and no packages; the factory then serves it without
+    engines, and refuses when engines are required."""
     for out, opts in ((tmp_path / "plain", {}), (tmp_path / "tp2", {"tp": 2, "engines": True})):
-        record = run_stages(BuildOptions(output=out, precision="bf16", engine_device="cpu", **opts), STAGES,
-                            log=lambda _: None)
+        record = run_stages(BuildOptions(output=out, precision="bf16", engine_device="cpu", **opts),
+                            ["quantize", "shard", "engines"], log=lambda _: None)
         assert record["stages"]["engines"]["engines"] == 0
-    assert record["stages"]["engines"]["unsupported"].startswith("--tp 2: per-rank engines are not built yet")
+    assert record["stages"]["engines"]["unsupported"].startswith("an MoE layer's experts are not stacked")
     assert open_scheduler(tmp_path / "plain", StackOptions(compile=False)).executor.kind == "eager"
     with pytest.raises(ValueError, match="no engines .not asked for"):
         open_scheduler(tmp_path / "plain", StackOptions(engines=True))

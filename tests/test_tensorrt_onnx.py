@@ -1,7 +1,7 @@
 """The tensorrt target (engines/executors/onnx_export.py, tensorrt_folder.py, the pipeline's `tensorrt` stage): the
 step graphs as ONNX, run in onnx's reference evaluator (nemo3 nodes through the plugins' references, TensorRT's
 quantization nodes by their semantics) against the torch executor, for the built-in model's bf16, fp8 and nvfp4
-builds (the model runs in fp32 on CPU)."""
+builds (the model runs in fp32 on CPU), and a --tp 2 build's per-rank decode graphs run together against tp 1."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-from nemo3.engines.executors.onnx_validate import check_graph  # noqa: E402
+from nemo3.engines.executors.onnx_validate import check_graph, compare_ranks  # noqa: E402
 from nemo3.engines.executors.step_export import pool_fields  # noqa: E402
 from nemo3.engines.executors.tensorrt_folder import (TensorRTTarget, read_manifest,  # noqa: E402
                                                      validate_tensorrt_folder, write_tensorrt_folder)
 from nemo3.engines.network.loading import load  # noqa: E402
-from nemo3.export.build_folder import BuildError, BuildFolder, model_folder  # noqa: E402
+from nemo3.export.build_folder import BuildFolder, model_folder  # noqa: E402
 from nemo3.pipeline import BuildOptions, run_stages  # noqa: E402
 from nemo3.plugins.onnx_nodes import DOMAIN, NODES  # noqa: E402
 
@@ -80,7 +80,7 @@ def test_quantized_graphs_equal_the_torch_executor(tmp_path, precision):
     run_stages(options(out, precision), ["quantize"], log=lambda line: None)
     model = load(model_folder(out))
     folder = tmp_path / "tensorrt"
-    write_tensorrt_folder(model, folder, TARGET, log=lambda line: None)
+    write_tensorrt_folder([model], folder, TARGET, log=lambda line: None)
     proto = onnx.load(str(folder / read_manifest(folder)["graphs"][0]["file"]))
     types = {onnx.TensorProto.DataType.Name(init.data_type) for init in proto.graph.initializer}
     ops = {(node.domain, node.op_type) for node in proto.graph.node}
@@ -118,9 +118,73 @@ def test_validate_onnx_cli(bf16_build):
     assert "4 graphs equal the torch executor" in result.output
 
 
-def test_tensorrt_target_options():
-    with pytest.raises(BuildError, match="--target tensorrt --tp 2"):
-        BuildOptions(output="x", target="tensorrt", tp=2)
+@pytest.fixture(scope="module")
+def tp2_build(tmp_path_factory):
+    """A --tp 2 --moe-parallel tp build's decode graphs, one per rank."""
+    out = tmp_path_factory.mktemp("trt") / "tp2"
+    options = BuildOptions(output=out, precision="bf16", target="tensorrt", tp=2, moe_parallel="tp",
+                           engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_prefill_tokens=(), engine_mtp=0)
+    logs = []
+    record = run_stages(options, ["quantize", "shard", "tensorrt"], log=logs.append)
+    assert record["stages"]["tensorrt"]["graphs"] == 2, logs
+    return out
+
+
+def test_tp2_rank_graphs_run_together_give_the_tp1_executor(tp2_build):
+    """Each rank's decode graph holds its all-reduces as AllReduce nodes with the plugin attributes and passes the
+    checker; the two ranks' graphs, run together in the reference evaluator (two calls from fresh slots, the second
+    reading the pools the first wrote), give the tp 1 torch executor's hidden states and logits; rank 0's graph in
+    both places does not."""
+    folder = BuildFolder(tp2_build).tensorrt
+    manifest = read_manifest(folder)
+    assert manifest["tp"] == 2
+    assert [(g["rank"], g["file"]) for g in manifest["graphs"]] == [(0, "rank0/backbone_r2_t1.onnx"),
+                                                                   (1, "rank1/backbone_r2_t1.onnx")]
+    protos = [onnx.load(str(folder / g["file"])) for g in manifest["graphs"]]
+    for proto in protos:
+        reduces = [node for node in proto.graph.node if node.op_type == "AllReduce"]
+        assert reduces and all(node.domain == DOMAIN for node in reduces)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in reduces[0].attribute}
+        assert attrs == {"plugin_namespace": b"nemo3", "plugin_version": b"1", "world_size": 2}
+        assert check_graph(proto) == []
+    model = load(model_folder(tp2_build))
+    results = validate_tensorrt_folder(model, folder, log=lambda line: None)
+    assert set(results) == {"rank0/backbone_r2_t1.onnx"} and set(results["rank0/backbone_r2_t1.onnx"]) == {"out",
+                                                                                                        "logits"}
+    with pytest.raises(ValueError, match=r"rank0/backbone_r2_t1.onnx \(rank 0\): output out differs"):
+        compare_ranks(model, manifest["graphs"][0], [protos[0], protos[0]])
+
+
+def test_the_ranks_evaluators_meet_at_each_collective():
+    """Two ranks' graphs (s = AllReduce(x), y = AllGather(x)) run together: each rank gets the sum and the ranks' x
+    in rank order."""
+    import numpy as np
+
+    from nemo3.engines.executors.onnx_collectives import collective_translations
+    from nemo3.engines.executors.onnx_validate import run_ranks
+    from nemo3.plugins.onnx_nodes import OPSET, plugin_attributes
+
+    collective_translations()  # (registers the nodes' schemas)
+    h = onnx.helper
+    nodes = [h.make_node("AllReduce", ["x"], ["s"], domain=DOMAIN, **plugin_attributes(world_size=2)),
+             h.make_node("AllGather", ["x"], ["y"], domain=DOMAIN, **plugin_attributes(world_size=2))]
+    graph = h.make_graph(nodes, "collectives", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+                         [h.make_tensor_value_info("s", onnx.TensorProto.FLOAT, [2, 3]),
+                          h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 3])])
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(DOMAIN, OPSET)])
+    assert check_graph(proto) == []
+    xs = [np.arange(6, dtype=np.float32).reshape(2, 3) * (rank + 1) for rank in range(2)]
+    outputs = run_ranks([proto, proto], [{"x": x} for x in xs])
+    for total, gathered in outputs:
+        np.testing.assert_array_equal(total, xs[0] + xs[1])
+        np.testing.assert_array_equal(gathered, np.concatenate(xs))
+
+
+def test_tensorrt_engines_of_a_tp_build_are_refused_in_one_line(tp2_build):
+    from nemo3.engines.executors.tensorrt_build import build_plans
+
+    with pytest.raises(RuntimeError, match=r"--tp 2 ranks, whose AllReduce/AllGather nodes need TensorRT plugins"):
+        build_plans(BuildFolder(tp2_build).tensorrt)
 
 
 def test_tensorrt_build_needs_tensorrt(bf16_build):

@@ -2,9 +2,9 @@
 step_export.py and compiled by AOTInductor into `OUT/engines/` (the `engines` stage of nemo3-build; aot_executor.py
 runs them).
 
-Each StepShape becomes one package, `rank0/<step>_t<T>[_sampling].pt2`: max_sequences rows (the runtime pads decode,
-prefill-chunk and speculative calls to that many rows, padding rows with slot -1), and a dynamic number of pages
-read per row, from 1 to the block table's width: the executor passes the block table sliced to the call's bound
+Each StepShape becomes one package per rank, `rank<r>/<step>_t<T>[_sampling].pt2`: max_sequences rows (the runtime
+pads decode, prefill-chunk and speculative calls to that many rows, padding rows with slot -1), and a dynamic number
+of pages read per row, from 1 to the block table's width: the executor passes the block table sliced to the call's bound
 (`CompiledSteps.read_pages`), so one package serves every bound as fast as one package per bound (README,
 "Ahead-of-time engines"). A package holds code, no weights: the model's parameters and buffers are AOTInductor
 constants kept out of the package (`package_constants_in_so=False`) that the executor points at the served model's
@@ -12,19 +12,28 @@ tensors (user-managed), and its plain-attribute tensors (stacked experts, dequan
 pools are inputs updated in place, so the runtime keeps its one InferenceState (prefill chunks, which run eagerly,
 see what the engines wrote). Not frozen, unlike compile-at-load: freezing would fold (copy) the weights into each
 package. On CPU the Triton kernels' plain-torch references are traced in (plugins/dispatch.py).
+
+A --tp N > 1 build compiles each rank's steps from its per-rank weights (OUT/ranks), one rank after another in this
+process, inside a stand-in process group of the rank's place (torch.distributed's "fake" backend: AOTInductor looks
+the group up while compiling, and nothing is communicated): the network's collectives are functional ones traced by
+the process group's name (engines/network/parallel.py), that of the default group every rank of a serving stack
+joins (DEFAULT_GROUP, in the manifest), and the package runs them in that group. Each rank has its own packages:
+the ranks' graphs differ in constants (the vocabulary range, which rank adds the row-parallel biases). Only the
+decode step is compiled for tp > 1 (build_engines says why); the other calls run eagerly on every rank.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from ...export.kv_pages import DEFAULT_PAGE_SIZE
+from ..network.parallel import DEFAULT_GROUP, SINGLE, Parallel
 from .aot_manifest import EngineEntry, Manifest, host_arch
-from .compiled_step import PREFILL_TOKENS, CompiledSteps, unsupported
-from .step_export import StepShape, export_step, step_shapes
+from .compiled_step import PREFILL_TOKENS, CompiledSteps, not_traceable
+from .step_export import StepShape, export_step, stand_in_group, step_shapes
 
 # no precompiled headers: inductor keeps them in one machine-wide folder ($TMPDIR/torchinductor_$USER) whatever the
 # cache dir, which concurrent builds on a shared machine can remove under each other
@@ -42,39 +51,50 @@ class EngineTarget:
     page_size: int = DEFAULT_PAGE_SIZE
 
 
-def build_engines(source: Path, out: Path, target: EngineTarget, tp: int = 1, skipped: str | None = None,
-                  log=print) -> dict:
+def build_engines(source: Path, out: Path, target: EngineTarget, ranks: Path | None = None,
+                  skipped: str | None = None, log=print) -> dict:
     """Compile the engines of the checkpoint `source` (what serving loads: a build's checkpoint/) into `out`, with
-    manifest.json; returns the stage's summary. A model that cannot be exported, or a build that `skipped` them (the
+    manifest.json; returns the stage's summary. `ranks`: a --tp N > 1 build's per-rank weights (OUT/ranks), whose
+    ranks' engines are compiled instead. A model that cannot be exported, or a build that `skipped` them (the
     reason), gets a manifest saying why."""
     from ...export.checkpoint import open_checkpoint
-    from ..network.loading import load
+    from ..network.loading import load, load_rank, read_rank_config
 
-    why = skipped or not_built_yet(target.device, tp)
-    model = None if why else load(source, device=target.device)  # (a model without engines is not loaded)
-    dtype = None if model is None else str(model.dtype).removeprefix("torch.")
+    parallels = [SINGLE]
+    if ranks is not None:
+        config = read_rank_config(ranks)[1]
+        parallels = [Parallel(config["world_size"], r, config["moe_parallel"]) for r in range(config["world_size"])]
+        # decode only: a tp 2 speculative package (checked by hand) failed in a worker at its first collective, and
+        # prefill packages are not verified; those calls run eagerly on every rank
+        target = replace(target, draft_tokens=0, sampling=False, prefill_tokens=())
     manifest = Manifest(device=torch.device(target.device).type, arch=host_arch(target.device),
-                        torch=torch.__version__, dtype=dtype, max_sequences=target.max_sequences,
+                        torch=torch.__version__, dtype=None, max_sequences=target.max_sequences,
                         max_length=target.max_length, page_size=target.page_size,
-                        fingerprint=open_checkpoint(source).fingerprint(), unsupported=why or unsupported(model))
-    if manifest.unsupported is None:
+                        fingerprint=open_checkpoint(source).fingerprint(),
+                        unsupported=skipped or not_built_yet(target.device), tp=len(parallels),
+                        group=DEFAULT_GROUP if len(parallels) > 1 else None)
+    for parallel in parallels if manifest.unsupported is None else []:  # (a model without engines is not loaded)
+        model = (load(source, device=target.device) if ranks is None else
+                 load_rank(ranks, parallel, target.device))
+        manifest.dtype = str(model.dtype).removeprefix("torch.")
+        manifest.unsupported = not_traceable(model)
+        if manifest.unsupported is not None:
+            manifest.engines = []
+            break
         state = model.new_state(target.max_sequences, target.max_length, mtp=model.mtp is not None,
                                 page_size=target.page_size)
         steps = CompiledSteps(model, state, target.prefill_tokens)
         manifest.prefill_tokens = list(steps.prefill_tokens)
-        manifest.engines = [_compile(model, state, shape, out, log)
-                            for shape in step_shapes(steps, 1 + target.draft_tokens, target.sampling)]
+        with stand_in_group(parallel):
+            manifest.engines += [_compile(model, state, shape, out, parallel.rank, log)
+                                 for shape in step_shapes(steps, 1 + target.draft_tokens, target.sampling)]
     manifest.write(out)
     return {"engines": len(manifest.engines), "arch": manifest.arch, "unsupported": manifest.unsupported,
             "bytes": sum(f.stat().st_size for f in out.rglob("*.pt2"))}
 
 
-def not_built_yet(device: str, tp: int) -> str | None:
-    """Why engines for `device` and `tp` ranks are not built, whatever the model, or None."""
-    if tp > 1:
-        return (f"--tp {tp}: per-rank engines are not built yet (AOTInductor's C shim runs _c10d_functional "
-                "all_reduce/wait_tensor by process-group name, not the network's in-place torch.distributed "
-                "all_reduce/all_gather/broadcast)")
+def not_built_yet(device: str) -> str | None:
+    """Why engines for `device` are not built, whatever the model, or None."""
     if torch.device(device).type == "cuda":  # (no GPU was available to this work)
         return ("--engine-device cuda: not built yet (the Triton kernels must become torch.library.triton_op to be "
                 "compiled into a package; as custom ops they stay Python callbacks); serving compiles CUDA graphs "
@@ -82,17 +102,17 @@ def not_built_yet(device: str, tp: int) -> str | None:
     return None
 
 
-def package_name(shape: StepShape) -> str:
-    return f"rank0/{shape.step}_t{shape.tokens}{'_sampling' if shape.sampling else ''}.pt2"
+def package_name(shape: StepShape, rank: int) -> str:
+    return f"rank{rank}/{shape.step}_t{shape.tokens}{'_sampling' if shape.sampling else ''}.pt2"
 
 
 @torch.no_grad()
-def _compile(model, state, shape: StepShape, out: Path, log) -> EngineEntry:
+def _compile(model, state, shape: StepShape, out: Path, rank: int, log) -> EngineEntry:
     step = export_step(model, state, shape, lift_constants=True)
-    file = package_name(shape)
+    file = package_name(shape, rank)
     (out / file).parent.mkdir(parents=True, exist_ok=True)
     torch._inductor.aoti_compile_and_package(step.program, package_path=str(out / file),
                                              inductor_configs=INDUCTOR_CONFIGS)
     log(f"[engines] {file}")
     return EngineEntry(file=file, step=shape.step, tokens=shape.tokens, sampling=shape.sampling,
-                       max_pages=state.pages.table.shape[1], inputs=step.inputs, outputs=step.outputs)
+                       max_pages=state.pages.table.shape[1], inputs=step.inputs, outputs=step.outputs, rank=rank)

@@ -6,6 +6,8 @@ eager, as in the torch executor. The engines update the executor's own state poo
 weights (user-managed constants: nothing is copied); each call passes the block table sliced to the pages it reads
 (`CompiledSteps.read_pages`: a dynamic dimension of every package). A call no package covers (a draft length the
 build did not export, a min_tokens ban, a sampled speculative step of a build without it) runs the step eagerly.
+A tensor-parallel rank (a --tp N > 1 build, under the DistributedExecutor) runs its own rank's packages, whose
+collectives meet the other ranks' in the process group the manifest names.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .aot_manifest import EngineEntry, Manifest, check_runs_here
+from .aot_manifest import EngineEntry, Manifest, check_ranks, check_runs_here
 from . import compiled_step
 from .compiled_step import CompiledSteps
 from .step_export import constant_tensors, pool_tensors
@@ -27,7 +29,8 @@ class EngineSteps(CompiledSteps):
 
     def __init__(self, model, state, folder: Path, manifest: Manifest):
         super().__init__(model, state, tuple(manifest.prefill_tokens))
-        self.runners = {_key(entry): _load(folder / entry.file, model) for entry in manifest.engines}
+        self.runners = {_key(entry): _load(folder / entry.file, model) for entry in manifest.engines
+                        if entry.rank == model.parallel.rank}
         # every package's inputs after the step's and the block table's
         self.extra = [*pool_tensors(state)[1:], *constant_tensors(model)]
 
@@ -65,6 +68,7 @@ class AOTExecutor(TorchExecutor):
         folder = Path(folder)
         manifest = Manifest.read(folder)
         check_runs_here(manifest, folder, model.device)
+        check_ranks(manifest, folder, model.parallel)
         if manifest.unsupported or not manifest.engines:
             raise ValueError(f"{folder}: no engines ({manifest.unsupported})")
         if str(model.dtype).removeprefix("torch.") != manifest.dtype:

@@ -57,7 +57,7 @@ class CompiledSteps:
         if any(T <= MAX_STEP_TOKENS for T in prefill_tokens):
             raise ValueError(f"prefill_tokens={prefill_tokens}: each must exceed {MAX_STEP_TOKENS} (shorter calls run "
                              f"the decode ops)")
-        why = unsupported(model)
+        why = not_traceable(model)
         if why:
             raise ValueError(f"compiled steps: {why}; run it eagerly")
         cuda = model.device.type == "cuda"
@@ -163,10 +163,16 @@ class CompiledSteps:
 
 def unsupported(model) -> str | None:
     """Why `model` cannot run compiled steps on its device, or None if it can."""
+    if model.parallel.sharded:
+        return ("a tensor-parallel rank runs eagerly (compile-at-load with collectives is not verified; a --tp build's "
+                "ahead-of-time engines are)")
+    return not_traceable(model)
+
+
+def not_traceable(model) -> str | None:
+    """Why `model`'s steps cannot be traced into a graph (compiled or exported) on its device, or None if they can."""
     from ..network.moe import MoE
 
-    if model.parallel.sharded:
-        return "a tensor-parallel rank runs eagerly (compiled steps with collectives are not verified)"
     if any(isinstance(m, QuantLinear) and m.layout.weight_format != BF16 and m.dequantized is None
            and not m.runs_packed for m in model.modules()):
         return "a quantized layer's weight is not dequantized (prepare_quant_linears was not called)"

@@ -23,11 +23,13 @@ rank, and every later call raises it at once: the ranks cannot continue without 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from ..network.loading import load_rank
 from ..network.parallel import Parallel
+from .aot_executor import AOTExecutor
 from .base import ForwardOutput, RaggedBatch, SpeculativeBatch
 from .sequence_budget import sequence_budget
 from .torch_executor import TorchExecutor
@@ -96,14 +98,23 @@ class DistributedExecutor:
             raise RankFailure(self._failure) from e
 
 
-def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype | None, max_sequences: int,
-               max_length: int, state_memory: int | None, ready: bytes) -> None:
-    """A worker rank (runtime/launcher.py's start_workers runs it): load the rank's weights, size its state as the
-    leader sizes its own (sequence_budget.py), send `ready`, run the leader's calls until the pipe closes."""
-    parallel = Parallel.from_process_group(moe)
-    model = load_rank(build, parallel, device, dtype)
+def rank_executor(model, max_sequences: int, max_length: int, state_memory: int | None,
+                  engines: Path | None) -> TorchExecutor:
+    """A rank's executor, the same on every rank: over the build's ahead-of-time engines (the folder `engines`: the
+    rank's packages, their state shapes), else eager with its state sized by sequence_budget.py."""
+    if engines is not None:
+        return AOTExecutor(model, engines)
     max_sequences, num_pages = sequence_budget(model, max_sequences, max_length, state_memory)
-    executor = TorchExecutor(model, max_sequences, max_length, compile=False, num_pages=num_pages)
+    return TorchExecutor(model, max_sequences, max_length, compile=False, num_pages=num_pages)
+
+
+def serve_rank(connection, build: str, moe: str, device: str, dtype: torch.dtype | None, max_sequences: int,
+               max_length: int, state_memory: int | None, engines: Path | None, ready: bytes) -> None:
+    """A worker rank (runtime/launcher.py's start_workers runs it): load the rank's weights, make its executor as the
+    leader makes its own (rank_executor), send `ready`, run the leader's calls until the pipe closes."""
+    parallel = Parallel.from_process_group(moe)
+    executor = rank_executor(load_rank(build, parallel, device, dtype), max_sequences, max_length, state_memory,
+                             engines)
     connection.send_bytes(ready)
     while True:
         try:

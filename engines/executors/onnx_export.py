@@ -6,7 +6,8 @@ plugin op stays one op (a `nemo3` node, plugins/onnx_nodes.py) and the ops that 
 variants whose results are copied into the pools, so functionalizing the program (`run_decompositions`) turns every
 pool update into an output. Those outputs are made the graph's own (torch.onnx drops input mutations): each updated
 pool `<name>.out` is the aliased partner of input `<name>`, then `out` (the step's result). Quantized layers become
-TensorRT's quantization nodes (quant/onnx_nodes.py).
+TensorRT's quantization nodes (quant/onnx_nodes.py), a tensor-parallel rank's collectives AllReduce/AllGather nodes
+(onnx_collectives.py; exported inside a process group of the rank's place, aot_build.stand_in_group).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from ...plugins.dispatch import functional_ops
 from ...plugins.onnx_nodes import DOMAIN, OPSET, translation_table
 from ...quant.onnx_nodes import quant_translation_table, retype_fp4_weights
+from .onnx_collectives import collective_translations
 from .step_export import StepShape, export_step
 
 ONNX_OPSET = 23  # FLOAT4E2M1 and blocked DequantizeLinear
@@ -55,7 +57,8 @@ def export_step_onnx(model, shape: StepShape, rows: int, max_length: int, path: 
         step_program = export_step(model, state, shape, state.pages.table.shape[1])
     program, outputs = pure_program(step_program)
     onnx_program = torch.onnx.export(program, (), dynamo=True, opset_version=ONNX_OPSET,
-                                     custom_translation_table={**translation_table(), **quant_translation_table()},
+                                     custom_translation_table={**translation_table(), **quant_translation_table(),
+                                                               **collective_translations()},
                                      input_names=step_program.inputs, output_names=outputs, optimize=True,
                                      verbose=False)
     proto = onnx_program.model_proto

@@ -8,10 +8,17 @@ executor (eager) and through the graph from the same block table and pools (a sa
 uniforms, sampling parameters and draft distributions), and returns the largest absolute difference of each output:
 the step's result `out` (the final hidden states, and the logits the lm_head makes of them; a speculative step's
 tokens, equal) and every updated pool (and `draft_probs`).
+
+`compare_ranks(model, graph, protos)` does the same for the ranks' graphs of a --tp N > 1 build (tensorrt_folder.py)
+against the tp 1 executor on `model`: the ranks' evaluators run together, one thread each, meeting at every AllReduce
+and AllGather (onnx_collectives.py), from fresh slots (zero pools, past 0) for two calls, the second reading the
+pools the first wrote (a rank's pools hold its share of the state: they are checked through the second call's
+results). Speculative graphs of a --tp build are not compared yet.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..network.quant_linear import QuantLinear
@@ -26,7 +33,7 @@ TOLERANCE = dict(rtol=1e-5, atol=1e-5)  # fp32 rounding: the evaluator sums in n
 QUANTIZED_ACTIVATIONS_BOUND = 2e-5
 
 
-def evaluator(proto):
+def evaluator(proto, extra_ops: list = ()):
     import numpy as np
     from onnx.reference import ReferenceEvaluator
     from onnx.reference.op_run import OpRun
@@ -42,7 +49,7 @@ def evaluator(proto):
             return (np.take_along_axis(data, np.where(indices < 0, indices + data.shape[axis], indices), axis),)
 
     register_schemas()
-    return ReferenceEvaluator(proto, new_ops=NEMO3_OPS + QUANT_OPS + [GatherElements])
+    return ReferenceEvaluator(proto, new_ops=NEMO3_OPS + QUANT_OPS + [GatherElements, *extra_ops])
 
 
 def _prompts(executor: TorchExecutor, shape: StepShape, generator: torch.Generator) -> list[int]:
@@ -143,15 +150,88 @@ def compare_step(model, graph: dict, proto, seed: int = 0) -> dict[str, float]:
     return diffs
 
 
+@torch.inference_mode()
+def compare_ranks(model, graph: dict, protos: list, seed: int = 0) -> dict[str, float]:
+    """{output name: max |graph - executor|, over the ranks and both calls} for the ranks' graphs `protos` (rank
+    order) of manifest entry `graph`, against the tp 1 executor on `model`; module docstring."""
+    import onnx
+
+    from ...plugins.onnx_reference_ops import to_numpy, to_torch
+
+    shape = StepShape(graph["step"], graph["tokens"])
+    if shape.step == "speculative_step":
+        raise ValueError(f"{graph['file']}: the speculative graphs of a --tp build are not compared yet (only decode "
+                         "and prefill graphs)")
+    g = torch.Generator().manual_seed(seed)
+    rows, T = graph["rows"], shape.tokens
+    executor = TorchExecutor(model, rows, graph["max_length"])
+    lengths = [T] + [1 + r % T for r in range(1, rows)] if shape.step == "prefill_step" else [T] * rows
+    past, diffs = torch.zeros(rows, dtype=torch.long), {}
+    step_inputs = {"ids", "slots", "past", "lengths", TABLE}
+    pools = [{i.name: np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim],  # (each rank's own shapes)
+                               onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
+              for i in proto.graph.input if i.name not in step_inputs} for proto in protos]
+    for _ in range(2):
+        values = {"ids": torch.randint(0, model.spec.vocab_size, (rows, T), generator=g), "slots": torch.arange(rows),
+                  "past": past, "lengths": torch.tensor(lengths), TABLE: executor.state.pages.table}
+        feeds = [{i.name: pools[r][i.name] if i.name in pools[r] else to_numpy(values[i.name])
+                  for i in proto.graph.input} for r, proto in enumerate(protos)]
+        outputs = run_ranks(protos, feeds)
+        want = _run_executor(executor, shape, values)
+        for rank, (proto, results) in enumerate(zip(protos, outputs)):
+            got = {o.name: value for o, value in zip(proto.graph.output, results)}
+            pools[rank].update({name: got[f"{name}.out"] for name in pools[rank] if f"{name}.out" in got})
+            hidden = to_torch(got["out"])
+            hidden = torch.cat([hidden[r, :lengths[r]] for r in range(rows)])
+            for name, actual in (("out", hidden), ("logits", model.lm_head(hidden.to(model.dtype)).float())):
+                try:
+                    torch.testing.assert_close(actual.float(), want[name].float(), **TOLERANCE)
+                except AssertionError as e:
+                    raise ValueError(f"{graph['file']} (rank {rank}): output {name} differs from the tp 1 torch "
+                                     f"executor: {e}") from e
+                diffs[name] = max(diffs.get(name, 0.0), float((actual.float() - want[name].float()).abs().max()))
+        past = past + torch.tensor(lengths)
+    return diffs
+
+
+def run_ranks(protos: list, feeds: list[dict]) -> list[list]:
+    """Every rank's outputs of its graph in `protos` on its `feeds`, the ranks' evaluators run together on one
+    thread each (their collectives meet in one Exchange); the first rank's error is raised."""
+    import threading
+
+    from .onnx_collectives import Exchange, rank_ops
+
+    exchange, results, errors = Exchange(len(protos)), [None] * len(protos), []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = evaluator(protos[rank], rank_ops(rank, exchange)).run(None, feeds[rank])
+        except BaseException as e:  # (the others then stop at their next collective)
+            errors.append(e)
+            exchange.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(len(protos))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def check_graph(proto) -> list[str]:
     """onnx.checker with the nemo3 schemas registered, and the plugin attributes of every nemo3 node; returns the
     problems (empty when the graph is fine)."""
     import onnx
 
-    from ...plugins.onnx_nodes import DOMAIN, NODES, PLUGIN_NAMESPACE, PLUGIN_VERSION, register_schemas
+    from ...plugins.onnx_nodes import (DOMAIN, NODES, PLUGIN_NAMESPACE, PLUGIN_VERSION, register_node_schemas,
+                                       register_schemas)
     from ...quant.onnx_nodes import register_schemas as register_trt_schemas
+    from .onnx_collectives import COLLECTIVES
 
     register_schemas()
+    register_node_schemas(COLLECTIVES.values())
     register_trt_schemas()
     problems = []
     try:
@@ -165,7 +245,7 @@ def check_graph(proto) -> list[str]:
         if node.domain != DOMAIN:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        spec = NODES.get(node.op_type)
+        spec = NODES.get(node.op_type) or COLLECTIVES.get(node.op_type)
         if spec is None:
             problems.append(f"node {node.name}: unknown nemo3 op_type {node.op_type}")
         elif attrs.get("plugin_namespace") != PLUGIN_NAMESPACE.encode() or \

@@ -20,11 +20,13 @@ loaded model.
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..network.parallel import DEFAULT_GROUP, Parallel
 from . import compiled_step
 from .compiled_step import SPECULATIVE_PADDING, CompiledSteps
 
@@ -164,3 +166,27 @@ def export_step(model, state, shape: StepShape, bound: int | None = None,
     inputs = [*argument_names(step_function(shape), args), TABLE, *(name for name, _, _ in pool_fields(state)),
               *(name for name, *_ in constants)]
     return StepProgram(program, inputs, ["out"])
+
+
+@contextmanager
+def stand_in_group(parallel: Parallel):
+    """For a sharded `parallel`: this process as its rank of a default process group of its world size, named as a
+    serving stack's is, that communicates nothing (torch.distributed's "fake" backend), while the rank's steps are
+    exported and compiled (AOTInductor and the ONNX exporter look the group up by name)."""
+    if not parallel.sharded:
+        yield
+        return
+    import sys
+
+    import torch.distributed as dist
+
+    hook = sys.excepthook  # (which init_process_group replaces for good by one prefixing errors with the rank)
+    dist.init_process_group("fake", rank=parallel.rank, world_size=parallel.world_size)
+    try:
+        if dist.group.WORLD.group_name != DEFAULT_GROUP:
+            raise RuntimeError(f"torch named the default process group {dist.group.WORLD.group_name!r}, not "
+                               f"{DEFAULT_GROUP!r}: the engines would not find a serving stack's group")
+        yield
+    finally:
+        dist.destroy_process_group()
+        sys.excepthook = hook

@@ -63,11 +63,16 @@ def build_plans(folder: Path, log=print) -> list[Path]:
     """Build every graph of the manifest in `folder` into a .plan file; returns their paths."""
     from ...plugins.tensorrt_plugins import register_plugins
 
+    manifest = read_manifest(folder)
+    if manifest["tp"] > 1:
+        raise RuntimeError(f"{WHERE}: {folder} holds the graphs of --tp {manifest['tp']} ranks, whose "
+                           "AllReduce/AllGather nodes need TensorRT plugins (NCCL) nemo3 does not provide; build with "
+                           "--tp 1")
     trt = import_tensorrt()
     register_plugins()  # the nemo3 nodes' AOT plugins, found by the parser in TensorRT's registry
     logger = trt.Logger(trt.Logger.WARNING)
     plans = []
-    for graph in read_manifest(folder)["graphs"]:
+    for graph in manifest["graphs"]:
         onnx_path = Path(folder) / graph["file"]
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))

@@ -10,6 +10,10 @@ manifest lists each graph's inputs and outputs, its aliased pairs (updated pool 
 (each kernel's PTX is compiled when the engine is built: plugins/tensorrt_plugins.py) and the command that builds
 the engines where TensorRT is installed (tensorrt_build.py). `validate_tensorrt_folder` runs every graph in onnx's
 reference evaluator against the torch executor (onnx_validate.py): `nemo3 validate-onnx OUT`.
+
+A --tp N > 1 build has each rank's graphs (`rank{r}/`, `rank` in each entry, `tp` in the manifest), exported from the
+rank's weights with its collectives as AllReduce/AllGather nodes (onnx_collectives.py); the validator runs the ranks'
+graphs of a step together, one reference evaluator per rank meeting at each collective, against the tp 1 executor.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .compiled_step import PREFILL_TOKENS, CompiledSteps
-from .step_export import StepShape, step_shapes
+from .step_export import StepShape, stand_in_group, step_shapes
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -45,29 +49,35 @@ def tensorrt_shapes(model, target: TensorRTTarget) -> list[StepShape]:
     return step_shapes(CompiledSteps(model, state, target.prefill_tokens), target.max_tokens, target.sampling)
 
 
-def graph_file(shape: StepShape, rows: int) -> str:
+def graph_file(shape: StepShape, rows: int, rank: int = 0) -> str:
     kind = shape.step.removesuffix("_step") + ("_sampling" if shape.sampling else "")
-    return f"rank0/{kind}_r{rows}_t{shape.tokens}.onnx"
+    return f"rank{rank}/{kind}_r{rows}_t{shape.tokens}.onnx"
 
 
-def write_tensorrt_folder(model, out: Path, target: TensorRTTarget, log=print) -> dict:
-    """Export the graphs of `target` for `model` into `out` (graphs + manifest.json); returns the stage's summary."""
+def write_tensorrt_folder(models, out: Path, target: TensorRTTarget, log=print) -> dict:
+    """Export the graphs of `target` for `models` (every tensor-parallel rank's Model, in rank order, e.g. loaded one
+    at a time; [model] at tp 1) into `out` (graphs + manifest.json); returns the stage's summary."""
     from ...plugins.onnx_nodes import DOMAIN, NODES
     from .onnx_export import export_step_onnx
 
     graphs = []
-    for shape in tensorrt_shapes(model, target):
-        file = graph_file(shape, target.max_sequences)
-        proto, inputs, outputs = export_step_onnx(model, shape, target.max_sequences, target.max_length, out / file)
-        graphs.append({"file": file, "step": shape.step, "tokens": shape.tokens, "sampling": shape.sampling,
-                       "rows": target.max_sequences,
-                       "max_length": target.max_length, "inputs": inputs, "outputs": outputs,
-                       "aliased": {name: name.removesuffix(".out") for name in outputs if name.endswith(".out")},
-                       "plugins": sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})})
-        log(f"[tensorrt] {file}")
+    for model in models:
+        rank = model.parallel.rank
+        with stand_in_group(model.parallel):
+            for shape in tensorrt_shapes(model, target):
+                file = graph_file(shape, target.max_sequences, rank)
+                proto, inputs, outputs = export_step_onnx(model, shape, target.max_sequences, target.max_length,
+                                                          out / file)
+                graphs.append({"file": file, "rank": rank, "step": shape.step, "tokens": shape.tokens,
+                               "sampling": shape.sampling, "rows": target.max_sequences,
+                               "max_length": target.max_length, "inputs": inputs, "outputs": outputs,
+                               "aliased": {name: name.removesuffix(".out") for name in outputs
+                                           if name.endswith(".out")},
+                               "plugins": sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})})
+                log(f"[tensorrt] {file}")
     used = sorted({p for g in graphs for p in g["plugins"]})
-    manifest = {"format": FORMAT, "dtype": str(model.dtype).removeprefix("torch."), "graphs": graphs,
-                "plugins": {name: list(NODES[name].inputs) for name in used},
+    manifest = {"format": FORMAT, "dtype": str(model.dtype).removeprefix("torch."), "tp": model.parallel.world_size,
+                "graphs": graphs, "plugins": {name: list(NODES[name].inputs) for name in used if name in NODES},
                 "engines": f"built where TensorRT is installed: `{build_command(Path('<this folder>'))}` (a .plan "
                            "next to each graph)"}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -83,19 +93,31 @@ def read_manifest(folder: Path) -> dict:
 
 def validate_tensorrt_folder(model, folder: Path, log=print) -> dict[str, dict[str, float]]:
     """Check every graph of `folder` (onnx.checker with the nemo3 schemas, plugin attributes) and compare it with
-    the torch executor on `model` in the reference evaluator; {graph file: {output: max abs difference}}.
-    Raises AssertionError/ValueError naming the graph and output that differ."""
+    the torch executor on `model` (the whole model, at any tp) in the reference evaluator; {graph file: {output: max
+    abs difference}} (a --tp build: rank 0's file, for the ranks' graphs of that step run together). Raises
+    AssertionError/ValueError naming the graph and output that differ."""
     import onnx
 
-    from .onnx_validate import check_graph, compare_step
+    from .onnx_validate import check_graph, compare_ranks, compare_step
 
-    results = {}
+    steps: dict[tuple, list[dict]] = {}
     for graph in read_manifest(folder)["graphs"]:
-        proto = onnx.load(str(Path(folder) / graph["file"]))
-        problems = check_graph(proto)
-        if problems:
-            raise ValueError(f"{Path(folder) / graph['file']}: {'; '.join(problems)}")
-        results[graph["file"]] = compare_step(model, graph, proto)
-        log(f"{graph['file']}: {len(results[graph['file']])} outputs equal the torch executor's "
+        steps.setdefault((graph["step"], graph["tokens"], graph["sampling"]), []).append(graph)
+    results = {}
+    for ranks in steps.values():
+        protos = [onnx.load(str(Path(folder) / graph["file"])) for graph in ranks]
+        for graph, proto in zip(ranks, protos):
+            problems = check_graph(proto)
+            if problems:
+                raise ValueError(f"{Path(folder) / graph['file']}: {'; '.join(problems)}")
+        graph = ranks[0]
+        if len(ranks) > 1 and graph["step"] == "speculative_step":
+            log(f"{graph['file']} (and the other {len(ranks) - 1} ranks): not compared (the speculative graphs of a "
+                "--tp build are not compared yet)")
+            continue
+        results[graph["file"]] = (compare_step(model, graph, protos[0]) if len(ranks) == 1 else
+                                  compare_ranks(model, graph, protos))
+        log(f"{graph['file']}{f' (and the other {len(ranks) - 1} ranks)' if len(ranks) > 1 else ''}: "
+            f"{len(results[graph['file']])} outputs equal the torch executor's "
             f"(max |diff| {max(results[graph['file']].values()):.2e})")
     return results

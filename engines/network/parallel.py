@@ -18,8 +18,13 @@ Row-parallel biases are replicated and must enter the all-reduced sum once: rank
 its bias, the other ranks' parts drop theirs.
 
 World size 1 (`SINGLE`) is the unsharded network: every size is the model's and every collective a
-no-op, so there is one code path. The collectives are torch.distributed's (gloo on CPU, NCCL on GPU)
-and carry no gradient: sharded networks are for inference.
+no-op, so there is one code path. The collectives run on gloo (CPU) or NCCL (GPU) and carry no
+gradient: sharded networks are for inference. Traced into a graph (torch.compile, torch.export) they
+are torch's functional collectives (`_c10d_functional.all_reduce` / `all_gather_into_tensor`, each
+followed by `wait_tensor`), named by the process group's name, which AOTInductor compiles into a
+package that runs them in the group of that name (aot_build.py); run eagerly they are torch.distributed's
+calls, which release the GIL while they wait (a functional collective called from Python holds it, and
+gloo's worker thread, freeing a finished all-gather's tensors, waits for it: a deadlock).
 """
 
 from __future__ import annotations
@@ -89,12 +94,26 @@ class Parallel:
         return self if self.moe == "tp" else SINGLE
 
     # ---- communication -------------------------------------------------------------------------
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum of every rank's x (in place)."""
-        if self.sharded:
-            import torch.distributed as dist
+    @property
+    def group_name(self) -> str:
+        """The process group's name, by which the functional collectives (and a compiled package) find it: `group`'s,
+        else the default group's (DEFAULT_GROUP before torch.distributed is initialized, e.g. in a build)."""
+        import torch.distributed as dist
 
-            dist.all_reduce(x, group=self.group)
+        if self.group is not None:
+            return self.group.group_name
+        return dist.group.WORLD.group_name if dist.is_initialized() else DEFAULT_GROUP
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of every rank's x (eagerly: in place)."""
+        if not self.sharded:
+            return x
+        import torch.distributed as dist
+
+        if torch.compiler.is_compiling():
+            c10d = torch.ops._c10d_functional
+            return c10d.wait_tensor(c10d.all_reduce(x, "sum", self.group_name))
+        dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,12 +123,16 @@ class Parallel:
         import torch.distributed as dist
 
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x, group=self.group)
-        return torch.cat(parts, dim=-1)
+        if torch.compiler.is_compiling():
+            c10d = torch.ops._c10d_functional
+            parts = c10d.wait_tensor(c10d.all_gather_into_tensor(x, self.world_size, self.group_name))
+        else:
+            parts = x.new_empty(self.world_size * x.shape[0], *x.shape[1:])  # (gloo: the ranks' x concatenated)
+            dist.all_gather_into_tensor(parts, x, group=self.group)
+        return parts.view(self.world_size, *x.shape).movedim(0, -2).flatten(-2)  # [W, ..., n] -> [..., W * n]
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
-        """Rank 0's x on every rank (in place)."""
+        """Rank 0's x on every rank (in place; between steps, never inside a step graph)."""
         if self.sharded:
             import torch.distributed as dist
 
@@ -129,6 +152,9 @@ class Parallel:
 
 
 SINGLE = Parallel()
+# the name torch gives the default process group (the first group a process creates: `init_process_group`'s, as
+# runtime/launcher.py and torchrun make it)
+DEFAULT_GROUP = "0"
 
 
 class VocabEmbedding(nn.Embedding):

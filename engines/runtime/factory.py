@@ -24,7 +24,7 @@ from ...export.build_folder import BuildFolder, model_folder
 from ..executors.aot_executor import AOTExecutor
 from ..executors.aot_manifest import MANIFEST, Manifest
 from ..executors.base import Executor
-from ..executors.distributed import DistributedExecutor, serve_rank
+from ..executors.distributed import DistributedExecutor, rank_executor, serve_rank
 from ..executors.sequence_budget import sequence_budget
 from ..executors.tensorrt_executor import TensorRTExecutor, plan_path
 from ..executors.tensorrt_folder import MANIFEST as TENSORRT_MANIFEST
@@ -112,18 +112,17 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
                                                    options.state_memory)
         return TorchExecutor(model, max_sequences, options.max_length, compile=None if compile else False,
                              num_pages=num_pages)
-    if options.engines:
-        raise ValueError(f"{path}: a --tp {tp} build has no engines (per-rank engines are not built yet)")
     ranks = str(BuildFolder(Path(path)).ranks)
+    # a --tp build's engines only when asked for (engines=True): a worker's package has been seen failing at a
+    # collective's wait_tensor after some steps of a generation (not understood yet)
+    engines = _engines(path, model_folder(path), options) if options.engines else None
     workers = start_workers(serve_rank, tp, default_backend(options.device),
                             args=(ranks, moe, options.device, options.dtype, options.max_sequences,
-                                  options.max_length, options.state_memory, READY),
+                                  options.max_length, options.state_memory, engines, READY),
                             timeout=timedelta(seconds=options.rank_timeout_s))
     try:
-        model = load_rank(ranks, Parallel.from_process_group(moe), options.device, options.dtype)
-        max_sequences, num_pages = sequence_budget(model, options.max_sequences, options.max_length,
-                                                   options.state_memory)
-        local = TorchExecutor(model, max_sequences, options.max_length, compile=False, num_pages=num_pages)
+        local = rank_executor(load_rank(ranks, Parallel.from_process_group(moe), options.device, options.dtype),
+                              options.max_sequences, options.max_length, options.state_memory, engines)
     except BaseException:
         workers.close()
         raise

@@ -61,7 +61,6 @@ class CompiledSteps:
             raise ValueError(f"compiled steps: {why}; run it eagerly")
         cuda = model.device.type == "cuda"
         self.model, self.state = model, state
-        hold_constants_as_parameters(model)
         if cuda:  # the pools (and the block table) are updated in place by every replay, at fixed addresses
             for entry in state.layers.values():
                 for tensor in vars(entry).values():
@@ -146,6 +145,7 @@ class CompiledSteps:
         key = (fn.__name__, self.state.pages.bound, tuple(None if a is None else (*a.shape, a.dtype) for a in args))
         step = self._compiled.get(key)
         if step is None:  # the first call traces and compiles, checking dynamo's guards
+            hold_constants_as_parameters(self.model)
             step = self._compiled[key] = torch.compile(own_code(fn), **self._options)
             out = self._run(step, args)
         else:  # its code object holds this one graph, for these shapes: skip the guards (module docstring)
@@ -185,7 +185,8 @@ def hold_constants_as_parameters(model) -> None:
     without grad, held where it was: a buffer stays a buffer (names, state dict and persistence unchanged), storage
     shared. Dynamo checks every plain tensor a compiled step reads on every call, even with skip_guard_eval_unsafe
     (its metadata, and that it aliases no other input), but not Parameters, which it takes for the model's weights: a
-    quantized build reads ~90 such tensors per step, whose checks cost as much as a tenth of its decode step."""
+    quantized build reads ~90 such tensors per step, whose checks cost as much as a tenth of its decode step. Done before
+    a step first compiles (not for the exported programs of step_export.py, which take the model as loaded)."""
     from ..network.moe import MoE
 
     def parameter(t):

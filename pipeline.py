@@ -248,7 +248,7 @@ def _tensorrt_stage() -> Stage:
         o = b.options
         k = DEFAULT_MTP_DRAFT_TOKENS if o.engine_mtp is None else o.engine_mtp
         prefill = PREFILL_TOKENS if o.engine_prefill_tokens is None else tuple(o.engine_prefill_tokens)
-        return TensorRTTarget(o.engine_max_sequences, o.engine_max_length, 1 + k, prefill)
+        return TensorRTTarget(o.engine_max_sequences, o.engine_max_length, 1 + k, prefill, o.engine_sampling)
 
     def run(b: Build, tmp: Path | None) -> dict:
         from .engines.network.loading import load

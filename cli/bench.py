@@ -33,7 +33,8 @@ from .common import one_line_errors
               help="Run decode steps compiled, quantized builds included (inductor on CPU, CUDA graphs on GPU; each "
                    "step shape compiles once, before timing) or eagerly.")
 @click.option("--executor", "executors", multiple=True, type=click.Choice(EXECUTORS),
-              help="How to run each build (repeatable, one row each): its ahead-of-time engines (aot), steps compiled "
+              help="How to run each build (repeatable, one row each): its ahead-of-time engines (aot), its TensorRT "
+                   "engines (tensorrt: a --target tensorrt build, on a GPU with TensorRT), steps compiled "
                    "at load (compiled) or eager  [default: aot when the build has engines, else --compile/--eager].")
 @click.option("--server", default=None, help="Benchmark a running Triton server (host:port) instead.")
 @click.option("--model-name", default="nemo3", show_default=True, help="Model name on --server.")

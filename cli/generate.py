@@ -38,8 +38,8 @@ def command(prompt, path, max_tokens, temperature, top_k, top_p, seed, stop, mtp
     engine = open_scheduler(path, StackOptions(device=device, max_sequences=1,
                                                max_length=max_tokens + mtp + 1 + 4 * len(prompt) + 8,
                                                compile=compile_steps, num_speculative_tokens=mtp))
-    if engine.executor.kind == "aot":
-        click.echo(f"(decode steps: the ahead-of-time engines of {path})", err=True)
+    if engine.executor.kind in ("aot", "tensorrt"):
+        click.echo(f"(decode steps: the {engine.executor.kind} engines of {path})", err=True)
     click.echo(prompt, nl=False)
     last = None
     try:  # (Ctrl-C included: a --tp N build's worker ranks stop with it)

@@ -220,8 +220,11 @@ def _open_target(target: Target, workload: Workload, device: str, max_num_tokens
                                           workload.input_len + workload.output_len + target.mtp + 1)
     engine = open_scheduler(target.path, StackOptions(
         device=device, max_sequences=max_sequences, max_length=max_length, max_num_tokens=max_num_tokens,
-        num_speculative_tokens=target.mtp, compile=steps_compiled, engines=None if kind is None else kind == "aot"))
-    engines.append((target, engine))
+        num_speculative_tokens=target.mtp, compile=steps_compiled,
+        engines=None if kind is None else kind in ("aot", "tensorrt")))
+    engines.append((target, engine))  # (closed by the caller)
+    if kind in ("aot", "tensorrt") and engine.executor.kind != kind:
+        raise ValueError(f"--executor {kind}: {target.path} has {engine.executor.kind} engines")
     if steps_compiled and engine.executor.kind == "eager":
         log(f"{target.name}: eager decode steps ({unsupported(engine.executor.model)})")
     prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
@@ -231,10 +234,15 @@ def _open_target(target: Target, workload: Workload, device: str, max_num_tokens
 
 
 def engine_shape(path) -> tuple[int, int] | None:
-    """(max_sequences, max_length) of a build's engines, or None when it has none."""
+    """(max_sequences, max_length) of a build's engines (AOT, or TensorRT once built), or None when it has none."""
     from .executors.aot_manifest import MANIFEST, Manifest
+    from .executors.tensorrt_executor import plan_path
+    from .executors.tensorrt_folder import MANIFEST as TENSORRT_MANIFEST, read_manifest
 
     build = BuildFolder.of(path)
+    graphs = read_manifest(build.tensorrt)["graphs"] if build and (build.tensorrt / TENSORRT_MANIFEST).is_file() else []
+    if graphs and all(plan_path(build.tensorrt, graph).is_file() for graph in graphs):
+        return graphs[0]["rows"], graphs[0]["max_length"]
     if build is None or not (build.engines / MANIFEST).is_file():
         return None
     manifest = Manifest.read(build.engines)

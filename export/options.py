@@ -7,4 +7,5 @@ DEFAULT_PRECISION = "nvfp4"  # what a build is without --precision or --recipe
 TARGETS = ("torch", "tensorrt", "trtllm")  # --target: what the Triton repository serves with
 MOE_PARALLEL = ("ep", "tp")  # --moe-parallel: experts split across ranks (ep) or within each expert (tp)
 ENGINE_DEVICES = ("cpu", "cuda")  # --engine-device: where the ahead-of-time engines run
-EXECUTORS = ("aot", "compiled", "eager")  # nemo3 bench --executor: a build's AOT engines, steps compiled at load, eager
+EXECUTORS = ("aot", "tensorrt", "compiled", "eager")  # nemo3 bench --executor: a build's AOT engines, its TensorRT
+# engines (--target tensorrt), steps compiled at load, eager

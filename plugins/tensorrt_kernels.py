@@ -10,6 +10,13 @@ strides are the wrapper's constexprs and there are no extra arguments. The wrapp
 grid, num_warps and block sizes come from the op's `prepare`, the function its Triton launcher runs. Paged
 attention launches its kernel with one split (`prepare(..., splits=1)`): each program walks all of its row's pages
 and writes the normalized output, so the plugin is one launch with no merge and no workspace.
+
+Shared memory: TensorRT's AOT plugin interface takes a kernel's launch as grid, block and `shared_mem` bytes
+(`tensorrt.plugin.KernelLaunchParams`, `IKernelLaunchParams::setSharedMem`) and documents no way to raise the kernel's
+dynamic shared-memory limit above the default 48 KB (what Triton's own launcher does with cuFuncSetAttribute when a
+kernel needs more), so `compile_plugin` keeps each kernel within 48 KB: the op's Triton launch (its default software
+pipelining) if that fits, else the same launch with fewer pipeline stages (paged attention at Nano's shapes: 3 stages
+need 81,924 B, 1 stage 49,152 B).
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from .paged_attention_triton import _paged_attention_kernel
 from .paged_attention_triton import prepare as attention_prepare
 
 WHERE = "plugins/tensorrt_kernels.py"
+SHARED_MEMORY_LIMIT = 48 * 1024  # bytes of dynamic shared memory a kernel may take without opting in
+PIPELINE_STAGES = (None, 2, 1)  # tried in order (None: Triton's default num_stages for the arch)
 
 
 @triton.jit
@@ -141,12 +150,14 @@ class LaunchPlan:
 
 @dataclass(frozen=True)
 class PluginKernel:
-    """What a TensorRT AOT plugin returns for one node: the PTX's entry name and text, the launch parameters."""
+    """What a TensorRT AOT plugin returns for one node: the PTX's entry name and text, the launch parameters (and
+    the pipeline stages the PTX was compiled with)."""
     name: str
     ptx: str
     grid: tuple[int, int, int]
     block: int
     shared_mem: int
+    num_stages: int
 
 
 def _split(meta: dict, *names: str) -> tuple[int, dict]:
@@ -223,7 +234,8 @@ def pointer_type(tensor: torch.Tensor) -> str:
 
 def compile_plugin(op_type: str, inputs: list[torch.Tensor], attributes: dict, capability: int = 90
                    ) -> PluginKernel:
-    """PTX for sm_<capability> and the launch parameters of node `op_type` (see launch_plan)."""
+    """PTX for sm_<capability> and the launch parameters of node `op_type` (see launch_plan), with the most
+    pipeline stages (PIPELINE_STAGES) whose shared memory fits SHARED_MEMORY_LIMIT."""
     plan = launch_plan(op_type, inputs, attributes)
     pointers = [name for name in plan.kernel.arg_names if name not in plan.constexprs]
     tensors = list(inputs) + plan.outputs
@@ -232,10 +244,16 @@ def compile_plugin(op_type: str, inputs: list[torch.Tensor], attributes: dict, c
     signature = {name: pointer_type(t) for name, t in zip(pointers, tensors)}
     signature.update({name: "constexpr" for name in plan.constexprs})
     aligned = {(plan.kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in pointers}
-    compiled = compile_signature(plan.kernel, signature, dict(plan.constexprs), {"num_warps": plan.num_warps},
-                                 capability, aligned)
-    meta = compiled.metadata
+    for stages in PIPELINE_STAGES:
+        options = {"num_warps": plan.num_warps, **({"num_stages": stages} if stages else {})}
+        compiled = compile_signature(plan.kernel, signature, dict(plan.constexprs), options, capability, aligned)
+        meta = compiled.metadata
+        if meta.shared <= SHARED_MEMORY_LIMIT:
+            break
+    else:
+        raise RuntimeError(f"{WHERE}: {op_type}'s kernel needs {meta.shared} B of shared memory with one pipeline "
+                           f"stage, over TensorRT's {SHARED_MEMORY_LIMIT} B")
     if meta.global_scratch_size or meta.profile_scratch_size:
         raise RuntimeError(f"{WHERE}: {op_type}'s kernel needs scratch memory, which TensorRT does not provide")
     grid = tuple(plan.grid) + (1,) * (3 - len(plan.grid))
-    return PluginKernel(meta.name, compiled.asm["ptx"], grid, meta.num_warps * 32, meta.shared)
+    return PluginKernel(meta.name, compiled.asm["ptx"], grid, meta.num_warps * 32, meta.shared, meta.num_stages)

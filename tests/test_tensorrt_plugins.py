@@ -104,7 +104,7 @@ COMPILE_AT_NANO_SHAPES = """
 import torch
 from nemo3.plugins.aot import compile_launch
 from nemo3.plugins.mamba2_state_update import FLOAT_MAX
-from nemo3.plugins.tensorrt_kernels import compile_plugin
+from nemo3.plugins.tensorrt_kernels import SHARED_MEMORY_LIMIT, compile_plugin
 from nemo3.plugins import causal_conv1d_update_triton as conv, mamba2_state_update_triton as mamba
 from nemo3.plugins import latent_moe_route_triton as route, paged_attention_triton as attention
 
@@ -137,14 +137,20 @@ fp8_in = a_in[:1] + [fp8_pages, fp8_pages] + a_in[3:] + [torch.ones(()), torch.o
 for op, a_inputs in (("paged_attention", a_in), ("paged_attention_fp8", fp8_in)):
     cases.append((op, a_inputs, None, {"scale": 0.088, "max_pages": -1}, attention._paged_attention_kernel,
                   attention.prepare(*a_inputs[:5], 0.088, *a_inputs[5:], splits=1)))
+stages = {}
 for op, inputs, inter, attrs, kernel, (_, grid, args, meta) in cases:
     op_type = op if inter is None else op + "_steps"
     plugin = compile_plugin(op_type, inputs + ([] if inter is None else [inter]), attrs, capability=90)
     assert ".target sm_90" in plugin.ptx and f".entry {plugin.name}(" in plugin.ptx, op_type
-    triton_launch = compile_launch(kernel, args, meta, capability=90).metadata
+    triton_launch = compile_launch(kernel, args, dict(meta, num_stages=plugin.num_stages), capability=90).metadata
     expected = (tuple(grid) + (1,) * (3 - len(grid)), triton_launch.num_warps * 32, triton_launch.shared)
     assert (plugin.grid, plugin.block, plugin.shared_mem) == expected, (op_type, plugin, expected)
-    print(op_type, plugin.name, plugin.grid, plugin.block, plugin.shared_mem)
+    assert plugin.shared_mem <= SHARED_MEMORY_LIMIT, (op_type, plugin.shared_mem)
+    default = compile_launch(kernel, args, meta, capability=90).metadata  # the GPU launch's own pipelining
+    assert plugin.num_stages == default.num_stages or default.shared > SHARED_MEMORY_LIMIT, (op_type, default)
+    stages[op_type] = (plugin.num_stages, default.num_stages, default.shared)
+    print(op_type, plugin.name, plugin.grid, plugin.block, plugin.shared_mem, stages[op_type])
+assert stages["paged_attention"][0] < stages["paged_attention"][1], stages  # (its default launch: 81,924 B)
 """
 
 
@@ -152,7 +158,9 @@ for op, inputs, inter, attrs, kernel, (_, grid, args, meta) in cases:
 def test_plugins_compile_for_hopper_with_the_triton_launch_parameters():
     """At Nano shapes (bf16 activations, fp32 SSM state), every node's kernel compiles to PTX for sm_90 and its
     launch parameters equal those of the op's own Triton launch on a GPU (the same `prepare`; shared memory of
-    the op kernel compiled for that launch; paged attention's with one split, bf16 and fp8 pages)."""
+    the op kernel compiled for that launch; paged attention's with one split, bf16 and fp8 pages), its shared
+    memory within TensorRT's 48 KB: the op's default pipelining where it fits, fewer stages where not (paged
+    attention)."""
     env = dict(os.environ, TRITON_INTERPRET="0")
     done = subprocess.run([sys.executable, "-c", COMPILE_AT_NANO_SHAPES], env=env, capture_output=True, text=True,
                           timeout=600)

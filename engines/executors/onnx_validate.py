@@ -3,9 +3,11 @@
 The evaluator executes nemo3 nodes through the plugins' references (plugins/onnx_reference_ops.py) and TensorRT's
 quantization nodes by their documented semantics (quant/onnx_reference_ops.py). `compare_step(model, graph, proto)`
 fills a TorchExecutor's state with prompts (in a prefill graph slot 0 starts its sequence with a full chunk, every
-other row continues its sequence with 1 .. T tokens; elsewhere every row continues), runs the same call through the executor (eager) and through the graph from the same block table and
-pools, and returns the largest absolute difference of each output: the step's result `out` (the final hidden states,
-and the logits the lm_head makes of them; a speculative step's tokens, equal) and every updated pool.
+other row continues its sequence with 1 .. T tokens; elsewhere every row continues), runs the same call through the
+executor (eager) and through the graph from the same block table and pools (a sampling speculative step: the same
+uniforms, sampling parameters and draft distributions), and returns the largest absolute difference of each output:
+the step's result `out` (the final hidden states, and the logits the lm_head makes of them; a speculative step's
+tokens, equal) and every updated pool (and `draft_probs`).
 """
 
 from __future__ import annotations
@@ -70,9 +72,13 @@ def _run_executor(executor: TorchExecutor, shape: StepShape, values: dict) -> di
     rows, T = executor.max_sequences, shape.tokens
     ids, past = values["ids"], values["past"].tolist()
     if shape.step == "speculative_step":
+        if shape.sampling:  # each slot's draft distributions, as the graph reads them
+            executor._draft_probs[T - 1] = values["draft_probs"].clone()
         tokens = executor.speculate(SpeculativeBatch(ids, values["num_drafts"], values["past"], values["slots"],
-                                                     values["temperature"], values["top_k"], values["top_p"], None))
-        return {"out": torch.tensor(tokens)}
+                                                     values["temperature"], values["top_k"], values["top_p"],
+                                                     values["uniforms"] if shape.sampling else None))
+        return {"out": torch.tensor(tokens)} | ({"draft_probs.out": executor._draft_probs[T - 1]}
+                                                if shape.sampling else {})
     lengths = values["lengths"].tolist() if shape.step == "prefill_step" else [T] * rows
     batch = RaggedBatch.build([(ids[r, :lengths[r]].tolist(), past[r], r) for r in range(rows)],
                               list(range(sum(lengths))))
@@ -86,7 +92,7 @@ def compare_step(model, graph: dict, proto, seed: int = 0) -> dict[str, float]:
     tokens, rows, max_length); module docstring."""
     from ...plugins.onnx_reference_ops import to_numpy, to_torch
 
-    shape = StepShape(graph["step"], graph["tokens"])
+    shape = StepShape(graph["step"], graph["tokens"], graph.get("sampling", False))
     g = torch.Generator().manual_seed(seed)
     executor = TorchExecutor(model, graph["rows"], graph["max_length"])
     past = _prompts(executor, shape, g)
@@ -96,6 +102,13 @@ def compare_step(model, graph: dict, proto, seed: int = 0) -> dict[str, float]:
               "past": torch.tensor(past), "lengths": torch.tensor([T] + [1 + r % T for r in range(1, rows)]),
               "temperature": torch.zeros(rows), "top_k": torch.zeros(rows, dtype=torch.long),
               "top_p": torch.ones(rows), TABLE: executor.state.pages.table.clone()}
+    if shape.sampling:  # row 0 greedy, the others sampled (odd rows also top-k) from the given uniforms
+        vocab, K = model.spec.vocab_size, T - 1
+        values["temperature"][1:] = 0.5 + torch.rand(rows - 1, generator=g)
+        values["top_k"][1::2] = vocab // 4
+        values["top_p"][1:] = 0.9
+        values["uniforms"] = torch.rand(rows, 2 * K + 1, generator=g)
+        values["draft_probs"] = torch.randn(rows, K, vocab, generator=g).softmax(-1)
     values.update({name: getattr(entry, attr).clone() for name, entry, attr in pool_fields(executor.state)})
     if shape.step == "speculative_step":  # row 0 drafts its greedy continuation (accepted), the others random tokens
         values["ids"][0, 1:] = torch.tensor(_greedy_tokens(executor, int(values["ids"][0, 0]), past[0], T - 1))

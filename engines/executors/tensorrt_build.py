@@ -2,8 +2,11 @@
 
     python -m nemo3.engines.executors.tensorrt_build OUT/engines/tensorrt
 
-Each graph becomes `<graph>.plan` next to it: a strongly typed network (the graph's own Q/DQ precisions), static
-shapes (the graphs have them: no optimization profile), parsed by TensorRT's ONNX parser, which finds each `nemo3`
+Each graph becomes `<graph>.plan` next to it (one engine per step graph: the graphs differ in their layers, not
+only in shapes): a strongly typed network (the graph's own Q/DQ precisions) with the runtime's shapes
+(`profile_shapes`: max_sequences rows, the step's tokens, the whole block table: the graphs are static, so an
+optimization profile is added only for a dynamic dimension, the block table's columns), parsed by TensorRT's ONNX
+parser, which finds each `nemo3`
 node's plugin by op_type, `plugin_namespace` and `plugin_version` in TensorRT's plugin registry, where
 plugins/tensorrt_plugins.py registers them (AOT: each kernel's PTX goes into the engine). `tensorrt` is imported only
 here and there.
@@ -15,6 +18,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from ...export.kv_pages import pages_for
+from .step_export import TABLE
 from .tensorrt_folder import read_manifest
 
 WHERE = "engines/executors/tensorrt_build.py"
@@ -33,6 +38,27 @@ def import_tensorrt():
     return tensorrt
 
 
+def profile_shapes(inputs: dict[str, tuple], graph: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """{input: (min, opt, max) shape} for the runtime's calls of manifest entry `graph`, from the network's input
+    shapes (a dynamic dimension: -1 or a name). The runtime passes the whole block table, so its columns, if
+    dynamic, range from 1 to the table's width (opt: the width); any other dynamic dimension is refused."""
+    width = pages_for(graph["max_length"])  # (the graphs' states have the default page size: onnx_export.py)
+    shapes = {}
+    for name, shape in inputs.items():
+        bounds = []
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, int) and dim >= 0:
+                bounds.append((dim, dim))
+            elif name == TABLE and axis == 1:
+                bounds.append((1, width))
+            else:
+                raise ValueError(f"{graph['file']}: input {name} has a dynamic dimension {axis} ({dim}) the runtime "
+                                 "does not vary")
+        low, high = (tuple(b[i] for b in bounds) for i in (0, 1))
+        shapes[name] = (low, high, high)
+    return shapes
+
+
 def build_plans(folder: Path, log=print) -> list[Path]:
     """Build every graph of the manifest in `folder` into a .plan file; returns their paths."""
     from ...plugins.tensorrt_plugins import register_plugins
@@ -49,7 +75,15 @@ def build_plans(folder: Path, log=print) -> list[Path]:
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors}")
-        serialized = builder.build_serialized_network(network, builder.create_builder_config())
+        config = builder.create_builder_config()
+        inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+        shapes = profile_shapes(inputs, graph)
+        if any(low != high for low, _, high in shapes.values()):
+            profile = builder.create_optimization_profile()
+            for name, (low, opt, high) in shapes.items():
+                profile.set_shape(name, low, opt, high)
+            config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
         if serialized is None:
             raise RuntimeError(f"{onnx_path}: TensorRT could not build the engine (see its log above)")
         plan = onnx_path.with_suffix(".plan")
@@ -60,4 +94,7 @@ def build_plans(folder: Path, log=print) -> list[Path]:
 
 
 if __name__ == "__main__":
-    build_plans(Path(sys.argv[1]))
+    try:
+        build_plans(Path(sys.argv[1]))
+    except (RuntimeError, FileNotFoundError) as e:
+        sys.exit(str(e))

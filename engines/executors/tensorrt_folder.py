@@ -3,7 +3,9 @@
 One graph per compiled step shape (`tensorrt_shapes`: CompiledSteps.shapes, THE declaration the AOT engines also
 export), each for max_sequences rows over a block table of max_length tokens per slot (onnx_export.py,
 step_export.py): the decode step (T=1), the prefill chunks (T in prefill_tokens, rows right-padded with their
-lengths) and, with an MTP head, the greedy speculative step (verify K+1 tokens, accept, roll back, draft K). The
+lengths) and, with an MTP head, the greedy speculative step (verify K+1 tokens, accept, roll back, draft K) and, with
+`sampling`, the sampling speculative step (the caller's uniforms, per-row temperature/top_k/top_p and each slot's
+draft distributions `draft_probs` as inputs, the updated `draft_probs.out` aliased: no random node). The
 manifest lists each graph's inputs and outputs, its aliased pairs (updated pool -> pool), the nemo3 plugins it uses
 (each kernel's PTX is compiled when the engine is built: plugins/tensorrt_plugins.py) and the command that builds
 the engines where TensorRT is installed (tensorrt_build.py). `validate_tensorrt_folder` runs every graph in onnx's
@@ -29,6 +31,7 @@ class TensorRTTarget:
     max_length: int = 256
     max_tokens: int = 3  # tokens per row of a speculative step: 1 + the MTP draft length served
     prefill_tokens: tuple[int, ...] = PREFILL_TOKENS  # prefill chunk lengths (compiled_step.py)
+    sampling: bool = True  # also the sampling speculative step
 
 
 def build_command(folder: Path) -> str:
@@ -36,9 +39,15 @@ def build_command(folder: Path) -> str:
 
 
 def tensorrt_shapes(model, target: TensorRTTarget) -> list[StepShape]:
-    """The compiled steps' shapes (CompiledSteps.shapes: decode, prefill chunks, greedy speculative step)."""
+    """The compiled steps' shapes (CompiledSteps.shapes: decode, prefill chunks, greedy speculative step), and the
+    sampling speculative step with `target.sampling`."""
     state = model.new_state(target.max_sequences, target.max_length, mtp=model.mtp is not None)
-    return step_shapes(CompiledSteps(model, state, target.prefill_tokens), target.max_tokens)
+    return step_shapes(CompiledSteps(model, state, target.prefill_tokens), target.max_tokens, target.sampling)
+
+
+def graph_file(shape: StepShape, rows: int) -> str:
+    kind = shape.step.removesuffix("_step") + ("_sampling" if shape.sampling else "")
+    return f"rank0/{kind}_r{rows}_t{shape.tokens}.onnx"
 
 
 def write_tensorrt_folder(model, out: Path, target: TensorRTTarget, log=print) -> dict:
@@ -48,9 +57,10 @@ def write_tensorrt_folder(model, out: Path, target: TensorRTTarget, log=print) -
 
     graphs = []
     for shape in tensorrt_shapes(model, target):
-        file = f"rank0/{shape.step.removesuffix('_step')}_r{target.max_sequences}_t{shape.tokens}.onnx"
+        file = graph_file(shape, target.max_sequences)
         proto, inputs, outputs = export_step_onnx(model, shape, target.max_sequences, target.max_length, out / file)
-        graphs.append({"file": file, "step": shape.step, "tokens": shape.tokens, "rows": target.max_sequences,
+        graphs.append({"file": file, "step": shape.step, "tokens": shape.tokens, "sampling": shape.sampling,
+                       "rows": target.max_sequences,
                        "max_length": target.max_length, "inputs": inputs, "outputs": outputs,
                        "aliased": {name: name.removesuffix(".out") for name in outputs if name.endswith(".out")},
                        "plugins": sorted({n.op_type for n in proto.graph.node if n.domain == DOMAIN})})

@@ -1,7 +1,7 @@
 """The one place a serving stack is assembled from a build folder or a checkpoint.
 
 `nemo3 generate`, `nemo3 bench`, the Python API and Triton's model (`load_server`, the default
-`server_factory`) all come here, so the defaults (MTP draft length; a build's ahead-of-time engines, else
+`server_factory`) all come here, so the defaults (MTP draft length; a build's ahead-of-time or TensorRT engines, else
 compiled or eager decode steps) are decided once:
 
     scheduler = open_scheduler("deploy", StackOptions(max_sequences=8))   # a Scheduler, driven by its caller
@@ -26,6 +26,9 @@ from ..executors.aot_manifest import MANIFEST, Manifest
 from ..executors.base import Executor
 from ..executors.distributed import DistributedExecutor, serve_rank
 from ..executors.sequence_budget import sequence_budget
+from ..executors.tensorrt_executor import TensorRTExecutor, plan_path
+from ..executors.tensorrt_folder import MANIFEST as TENSORRT_MANIFEST
+from ..executors.tensorrt_folder import read_manifest
 from ..executors.torch_executor import TorchExecutor
 from ..network.loading import load, load_rank, read_rank_config
 from ..network.parallel import Parallel
@@ -49,8 +52,9 @@ class StackOptions:
     # True: decode steps compiled where the model allows it (executors/compiled_step.unsupported says why not),
     # False: eager; None: compiled on CUDA (CUDA graphs), eager on CPU (compiling costs tens of seconds per shape)
     compile: bool | None = None
-    # a build's ahead-of-time engines (OUT/engines/): None: used when the build has them (their max_sequences,
-    # max_length and page size replace the ones here), True: required, False: not used
+    # a build's engines, ahead-of-time (OUT/engines/) or TensorRT (OUT/engines/tensorrt/, --target tensorrt): None:
+    # used when the build has them (their max_sequences, max_length and page size replace the ones here), True:
+    # required, False: not used
     engines: bool | None = None
     # tensor-parallel builds: how long a rank waits for the others at one collective before the stack fails
     # (a rank that hangs)
@@ -98,6 +102,9 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
     if tp == 1:
         folder = model_folder(path)
         model = load(folder, device=options.device, dtype=options.dtype)
+        tensorrt = _tensorrt_engines(path, options)
+        if tensorrt is not None:
+            return TensorRTExecutor(model, tensorrt)
         engines = _engines(path, folder, options)
         if engines is not None:
             return AOTExecutor(model, engines)
@@ -143,6 +150,18 @@ def _engines(path, checkpoint: Path, options: StackOptions) -> Path | None:
         raise ValueError(f"{folder / MANIFEST}: engines built from another checkpoint than {checkpoint}: rebuild them "
                          f"(nemo3-build --engines --output {build.root})")
     return folder
+
+
+def _tensorrt_engines(path, options: StackOptions) -> Path | None:
+    """The TensorRT engines folder of a --target tensorrt build whose engines (.plan) are built (engines required:
+    also when they are not, and the executor names the command that builds them), or None."""
+    build = BuildFolder.of(path)
+    if build is None or not (build.tensorrt / TENSORRT_MANIFEST).is_file():
+        return None
+    if options.engines is False or (options.engines is None and options.state_memory is not None):
+        return None
+    graphs = read_manifest(build.tensorrt)["graphs"]
+    return build.tensorrt if all(plan_path(build.tensorrt, g).is_file() for g in graphs) or options.engines else None
 
 
 def load_server(build_dir: str | Path, device: str = "cpu", tp: int = 1, **options) -> ThreadedServer:

@@ -148,9 +148,10 @@ def assert_expert_paths_equal_the_loop(moe, hidden_size: int, token_counts: tupl
 
 
 def snapshot(executor) -> dict[str, torch.Tensor]:
-    """A copy of every state pool of a TorchExecutor."""
-    return {f"{key}.{name}": t.clone() for key, entry in executor.state.layers.items()
-            for name, t in vars(entry).items() if isinstance(t, torch.Tensor)}
+    """A copy of every state pool of a TorchExecutor (or an AOTExecutor), by its step programs' input name."""
+    from nemo3.engines.executors.step_export import pool_fields
+
+    return {name: getattr(entry, attr).clone() for name, entry, attr in pool_fields(executor.state)}
 
 
 def prefill_and_compare(eager, compiled, prompts: list[list[int]], bound: float = 1e-6) -> None:

@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import snapshot
 
 from nemo3.engines.executors.aot_executor import AOTExecutor
 from nemo3.engines.executors.aot_manifest import MANIFEST
@@ -43,11 +44,6 @@ def builds(tmp_path_factory):
         record = run_stages(options(root / precision, precision), STAGES, log=lambda _: None)
         assert record["stages"]["engines"]["engines"] == packages
     return root
-
-
-def snapshot(executor) -> dict[str, torch.Tensor]:
-    return {f"{key}.{name}": t.clone() for key, entry in executor.state.layers.items()
-            for name, t in vars(entry).items() if isinstance(t, torch.Tensor)}
 
 
 class Counted:

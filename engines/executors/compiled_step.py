@@ -44,6 +44,8 @@ from ..network.token_choice import accept_drafts, distributions, sample
 # tokens per row that prefill chunks are padded to (each > MAX_STEP_TOKENS: the chunked scan); a longer chunk, or a
 # chunk of 2 .. MAX_STEP_TOKENS tokens, runs eagerly
 PREFILL_TOKENS = (16, 64, 256)
+# a padding row's value in each of speculative_step's arguments ids .. uniforms: slot -1, greedy, nothing to verify
+SPECULATIVE_PADDING = (0, 0, -1, 0, 0.0, 0, 1.0, 0.0)
 
 
 class CompiledSteps:
@@ -107,8 +109,7 @@ class CompiledSteps:
             return ids, slots, past
         if step is prefill_step:
             return ids, slots, past, past.clone()
-        return (ids, past.clone(), slots, past, torch.zeros(rows, device=dev), past.clone(), torch.ones(rows, device=dev),
-                None, None, None)
+        return (ids, *(torch.full((rows,), v, device=dev) for v in SPECULATIVE_PADDING[1:7]), None, None, None)
 
     def chunk_tokens(self, T: int) -> int | None:
         """The tokens per row a backbone call of T tokens per row runs compiled with (padded), or None: eagerly."""

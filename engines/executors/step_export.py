@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import compiled_step
-from .compiled_step import CompiledSteps
+from .compiled_step import SPECULATIVE_PADDING, CompiledSteps
 
 TABLE = "pages.table"  # the input name of the block table
 PAGES = "pages"  # the dynamic dimension of a block table input: the pages read per row
@@ -57,8 +57,8 @@ def example_inputs(steps: CompiledSteps, shape: StepShape) -> list[torch.Tensor 
     args = list(steps.padding_args(step_function(shape), shape.tokens))
     if shape.sampling:
         rows, K, dev = steps.state.max_sequences, shape.tokens - 1, steps.model.device
-        args[7:9] = [torch.zeros(rows, 2 * K + 1, device=dev), torch.zeros(rows, K, steps.model.spec.vocab_size,
-                                                                          device=dev)]
+        args[7:9] = [torch.full((rows, 2 * K + 1), SPECULATIVE_PADDING[7], device=dev),
+                     torch.zeros(rows, K, steps.model.spec.vocab_size, device=dev)]
     return args
 
 

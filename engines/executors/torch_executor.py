@@ -7,7 +7,7 @@ import torch
 
 from ...export.kv_pages import DEFAULT_PAGE_SIZE
 from .base import ForwardOutput, RaggedBatch, SpeculativeBatch
-from .compiled_step import PREFILL_TOKENS, CompiledSteps, speculative_step, unsupported
+from .compiled_step import PREFILL_TOKENS, SPECULATIVE_PADDING, CompiledSteps, speculative_step, unsupported
 
 PAD_SHORT = 8  # MTP rows of at most this many tokens are padded into one call
 
@@ -126,8 +126,8 @@ class TorchExecutor:
                 batch.top_p, batch.uniforms]
         if self.compiled is not None:  # padding rows: slot -1, greedy, nothing to verify
             pad = self.max_sequences - rows
-            fill = [0, 0, -1, 0, 0.0, 0, 1.0, 0.0]
-            args = [None if a is None else torch.cat([a, a.new_full((pad, *a.shape[1:]), v)]) for a, v in zip(args, fill)]
+            args = [None if a is None else torch.cat([a, a.new_full((pad, *a.shape[1:]), v)])
+                    for a, v in zip(args, SPECULATIVE_PADDING)]
         args = [None if a is None else a.to(self.device) for a in args]
         banned = None
         if batch.banned is not None:

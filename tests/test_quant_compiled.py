@@ -69,6 +69,23 @@ def test_e4m3_rounding_in_fp32_is_the_float8_cast_at_every_rounding_boundary():
         assert torch.equal(rounded.signbit(), cast.signbit()) and rounded.isnan().sum() == 1
 
 
+def test_e2m1_rounding_in_fp32_is_the_midpoint_rounding_at_every_boundary():
+    """round_to_e2m1 (what compiled NVFP4 fake quantizers round with) = the eager rounding (midpoints, ties to the even
+    code, saturating at 6), eagerly and compiled, on every pattern of the high 11 mantissa bits with the low 12 bits at
+    each rounding boundary (0, 1, just below / at / just above the half, all ones) in every binade from fp32's
+    subnormals to 2**10 (every midpoint, binade edge and the saturation at 6 with their neighbouring values), plus
+    zero, infinity and NaN (which saturates, as eagerly)."""
+    high = torch.arange(2048, dtype=torch.int32) << 12
+    low = torch.tensor([0, 1, 0x7FF, 0x800, 0x801, 0xFFF], dtype=torch.int32)
+    binades = torch.arange(0, 127 + 11, dtype=torch.int32) << 23  # subnormals (exponent 0) .. 2**10
+    a = (binades[:, None, None] | high[None, :, None] | low[None, None, :]).flatten().view(torch.float32)
+    a = torch.cat([a, torch.tensor([0.0, float("inf"), float("nan")])])
+    eager = nvfp4.E2M1_VALUES[nvfp4._magnitude_index(a).long()]
+    compiled = torch.compile(nvfp4.round_to_e2m1, fullgraph=True, dynamic=False)
+    for rounded in (nvfp4.round_to_e2m1(a), compiled(a)):
+        assert torch.equal(rounded, eager)
+
+
 @pytest.fixture(scope="module", params=["fp8", "nvfp4", "nvfp4-all"])
 def quantized_builtin(request, tmp_path_factory):
     """The built-in model's checkpoint quantized with a recipe (calibrated on a few random windows)."""

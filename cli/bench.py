@@ -20,6 +20,9 @@ from .common import one_line_errors
 @click.option("--input-len", type=int, default=64, show_default=True)
 @click.option("--output-len", type=int, default=64, show_default=True)
 @click.option("--concurrency", type=int, default=8, show_default=True)
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Times the workload runs on each build, the builds taking turns after all are loaded (figures over "
+                   "all rounds: load that drifts during the run falls on every build alike).")
 @click.option("--max-num-tokens", type=int, default=512, show_default=True, help="Token budget per step.")
 @click.option("--no-transformers", is_flag=True, help="Skip the transformers generate() baseline.")
 @click.option("--device", default="cpu", show_default=True)
@@ -38,7 +41,7 @@ from .common import one_line_errors
 @click.option("--output", "-o", type=click.Path(file_okay=False), default="bench", show_default=True,
               help="Folder for bench.json, bench.md and bench.png.")
 @one_line_errors
-def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_num_tokens, no_transformers, device,
+def command(builds, mtp, num_prompts, input_len, output_len, concurrency, rounds, max_num_tokens, no_transformers, device,
             threads, compile_steps, executors, server, model_name, output):
     """Run one workload on every build (and MTP setting) and on transformers, in one process."""
     import torch
@@ -57,7 +60,7 @@ def command(builds, mtp, num_prompts, input_len, output_len, concurrency, max_nu
         targets = [Target(p, k, executor=e) for p in paths for k in (mtps or _default_mtp(p))
                    for e in (executors or [None])]
         report = run_benchmark(targets, workload, device=device, transformers_baseline=not no_transformers,
-                               max_num_tokens=max_num_tokens, compile=compile_steps, log=click.echo)
+                               max_num_tokens=max_num_tokens, compile=compile_steps, rounds=rounds, log=click.echo)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")

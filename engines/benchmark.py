@@ -56,6 +56,8 @@ class Result:
     itl_s: list[float] = field(default_factory=list)  # between consecutive outputs of a request
     tpot_s: list[float] = field(default_factory=list)  # per request: (last - first token time) / (tokens - 1)
     acceptance_length: float | None = None
+    verify_steps: int = 0  # MTP verify steps, and the tokens they accepted (weighted by steps), over every round run
+    accepted_tokens: float = 0.0
     executor: str = "eager"  # how decode steps ran: "aot", "compiled", "eager"; transformers: "generate()"
     weight_bytes: int | None = None  # resident weight memory of the served model (engines/network/quant_linear.py)
 
@@ -104,12 +106,12 @@ def workload_prompts(codec, vocab_size: int, workload: Workload) -> list[list[in
     return windows[:workload.num_prompts]
 
 
-def run_engine(engine, prompts: list[list[int]], workload: Workload, name: str) -> Result:
-    """Closed loop: `concurrency` requests in flight; a new one starts when one finishes."""
+def run_engine(engine, prompts: list[list[int]], workload: Workload, name: str, result: Result | None = None) -> Result:
+    """Closed loop: `concurrency` requests in flight; a new one starts when one finishes. Adds to `result` (another
+    round of the same target) when given."""
     params = GenerationParams(max_tokens=workload.output_len, ignore_eos=True)
     pending = list(prompts)
-    result = Result(name, 0, 0.0)
-    accepted = verify = 0
+    result = result or Result(name, 0, 0.0)
     start = time.perf_counter()
     for _ in range(min(workload.concurrency, len(pending))):
         engine.add_request(pending.pop(0), params)
@@ -123,12 +125,12 @@ def run_engine(engine, prompts: list[list[int]], workload: Workload, name: str) 
                 if "time_per_output_token_s" in stats:
                     result.tpot_s.append(stats["time_per_output_token_s"])
                 if "verify_steps" in stats:
-                    verify += stats["verify_steps"]
-                    accepted += stats["acceptance_length"] * stats["verify_steps"]
+                    result.verify_steps += stats["verify_steps"]
+                    result.accepted_tokens += stats["acceptance_length"] * stats["verify_steps"]
                 if pending:
                     engine.add_request(pending.pop(0), params)
-    result.seconds = time.perf_counter() - start
-    result.acceptance_length = accepted / verify if verify else None
+    result.seconds += time.perf_counter() - start
+    result.acceptance_length = result.accepted_tokens / result.verify_steps if result.verify_steps else None
     return result
 
 
@@ -158,44 +160,31 @@ def run_transformers(folder: Path, prompts: list[list[int]], workload: Workload,
 
 
 def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu", transformers_baseline: bool = True,
-                  max_num_tokens: int = 512, compile: bool = True, log=print) -> dict:
+                  max_num_tokens: int = 512, compile: bool = True, rounds: int = 3, log=print) -> dict:
     """Each target, then transformers; `compile`: decode steps run compiled (CUDA graphs on GPU), compiled before
-    the clock starts, quantized builds included. Each build's resident weight bytes are reported against bf16's."""
-    from .executors.compiled_step import unsupported
+    the clock starts, quantized builds included. Every target is loaded (compiled, warmed up) first, then the
+    workload runs `rounds` times, each round once on every target in turn, and a target's figures are over all its
+    rounds: load that comes and goes on a shared machine falls on every target alike, not on whichever ran then.
+    Each build's resident weight bytes are reported against bf16's."""
     from .network.quant_linear import resident_weight_bytes
-    from .runtime.factory import StackOptions, open_scheduler
 
-    results, prompts = [], None
-    for target in targets:
-        kind = target.executor
-        if kind not in (None, *EXECUTORS):
-            raise ValueError(f"--executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
-        steps_compiled = compile if kind is None else kind == "compiled"
-        if steps_compiled:
-            log(f"{target.name}: compiling the decode steps where the model allows it (unless it has engines)")
-        shape = engine_shape(target.path)  # a build with engines: every executor serves the engines' shapes
-        max_sequences, max_length = shape or (workload.concurrency,
-                                              workload.input_len + workload.output_len + target.mtp + 1)
-        engine = open_scheduler(target.path, StackOptions(
-            device=device, max_sequences=max_sequences, max_length=max_length, max_num_tokens=max_num_tokens,
-            num_speculative_tokens=target.mtp, compile=steps_compiled,
-            engines=None if kind is None else kind in ("aot", "tensorrt")))
-        executor = engine.executor.kind
-        if kind in ("aot", "tensorrt") and executor != kind:
-            engine.executor.close()
-            raise ValueError(f"--executor {kind}: {target.path} has {executor} engines")
-        if steps_compiled and executor == "eager":
-            log(f"{target.name}: eager decode steps ({unsupported(engine.executor.model)})")
-        try:
-            prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
-            # warm-up: one whole request, so that every bound on the pages a compiled step reads (CPU) is compiled
-            run_engine(engine, prompts[:1], Workload(1, workload.input_len, workload.output_len, 1), target.name)
-            results.append(run_engine(engine, prompts, workload, target.name))
-        finally:
+    if rounds < 1:
+        raise ValueError(f"--rounds={rounds}: must be >= 1")
+    results, prompts, engines = [], None, []
+    try:
+        for target in targets:
+            prompts = _open_target(target, workload, device, max_num_tokens, compile, prompts, engines, log)
+        results = [Result(target.name, 0, 0.0) for target in targets]
+        for _ in range(rounds):
+            for result, (target, engine) in zip(results, engines):
+                run_engine(engine, prompts, workload, target.name, result)
+        for result, (target, engine) in zip(results, engines):
+            result.executor = engine.executor.kind
+            result.weight_bytes = resident_weight_bytes(engine.executor.model)
+            log(f"{target.name}: {result.tokens_per_s:.1f} output tokens/s ({result.executor})")
+    finally:
+        for _, engine in engines:
             engine.executor.close()  # (a --tp N build's worker ranks)
-        results[-1].executor = executor
-        results[-1].weight_bytes = resident_weight_bytes(engine.executor.model)
-        log(f"{target.name}: {results[-1].tokens_per_s:.1f} output tokens/s ({results[-1].executor})")
     peer = None
     if transformers_baseline:
         for batch_size in sorted({workload.concurrency, 1}, reverse=True):
@@ -209,7 +198,39 @@ def run_benchmark(targets: list[Target], workload: Workload, device: str = "cpu"
         row["vs_transformers"] = None if peer is None else round(r.tokens_per_s / peer.tokens_per_s, 3)
         row["weight_vs_bf16"] = (None if r.weight_bytes is None or bf16.weight_bytes is None
                                  else round(r.weight_bytes / bf16.weight_bytes, 3))
-    return {"workload": asdict(workload), "device": device, "torch_threads": torch.get_num_threads(), "results": rows}
+    return {"workload": asdict(workload), "rounds": rounds, "device": device, "torch_threads": torch.get_num_threads(),
+            "results": rows}
+
+
+def _open_target(target: Target, workload: Workload, device: str, max_num_tokens: int, compile: bool,
+                 prompts: list[list[int]] | None, engines: list, log) -> list[list[int]]:
+    """Open `target`'s serving stack (its steps compiled as `compile` and its executor say), append (target, engine)
+    to `engines`, warm it up with one whole request; return the workload's prompts (made by the first target)."""
+    from .executors.compiled_step import unsupported
+    from .runtime.factory import StackOptions, open_scheduler
+
+    kind = target.executor
+    if kind not in (None, *EXECUTORS):
+        raise ValueError(f"--executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
+    steps_compiled = compile if kind is None else kind == "compiled"
+    if steps_compiled:
+        log(f"{target.name}: compiling the decode steps where the model allows it (unless it has engines)")
+    shape = engine_shape(target.path)  # a build with engines: every executor serves the engines' shapes
+    max_sequences, max_length = shape or (workload.concurrency,
+                                          workload.input_len + workload.output_len + target.mtp + 1)
+    engine = open_scheduler(target.path, StackOptions(
+        device=device, max_sequences=max_sequences, max_length=max_length, max_num_tokens=max_num_tokens,
+        num_speculative_tokens=target.mtp, compile=steps_compiled,
+        engines=None if kind is None else kind in ("aot", "tensorrt")))
+    engines.append((target, engine))  # (closed by the caller)
+    if kind in ("aot", "tensorrt") and engine.executor.kind != kind:
+        raise ValueError(f"--executor {kind}: {target.path} has {engine.executor.kind} engines")
+    if steps_compiled and engine.executor.kind == "eager":
+        log(f"{target.name}: eager decode steps ({unsupported(engine.executor.model)})")
+    prompts = prompts or workload_prompts(engine.codec, engine.executor.spec.vocab_size, workload)
+    # warm-up: one whole request, so that every bound on the pages a compiled step reads (CPU) is compiled
+    run_engine(engine, prompts[:1], Workload(1, workload.input_len, workload.output_len, 1), target.name)
+    return prompts
 
 
 def engine_shape(path) -> tuple[int, int] | None:

@@ -44,6 +44,7 @@ import torch
 
 from ..plugins.grouped_gemm import E2M1_VALUES as _E2M1
 from ..plugins.grouped_gemm import NVFP4_BLOCK, dequantize_nvfp4
+from . import fp8
 
 BLOCK = NVFP4_BLOCK
 E2M1_MAX = 6.0
@@ -182,7 +183,8 @@ def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "acti
     blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
     magnitude = blocks.abs()
     block_amax = magnitude.amax(dim=-1, keepdim=True)
-    scale = (block_amax / (E2M1_MAX * g)).clamp(max=E4M3_MAX).to(torch.float8_e4m3fn).float() * g
+    scale = (block_amax / (E2M1_MAX * g)).clamp(max=E4M3_MAX)
+    scale = (fp8.round_to_e4m3(scale) if torch.compiler.is_compiling() else scale.to(torch.float8_e4m3fn).float()) * g
     scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
     rounded = _rounded_magnitude(magnitude / scale) * scale
     out = torch.where(blocks >= 0, rounded, -rounded)

@@ -17,6 +17,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # The test models are tiny: one intra-op thread avoids OpenMP start-up and contention costs that
 # dominate their small ops on a 2-core machine (and keeps timings stable when other work runs).
 torch.set_num_threads(1)
+# Under pytest-xdist each worker compiles into an inductor cache of its own (concurrent compiles into one cache
+# folder have corrupted it here).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir(), os.environ["PYTEST_XDIST_WORKER"])
 
 BASE_CONFIG = dict(
     model_type="nemotron_h",

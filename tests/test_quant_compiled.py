@@ -51,6 +51,24 @@ def test_fake_quantizers_compile_to_the_eager_bits_with_scalar_and_per_row_scale
         fake_quantize(x, per_row[:4])
 
 
+@needs_compiler
+def test_e4m3_rounding_in_fp32_is_the_float8_cast_at_every_rounding_boundary():
+    """round_to_e4m3 (what compiled fake quantizers round with) = the float8_e4m3fn cast, eagerly and compiled, on every
+    pattern of the high 11 mantissa bits with the low 12 bits at each rounding boundary (0, 1, just below / at / just
+    above the half, all ones), in every binade from below E4M3's smallest subnormal to its largest value, both signs,
+    plus zeros, saturated values and NaN."""
+    high = torch.arange(2048, dtype=torch.int32) << 12
+    low = torch.tensor([0, 1, 0x7FF, 0x800, 0x801, 0xFFF], dtype=torch.int32)
+    binades = torch.arange(127 - 24, 127 + 10, dtype=torch.int32) << 23  # 2**-24 .. 2**9 (clamped to 448)
+    y = (binades[:, None, None] | high[None, :, None] | low[None, None, :]).flatten().view(torch.float32)
+    y = torch.cat([y, -y, torch.tensor([0.0, -0.0, float("nan")])]).clamp(-fp8.E4M3_MAX, fp8.E4M3_MAX)
+    cast = y.to(torch.float8_e4m3fn).float()
+    compiled = torch.compile(fp8.round_to_e4m3, fullgraph=True, dynamic=False)
+    for rounded in (fp8.round_to_e4m3(y), compiled(y)):
+        assert torch.equal(rounded.nan_to_num(1000.0), cast.nan_to_num(1000.0))  # (no E4M3 value: NaN only matches NaN)
+        assert torch.equal(rounded.signbit(), cast.signbit()) and rounded.isnan().sum() == 1
+
+
 @pytest.fixture(scope="module", params=["fp8", "nvfp4", "nvfp4-all"])
 def quantized_builtin(request, tmp_path_factory):
     """The built-in model's checkpoint quantized with a recipe (calibrated on a few random windows)."""

@@ -31,6 +31,7 @@ import shutil
 import types
 
 import torch
+from torch import nn
 
 from ...export.kv_pages import pages_for
 from ...plugins.dispatch import next_power_of_2
@@ -145,6 +146,7 @@ class CompiledSteps:
         key = (fn.__name__, self.state.pages.bound, tuple(None if a is None else (*a.shape, a.dtype) for a in args))
         step = self._compiled.get(key)
         if step is None:  # the first call traces and compiles, checking dynamo's guards
+            hold_constants_as_parameters(self.model)
             step = self._compiled[key] = torch.compile(own_code(fn), **self._options)
             out = self._run(step, args)
         else:  # its code object holds this one graph, for these shapes: skip the guards (module docstring)
@@ -182,6 +184,30 @@ def not_traceable(model) -> str | None:
     if model.device.type == "cpu" and cpp_compiler() is None:
         return "torch inductor needs a C++ compiler on CPU and none was found (set CXX or install g++)"
     return None
+
+
+def hold_constants_as_parameters(model) -> None:
+    """Make each tensor the network reads and never writes that is not a Parameter yet (buffers: quantization scales,
+    dequantized weights, router biases; the MoE layers' stacked experts and input scales) an `nn.Parameter` object
+    without grad, held where it was: a buffer stays a buffer (names, state dict and persistence unchanged), storage
+    shared. Dynamo checks every plain tensor a compiled step reads on every call, even with skip_guard_eval_unsafe
+    (its metadata, and that it aliases no other input), but not Parameters, which it takes for the model's weights: a
+    quantized build reads ~90 such tensors per step, whose checks cost as much as a tenth of its decode step. Done before
+    a step first compiles (not for the exported programs of step_export.py, which take the model as loaded)."""
+    from ..network.moe import MoE
+
+    def parameter(t):
+        return t if t is None or isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+    for module in model.modules():
+        for name, t in module._buffers.items():
+            module._buffers[name] = parameter(t)
+        if isinstance(module, MoE):
+            if module.stacked is not None:
+                module.stacked = tuple(map(parameter, module.stacked))
+            if module.packed is not None:
+                module.packed = tuple(tuple(map(parameter, projection)) for projection in module.packed)
+            module.stacked_inputs = tuple(None if s is None else (s[0], parameter(s[1])) for s in module.stacked_inputs)
 
 
 def cpp_compiler() -> str | None:

@@ -1,8 +1,7 @@
 """Ahead-of-time engines of a --tp 2 build (aot_build.py's per-rank packages, run by the AOT executor on every rank
 of the serving stack, gloo on the CPU) against tp 1 eager: the built-in model's bf16 build with the decode package
-only, compiled once for the module (one package per rank, about a minute each on an idle 2-core machine). Served
-only when asked for (StackOptions.engines=True): a worker's package has been seen failing at a collective's
-wait_tensor after some steps of a greedy generation, so the generation test is not here yet."""
+only, compiled once for the module (one package per rank, about a minute each on an idle 2-core machine), served by
+default as a tp 1 build's engines are."""
 
 from __future__ import annotations
 
@@ -16,6 +15,7 @@ from nemo3.engines.executors.compiled_step import cpp_compiler
 from nemo3.engines.executors.torch_executor import TorchExecutor
 from nemo3.engines.network.loading import load
 from nemo3.engines.runtime.factory import StackOptions, open_scheduler
+from nemo3.engines.runtime.requests import GenerationParams
 from nemo3.export.build_folder import model_folder
 from nemo3.pipeline import BuildOptions, run_stages
 
@@ -38,8 +38,7 @@ def build(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stack(build):
     """The build's serving stack: rank 0 here, rank 1 a worker, each running its own decode package."""
-    scheduler = open_scheduler(build, StackOptions(max_sequences=ROWS, max_length=LENGTH, num_speculative_tokens=0,
-                                                   engines=True))
+    scheduler = open_scheduler(build, StackOptions(max_sequences=ROWS, max_length=LENGTH, num_speculative_tokens=0))
     yield scheduler
     scheduler.executor.close()
 
@@ -71,6 +70,25 @@ def test_tp2_engine_decode_gives_the_logits_of_tp1_eager(build, stack):
         assert calls == [1]  # the decode step ran rank 0's package
     finally:
         executor.compiled.runners = runners
+
+
+def test_tp2_engines_generate_the_greedy_text_of_tp1_eager(build, stack):
+    """Generations of eager prefills and package decode steps, one after another on every rank (a rank whose gloo
+    thread still held a Python tensor of an eager collective when a package started waited for the GIL the package
+    held: a deadlock, settle() in engines/network/parallel.py)."""
+    calls = []
+    runners = stack.executor.compiled.runners
+    stack.executor.compiled.runners = {key: Counted(runner, calls) for key, runner in runners.items()}
+    prompts, params = ["The history of", "Once upon a time, a"], GenerationParams(max_tokens=12, ignore_eos=True)
+    try:
+        got = [[c.token_ids for c in stack.generate(prompts, params)] for _ in range(3)]
+    finally:
+        stack.executor.compiled.runners = runners
+    eager = open_scheduler(model_folder(build), StackOptions(max_sequences=ROWS, max_length=LENGTH,
+                                                             num_speculative_tokens=0))
+    want = [c.token_ids for c in eager.generate(prompts, params)]
+    assert got == [want] * 3
+    assert len(calls) >= 3 * (params.max_tokens - 1)  # the decode steps ran rank 0's package
 
 
 class Counted:

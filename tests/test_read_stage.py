@@ -77,10 +77,3 @@ def test_corrupt_file_fails_before_any_stage(checkpoint, tmp_path):
     assert "model.safetensors: truncated or corrupt" in result.output
     assert not (tmp_path / "out" / "build.json").exists()
 
-
-def test_unbuilt_tensorrt_ranks_are_refused_up_front(checkpoint, tmp_path):
-    out = tmp_path / "out"
-    result = CliRunner().invoke(build_main, ["--checkpoint", str(checkpoint), "--output", str(out),
-                                             "--target", "tensorrt", "--tp", "2"])
-    assert result.exit_code == 1 and "--target tensorrt --tp 2: per-rank ONNX graphs are not built yet" in result.output
-    assert not out.exists()

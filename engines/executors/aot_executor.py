@@ -39,6 +39,7 @@ class EngineSteps(CompiledSteps):
         if runner is None:
             return fn(self, *args)
         table = self.state.pages.table[:, :self.state.pages.bound].contiguous()
+        self.model.parallel.settle()
         return runner.boxed_run([*(a for a in args if a is not None), table, *self.extra])[0]
 
     def warm_up(self, max_tokens: int) -> None:

@@ -24,11 +24,13 @@ are torch's functional collectives (`_c10d_functional.all_reduce` / `all_gather_
 followed by `wait_tensor`), named by the process group's name, which AOTInductor compiles into a
 package that runs them in the group of that name (aot_build.py); run eagerly they are torch.distributed's
 calls, which release the GIL while they wait (a functional collective called from Python holds it, and
-gloo's worker thread, freeing a finished all-gather's tensors, waits for it: a deadlock).
+gloo's worker thread, freeing a finished all-gather's tensors, waits for it: a deadlock). A package holds the
+GIL too, so the tensors of the eager collectives before it must be freed by gloo first (`settle`).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,8 @@ class Parallel:
     rank: int = 0
     moe: str = "ep"
     group: Any = field(default=None, compare=False)  # torch.distributed ProcessGroup; None: the default one
+    # the tensors lent to eager collectives, with their holder counts before (settle)
+    lent: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self):
         if self.moe not in MOE_PARALLEL:
@@ -113,7 +117,7 @@ class Parallel:
         if torch.compiler.is_compiling():
             c10d = torch.ops._c10d_functional
             return c10d.wait_tensor(c10d.all_reduce(x, "sum", self.group_name))
-        dist.all_reduce(x, group=self.group)
+        self._lend(lambda x: dist.all_reduce(x, group=self.group), x)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +132,7 @@ class Parallel:
             parts = c10d.wait_tensor(c10d.all_gather_into_tensor(x, self.world_size, self.group_name))
         else:
             parts = x.new_empty(self.world_size * x.shape[0], *x.shape[1:])  # (gloo: the ranks' x concatenated)
-            dist.all_gather_into_tensor(parts, x, group=self.group)
+            self._lend(lambda parts, x: dist.all_gather_into_tensor(parts, x, group=self.group), parts, x)
         return parts.view(self.world_size, *x.shape).movedim(0, -2).flatten(-2)  # [W, ..., n] -> [..., W * n]
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,8 +140,29 @@ class Parallel:
         if self.sharded:
             import torch.distributed as dist
 
-            dist.broadcast(x, src=0, group=self.group)
+            self._lend(lambda x: dist.broadcast(x, src=0, group=self.group), x)
         return x
+
+    def _lend(self, collective, *tensors: torch.Tensor) -> None:
+        """collective(*aliases): a torch.distributed call on aliases of `tensors` (their storage) that nothing else
+        holds, so that each alias's holder count tells when gloo has dropped it (settle). Aliases gloo has dropped
+        are forgotten here."""
+        self.lent[:] = [(alias, count) for alias, count in self.lent if alias._use_count() > count]
+        aliases = [t.detach() for t in tensors]
+        counts = [alias._use_count() for alias in aliases]
+        collective(*aliases)
+        self.lent.extend(zip(aliases, counts))
+
+    def settle(self) -> None:
+        """Wait until gloo's worker threads have dropped the tensors of the eager collectives run so far. Call it before
+        running a compiled package's collectives from Python: the package holds the GIL while it waits for them, and a
+        gloo thread dropping its last hold of a Python tensor (a finished collective's work) needs the GIL, with the
+        group's work queue locked: a deadlock, which the other ranks see as a timeout at their next collective.
+        (Sleeping releases the GIL to the gloo thread.)"""
+        for alias, count in self.lent:
+            while alias._use_count() > count:
+                time.sleep(SETTLE_POLL_S)
+        self.lent.clear()
 
     def row_parallel(self, linear: nn.Module, x: torch.Tensor, reduce: bool = True) -> torch.Tensor:
         """`linear(x)` for a row-parallel layer: x [..., in] is this rank's share of the input (its slice of
@@ -152,6 +177,7 @@ class Parallel:
 
 
 SINGLE = Parallel()
+SETTLE_POLL_S = 1e-4
 # the name torch gives the default process group (the first group a process creates: `init_process_group`'s, as
 # runtime/launcher.py and torchrun make it)
 DEFAULT_GROUP = "0"

@@ -113,9 +113,7 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
         return TorchExecutor(model, max_sequences, options.max_length, compile=None if compile else False,
                              num_pages=num_pages)
     ranks = str(BuildFolder(Path(path)).ranks)
-    # a --tp build's engines only when asked for (engines=True): a worker's package has been seen failing at a
-    # collective's wait_tensor after some steps of a generation (not understood yet)
-    engines = _engines(path, model_folder(path), options) if options.engines else None
+    engines = _engines(path, model_folder(path), options)
     workers = start_workers(serve_rank, tp, default_backend(options.device),
                             args=(ranks, moe, options.device, options.dtype, options.max_sequences,
                                   options.max_length, options.state_memory, engines, READY),

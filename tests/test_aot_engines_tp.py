@@ -1,7 +1,8 @@
 """Ahead-of-time engines of a --tp 2 build (aot_build.py's per-rank packages, run by the AOT executor on every rank
-of the serving stack, gloo on the CPU) against tp 1 eager: the built-in model's bf16 build with the decode package
-only, compiled once for the module (one package per rank, about a minute each on an idle 2-core machine), served by
-default as a tp 1 build's engines are."""
+of the serving stack, gloo on the CPU) against tp 1 eager: the built-in model's bf16 build with the decode and the
+greedy MTP k=2 speculative packages (no prefill chunk: each shape costs a compile per rank; a tp 2 prefill-chunk
+package was checked by hand to give tp 1 eager's logits), compiled once for the module (two packages per rank, about
+a minute each on an idle 2-core machine), served by default as a tp 1 build's engines are."""
 
 from __future__ import annotations
 
@@ -28,16 +29,16 @@ ROWS, LENGTH = 3, 128
 def build(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot_tp") / "tp2"
     options = BuildOptions(output=out, precision="bf16", tp=2, moe_parallel="tp", engines=True, engine_device="cpu",
-                           engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_sampling=False, engine_mtp=0,
+                           engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_sampling=False, engine_mtp=2,
                            engine_prefill_tokens=())
     record = run_stages(options, ["quantize", "shard", "engines"], log=lambda _: None)
-    assert record["stages"]["engines"]["engines"] == 2, record["stages"]["engines"]
+    assert record["stages"]["engines"]["engines"] == 4, record["stages"]["engines"]
     return out
 
 
 @pytest.fixture(scope="module")
 def stack(build):
-    """The build's serving stack: rank 0 here, rank 1 a worker, each running its own decode package."""
+    """The build's serving stack: rank 0 here, rank 1 a worker, each running its own packages."""
     scheduler = open_scheduler(build, StackOptions(max_sequences=ROWS, max_length=LENGTH, num_speculative_tokens=0))
     yield scheduler
     scheduler.executor.close()
@@ -46,8 +47,8 @@ def stack(build):
 def test_the_ranks_packages_and_their_process_group_are_in_the_manifest(build):
     manifest = Manifest.read(build / "engines")
     assert (manifest.tp, manifest.group) == (2, "0")
-    assert sorted((e.rank, e.file) for e in manifest.engines) == [(0, "rank0/backbone_step_t1.pt2"),
-                                                                 (1, "rank1/backbone_step_t1.pt2")]
+    assert sorted((e.rank, e.file) for e in manifest.engines) == [
+        (r, f"rank{r}/{step}.pt2") for r in (0, 1) for step in ("backbone_step_t1", "speculative_step_t3")]
 
 
 def test_tp2_engine_decode_gives_the_logits_of_tp1_eager(build, stack):
@@ -91,12 +92,30 @@ def test_tp2_engines_generate_the_greedy_text_of_tp1_eager(build, stack):
     assert len(calls) >= 3 * (params.max_tokens - 1)  # the decode steps ran rank 0's package
 
 
+def test_tp2_engines_generate_the_greedy_text_of_tp1_eager_with_mtp_drafts(build, stack):
+    """Greedy MTP k=2 through every rank's speculative package (verify + drafts, its collectives among eager ones)
+    keeps tp 1 eager's text."""
+    calls = []
+    runners = stack.executor.compiled.runners
+    stack.executor.compiled.runners = {key: Counted(runner, calls, key[0]) for key, runner in runners.items()}
+    prompts = ["The history of", "Once upon a time, a"]
+    try:
+        got = [c.token_ids for c in stack.generate(prompts, GenerationParams(max_tokens=12, ignore_eos=True,
+                                                                               num_speculative_tokens=2))]
+    finally:
+        stack.executor.compiled.runners = runners
+    eager = open_scheduler(model_folder(build), StackOptions(max_sequences=ROWS, max_length=LENGTH,
+                                                             num_speculative_tokens=0))
+    assert got == [c.token_ids for c in eager.generate(prompts, GenerationParams(max_tokens=12, ignore_eos=True))]
+    assert "speculative_step" in calls  # rank 0's speculative package ran
+
+
 class Counted:
-    def __init__(self, runner, calls: list):
-        self.runner, self.calls = runner, calls
+    def __init__(self, runner, calls: list, mark=1):
+        self.runner, self.calls, self.mark = runner, calls, mark
 
     def boxed_run(self, inputs):
-        self.calls.append(1)
+        self.calls.append(self.mark)
         return self.runner.boxed_run(inputs)
 
 

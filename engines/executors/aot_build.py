@@ -18,8 +18,9 @@ process, inside a stand-in process group of the rank's place (torch.distributed'
 the group up while compiling, and nothing is communicated): the network's collectives are functional ones traced by
 the process group's name (engines/network/parallel.py), that of the default group every rank of a serving stack
 joins (DEFAULT_GROUP, in the manifest), and the package runs them in that group. Each rank has its own packages:
-the ranks' graphs differ in constants (the vocabulary range, which rank adds the row-parallel biases). Only the
-decode step is compiled for tp > 1 (build_engines says why); the other calls run eagerly on every rank.
+the ranks' graphs differ in constants (the vocabulary range, which rank adds the row-parallel biases). A rank
+compiles the shapes a tp 1 build does (decode, prefill chunks, greedy speculative step), but the sampling
+speculative step (build_engines).
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def build_engines(source: Path, out: Path, target: EngineTarget, ranks: Path | N
     if ranks is not None:
         config = read_rank_config(ranks)[1]
         parallels = [Parallel(config["world_size"], r, config["moe_parallel"]) for r in range(config["world_size"])]
-        # decode only: a tp 2 speculative package (checked by hand) failed in a worker at its first collective, and
-        # prefill packages are not verified; those calls run eagerly on every rank
-        target = replace(target, draft_tokens=0, sampling=False, prefill_tokens=())
+        # the shapes of CompiledSteps.shapes, checked at tp 2 (tests/test_aot_engines_tp.py); the sampling
+        # speculative step is not verified there: sampled MTP requests run it eagerly on every rank
+        target = replace(target, sampling=False)
     manifest = Manifest(device=torch.device(target.device).type, arch=host_arch(target.device),
                         torch=torch.__version__, dtype=None, max_sequences=target.max_sequences,
                         max_length=target.max_length, page_size=target.page_size,

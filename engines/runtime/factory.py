@@ -128,6 +128,12 @@ def open_executor(path: str | Path | None, options: StackOptions) -> Executor:
     return DistributedExecutor(local, workers)
 
 
+def _may_use_engines(options: StackOptions) -> bool:
+    """Whether a build's engines (ahead-of-time or TensorRT) may serve: not when they are refused, nor by default when
+    state_memory is given (engines have the state shapes they were built for; state_memory sizes its own)."""
+    return options.engines is True or (options.engines is None and options.state_memory is None)
+
+
 def _engines(path, checkpoint: Path, options: StackOptions) -> Path | None:
     """The engines folder to serve `path` (whose `checkpoint` is loaded) with, or None; engines required and none
     there, or engines built from another checkpoint: a one-line error."""
@@ -135,8 +141,8 @@ def _engines(path, checkpoint: Path, options: StackOptions) -> Path | None:
 
     build = BuildFolder.of(path)
     folder = build.engines if build is not None else None
-    if options.engines is False or (options.engines is None and options.state_memory is not None):
-        return None  # (engines have the state shapes they were built for; state_memory sizes its own)
+    if not _may_use_engines(options):
+        return None
     manifest = Manifest.read(folder) if folder is not None and (folder / MANIFEST).is_file() else None
     if manifest is None or manifest.unsupported:
         if options.engines:
@@ -155,7 +161,7 @@ def _tensorrt_engines(path, options: StackOptions) -> Path | None:
     build = BuildFolder.of(path)
     if build is None or not (build.tensorrt / TENSORRT_MANIFEST).is_file():
         return None
-    if options.engines is False or (options.engines is None and options.state_memory is not None):
+    if not _may_use_engines(options):
         return None
     graphs = read_manifest(build.tensorrt)["graphs"]
     return build.tensorrt if all(plan_path(build.tensorrt, g).is_file() for g in graphs) or options.engines else None

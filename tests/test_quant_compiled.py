@@ -106,11 +106,23 @@ def quantized_builtin(request, tmp_path_factory):
 @needs_builtin
 def test_stacked_quantized_experts_equal_the_expert_loop(quantized_builtin):
     """Gathered (few pairs) and dense (more pairs than experts) paths over the stacked dequantized weights and
-    input scales give the sum of the experts' own QuantLinear forwards."""
+    input scales give the sum of the experts' own QuantLinear forwards: with the one input scale per projection that
+    ModelOpt calibrates for a layer's experts (held once), and with a scale of each expert's own (held per expert)."""
     model = load(quantized_builtin)
     moe = next(m for m in model.modules() if isinstance(m, MoE))
     assert moe.stacked is not None
     # 3 x top-2 = 6 pairs <= 8 experts; 9 x 2 = 18 > 8
+    assert_expert_paths_equal_the_loop(moe, model.spec.hidden_size, (3, 9))
+    quantized_inputs = [s for s in moe.stacked_inputs if s is not None]
+    if not quantized_inputs:
+        return
+    assert all(scale.dim() == 0 for _, scale in quantized_inputs)
+    for e, expert in moe.experts.items():
+        for layer in (expert.up_proj, expert.down_proj):
+            if hasattr(layer, "input_scale"):
+                layer.input_scale = layer.input_scale * (1 + int(e) / 4)
+    moe.stack_experts()
+    assert all(scale.shape == (len(moe.experts),) for _, scale in moe.stacked_inputs if scale is not None)
     assert_expert_paths_equal_the_loop(moe, model.spec.hidden_size, (3, 9))
 
 

@@ -114,7 +114,9 @@ class MoE(nn.Module):
     # NVFP4 experts kept packed (the grouped GEMM kernel decodes them): per projection (codes [E, N, K/2],
     # block scales [E, N, K/16], global scales [E])
     packed: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None
-    # per projection (up, down): (format, input scales [E]) when the experts quantize their inputs (W4A4, W8A8)
+    # per projection (up, down): (format, input scales [E], or one 0-dim scale that every expert shares: ModelOpt
+    # calibrates one input quantizer per projection of a layer's experts) when the experts quantize their inputs
+    # (W4A4, W8A8)
     stacked_inputs: tuple[tuple[str, torch.Tensor] | None, tuple[str, torch.Tensor] | None] = (None, None)
 
     def stack_experts(self) -> None:
@@ -136,8 +138,8 @@ class MoE(nn.Module):
             if len(kind) != 1 or None in kind:
                 return
             (kind,) = kind
-            inputs.append(None if kind[1] is None else
-                          (kind[0], torch.stack([layer.input_scale for layer in layers[name]])))
+            inputs.append(None if kind[1] is None else (kind[0], _one_or_each([layer.input_scale
+                                                                             for layer in layers[name]])))
         if len({_kept_packed(group[0]) for group in layers.values()}) != 1:
             return
         if _kept_packed(layers["up_proj"][0]):
@@ -148,14 +150,28 @@ class MoE(nn.Module):
                                               else ("weight",))[0] for group in layers.values())
         self.stacked_inputs = tuple(inputs)
 
-    def _expert_input(self, projection: int, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _expert_input(self, projection: int, x: torch.Tensor, experts: torch.Tensor | None) -> torch.Tensor:
         """x [..., in] as the up (0) or down (1) projection of expert `experts` [...] sees it: fake-quantized
-        with that expert's input scale when the experts quantize their inputs, else x itself."""
+        with that expert's input scale when the experts quantize their inputs, else x itself. (`experts` may be
+        None where every expert shares the input's scale: `_shared_input`.)"""
         quantized = self.stacked_inputs[projection]
         if quantized is None:
             return x
         weight_format, scales = quantized
-        return fake_quantize_input(weight_format, x, scales[experts])
+        return fake_quantize_input(weight_format, x, scales if scales.dim() == 0 else scales[experts])
+
+    def _shared_input(self, projection: int) -> bool:
+        """Whether every expert sees the up (0) or down (1) projection's input alike: unquantized, or quantized
+        with one scale (then a token is quantized once, not once per expert)."""
+        quantized = self.stacked_inputs[projection]
+        return quantized is None or quantized[1].dim() == 0
+
+    def _pair_inputs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, De] as the up projection of each (token, choice) pair of ids [T, k] sees it: [T*k, De]."""
+        k = ids.shape[1]
+        if self._shared_input(0):
+            return self._expert_input(0, x, None).repeat_interleave(k, dim=0)
+        return self._expert_input(0, x.repeat_interleave(k, dim=0), ids.flatten().long())
 
     def run_experts_grouped(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum as two grouped GEMMs over the (token, expert) pairs (plugins/grouped_gemm.py: the Triton
@@ -164,7 +180,7 @@ class MoE(nn.Module):
         T, k = ids.shape
         row_expert = ids.flatten()
         up, down = self.packed or tuple((w, None, None) for w in self.stacked)
-        pairs = self._expert_input(0, x.repeat_interleave(k, dim=0), row_expert.long())
+        pairs = self._pair_inputs(x, ids)
         h = grouped_gemm(pairs, *up, row_expert=row_expert, relu2=True)
         h = self._expert_input(1, h, row_expert.long())
         y = grouped_gemm(h, *down, row_expert=row_expert).float() * weights.reshape(-1, 1)
@@ -176,7 +192,7 @@ class MoE(nn.Module):
         T, k = ids.shape
         up, down = self.stacked
         chosen = ids.flatten().long()
-        pairs = self._expert_input(0, x.repeat_interleave(k, dim=0), chosen)  # [T*k, De]
+        pairs = self._pair_inputs(x, ids)  # [T*k, De]
         h = F.relu(torch.bmm(up[chosen], pairs[:, :, None])).square()  # [T*k, I, 1]
         h = self._expert_input(1, h.squeeze(-1), chosen)[:, :, None]
         y = torch.bmm(down[chosen], h).squeeze(-1).float() * weights.reshape(-1, 1)
@@ -185,17 +201,20 @@ class MoE(nn.Module):
     def run_experts_dense(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The same sum with every expert applied to every token, weighted 0 where not chosen (static shapes):
         with more (token, choice) pairs than experts, this reads each expert's weights once where gathering
-        would copy them once per pair."""
+        would copy them once per pair. Only the routed pairs' down inputs are quantized (the others are zeroed: their
+        weight is 0)."""
         up, down = self.stacked
         dense = torch.zeros(ids.shape[0], up.shape[0], dtype=torch.float32, device=x.device)
         dense.scatter_(1, ids.long(), weights.float())  # [T, E]
         T, E = dense.shape
-        if self.stacked_inputs[0] is None:
-            h = F.relu(torch.einsum("td,eid->tei", x, up)).square()
+        if self._shared_input(0):
+            h = F.relu(torch.einsum("td,eid->tei", self._expert_input(0, x, None), up)).square()
         else:  # each expert sees the tokens quantized with its own input scale
             every = torch.arange(E, device=x.device)[:, None].expand(E, T)
             h = F.relu(torch.einsum("etd,eid->tei", self._expert_input(0, x.expand(E, *x.shape), every), up)).square()
-        h = self._expert_input(1, h, torch.arange(E, device=x.device).expand(T, E))
+        if self.stacked_inputs[1] is not None:
+            routed = ids.long()[..., None].expand(T, ids.shape[1], h.shape[-1])  # [T, k, I]
+            h = torch.zeros_like(h).scatter_(1, routed, self._expert_input(1, h.gather(1, routed), ids.long()))
         y = torch.einsum("tei,edi->ted", h, down).float() * dense[..., None]
         return y.sum(1).to(x.dtype)
 
@@ -208,6 +227,13 @@ def _stackable_kind(layer: nn.Module) -> tuple[str, str | None] | None:
             layer.dequantized is not None or _kept_packed(layer)):
         return (layer.layout.weight_format, layer.layout.weight_format if layer.layout.input_scale else None)
     return None
+
+
+def _one_or_each(scales: list[torch.Tensor]) -> torch.Tensor:
+    """The experts' input scales: the one they share as a 0-dim tensor, else stacked [E]."""
+    if all(torch.equal(scale, scales[0]) for scale in scales):
+        return scales[0].detach().clone()
+    return torch.stack(scales)
 
 
 def _kept_packed(layer: nn.Module) -> bool:

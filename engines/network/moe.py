@@ -126,8 +126,8 @@ class MoE(nn.Module):
         (plugins/grouped_gemm.py) runs every (token, expert) pair in one launch. Only when every expert is
         held and its projections are bias-free, either plain nn.Linear or QuantLinear layers of one layout per
         projection: a QuantLinear stacks the dequantized weight it computes with, or, where NVFP4 weights stay
-        packed (GPU), its codes and scales (`packed`); its input scales are stacked too. Call it after the
-        weights are in place (engines/loading.py does)."""
+        packed (GPU), its codes and scales (`packed`); its input scales are stacked too (held once when shared).
+        Call it after the weights are in place (engines/loading.py does)."""
         experts = list(self.experts.values())
         if len(experts) != self.gate.weight.shape[0]:
             return

@@ -1,7 +1,8 @@
 """The tensorrt target (engines/executors/onnx_export.py, tensorrt_folder.py, the pipeline's `tensorrt` stage): the
 step graphs as ONNX, run in onnx's reference evaluator (nemo3 nodes through the plugins' references, TensorRT's
 quantization nodes by their semantics) against the torch executor, for the built-in model's bf16, fp8 and nvfp4
-builds (the model runs in fp32 on CPU), and a --tp 2 build's per-rank decode graphs run together against tp 1."""
+builds (the model runs in fp32 on CPU), and a --tp 2 build's per-rank decode and speculative graphs run together
+against tp 1."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-from nemo3.engines.executors.onnx_validate import check_graph, compare_ranks  # noqa: E402
+from nemo3.engines.executors.onnx_validate import check_graph, compare_step  # noqa: E402
 from nemo3.engines.executors.step_export import pool_fields  # noqa: E402
 from nemo3.engines.executors.tensorrt_folder import (TensorRTTarget, read_manifest,  # noqa: E402
                                                      validate_tensorrt_folder, write_tensorrt_folder)
@@ -120,28 +121,31 @@ def test_validate_onnx_cli(bf16_build):
 
 @pytest.fixture(scope="module")
 def tp2_build(tmp_path_factory):
-    """A --tp 2 --moe-parallel tp build's decode graphs, one per rank."""
+    """A --tp 2 --moe-parallel tp build's decode, greedy and sampling speculative (2 drafts) graphs, one per rank."""
     out = tmp_path_factory.mktemp("trt") / "tp2"
     options = BuildOptions(output=out, precision="bf16", target="tensorrt", tp=2, moe_parallel="tp",
-                           engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_prefill_tokens=(), engine_mtp=0)
+                           engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_prefill_tokens=(), engine_mtp=2)
     logs = []
     record = run_stages(options, ["quantize", "shard", "tensorrt"], log=logs.append)
-    assert record["stages"]["tensorrt"]["graphs"] == 2, logs
+    assert record["stages"]["tensorrt"]["graphs"] == 6, logs
     return out
 
 
 def test_tp2_rank_graphs_run_together_give_the_tp1_executor(tp2_build):
-    """Each rank's decode graph holds its all-reduces as AllReduce nodes with the plugin attributes and passes the
-    checker; the two ranks' graphs, run together in the reference evaluator (two calls from fresh slots, the second
-    reading the pools the first wrote), give the tp 1 torch executor's hidden states and logits; rank 0's graph in
-    both places does not."""
+    """Each rank's graph holds its all-reduces as AllReduce nodes with the plugin attributes and passes the checker;
+    the two ranks' graphs of each step, run together in the reference evaluator from the tp 1 executor's prompted
+    state (each rank fed its part of every pool), give the tp 1 torch executor's hidden states and logits (decode),
+    accepted counts and tokens (greedy and sampling speculative steps, the same uniforms and draft distributions),
+    draft distributions, and each rank's part of every updated pool. Rank 0's graph in both places does not, nor
+    do the ranks' graphs with their AllReduce nodes skipped."""
     folder = BuildFolder(tp2_build).tensorrt
     manifest = read_manifest(folder)
     assert manifest["tp"] == 2
-    assert [(g["rank"], g["file"]) for g in manifest["graphs"]] == [(0, "rank0/backbone_r2_t1.onnx"),
-                                                                   (1, "rank1/backbone_r2_t1.onnx")]
-    protos = [onnx.load(str(folder / g["file"])) for g in manifest["graphs"]]
-    for proto in protos:
+    files = ["backbone_r2_t1.onnx", "speculative_r2_t3.onnx", "speculative_sampling_r2_t3.onnx"]
+    assert [(g["rank"], g["file"]) for g in manifest["graphs"]] == [(r, f"rank{r}/{f}") for r in (0, 1) for f in files]
+    graphs = {(g["rank"], g["file"].split("/")[1]): g for g in manifest["graphs"]}
+    protos = {key: onnx.load(str(folder / g["file"])) for key, g in graphs.items()}
+    for proto in protos.values():
         reduces = [node for node in proto.graph.node if node.op_type == "AllReduce"]
         assert reduces and all(node.domain == DOMAIN for node in reduces)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in reduces[0].attribute}
@@ -149,10 +153,27 @@ def test_tp2_rank_graphs_run_together_give_the_tp1_executor(tp2_build):
         assert check_graph(proto) == []
     model = load(model_folder(tp2_build))
     results = validate_tensorrt_folder(model, folder, log=lambda line: None)
-    assert set(results) == {"rank0/backbone_r2_t1.onnx"} and set(results["rank0/backbone_r2_t1.onnx"]) == {"out",
-                                                                                                        "logits"}
-    with pytest.raises(ValueError, match=r"rank0/backbone_r2_t1.onnx \(rank 0\): output out differs"):
-        compare_ranks(model, manifest["graphs"][0], [protos[0], protos[0]])
+    assert set(results) == {f"rank0/{f}" for f in files}
+    for f in files:
+        graph = graphs[0, f]
+        pools = {name for name in graph["outputs"] if name.endswith(".out")}
+        assert pools and set(results[f"rank0/{f}"]) == set(graph["outputs"]) | (
+            {"logits"} if graph["step"] != "speculative_step" else set())
+    assert "draft_probs.out" in results["rank0/speculative_sampling_r2_t3.onnx"]
+    for f in files:
+        with pytest.raises(ValueError, match=rf"rank0/{f} \(rank [01]\): output .* differs from the tp 1"):
+            compare_step(model, graphs[0, f], [protos[0, f], protos[0, f]])
+    skipped = []
+    for rank in (0, 1):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(protos[rank, files[2]])
+        for node in proto.graph.node:
+            if node.op_type == "AllReduce":
+                node.op_type, node.domain = "Identity", ""
+                del node.attribute[:]
+        skipped.append(proto)
+    with pytest.raises(ValueError, match=rf"rank0/{files[2]} \(rank 0\): output .* differs from the tp 1"):
+        compare_step(model, graphs[0, files[2]], skipped)
 
 
 def test_the_ranks_evaluators_meet_at_each_collective():

@@ -1,19 +1,20 @@
 """Running an exported ONNX step graph on CPU in onnx's reference evaluator and comparing it with the torch executor.
 
 The evaluator executes nemo3 nodes through the plugins' references (plugins/onnx_reference_ops.py) and TensorRT's
-quantization nodes by their documented semantics (quant/onnx_reference_ops.py). `compare_step(model, graph, proto)`
+quantization nodes by their documented semantics (quant/onnx_reference_ops.py). `compare_step(model, graph, protos)`
 fills a TorchExecutor's state with prompts (in a prefill graph slot 0 starts its sequence with a full chunk, every
 other row continues its sequence with 1 .. T tokens; elsewhere every row continues), runs the same call through the
 executor (eager) and through the graph from the same block table and pools (a sampling speculative step: the same
 uniforms, sampling parameters and draft distributions), and returns the largest absolute difference of each output:
 the step's result `out` (the final hidden states, and the logits the lm_head makes of them; a speculative step's
-tokens, equal) and every updated pool (and `draft_probs`).
+accepted counts and tokens, equal) and every updated pool (and `draft_probs`).
 
-`compare_ranks(model, graph, protos)` does the same for the ranks' graphs of a --tp N > 1 build (tensorrt_folder.py)
+The ranks' graphs of a --tp N > 1 build (tensorrt_folder.py, `protos` in rank order) are compared the same way
 against the tp 1 executor on `model`: the ranks' evaluators run together, one thread each, meeting at every AllReduce
-and AllGather (onnx_collectives.py), from fresh slots (zero pools, past 0) for two calls, the second reading the
-pools the first wrote (a rank's pools hold its share of the state: they are checked through the second call's
-results). Speculative graphs of a --tp build are not compared yet.
+and AllGather (onnx_collectives.py); each rank is fed its part of every tp 1 pool (`rank_pool`: its Mamba channels
+and heads, its KV heads, cut by the sharding rule of the weight that fills the pool, export/sharding.py) and each of
+its updated pools must equal its part of the executor's; `out` (and `draft_probs`) must equal the executor's on every
+rank.
 """
 
 from __future__ import annotations
@@ -93,17 +94,33 @@ def _run_executor(executor: TorchExecutor, shape: StepShape, values: dict) -> di
     return {"out": out.hidden, "logits": out.logits}  # (the real tokens, packed)
 
 
+# The weight whose sharding rule (export/sharding.py) cuts each kind of pool, and the pool's axis it cuts: a rank's
+# pools hold its Mamba channels (the x, B, C segments) and heads and its KV heads (engines/network/state.py)
+POOL_SHARDS = {"conv": ("mixer.conv1d.weight", 1), "ssm": ("mixer.A_log", 1), "k": ("mixer.k_proj.weight", 2),
+               "v": ("mixer.v_proj.weight", 2)}
+
+
+def rank_pool(layer: str, attr: str, pool: torch.Tensor, spec, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank` of `tp`'s part of pool `attr` of layer `layer` (a key of InferenceState.layers) of a tp 1 state."""
+    from ...export.sharding import Shard, shard_of
+
+    weight, axis = POOL_SHARDS[attr]
+    shard = shard_of(f"{layer}.{weight}", (pool.shape[axis],), pool.dtype, spec, tp, rank)
+    return pool if shard.axis is None else Shard(axis, shard.ranges).apply(pool)
+
+
 @torch.inference_mode()
-def compare_step(model, graph: dict, proto, seed: int = 0) -> dict[str, float]:
-    """{output name: max |graph - executor|} for one call of manifest entry `graph` (tensorrt_folder.py: step,
-    tokens, rows, max_length); module docstring."""
+def compare_step(model, graph: dict, protos: list, seed: int = 0) -> dict[str, float]:
+    """{output name: max |graph - executor| over the ranks} for one call of manifest entry `graph` (tensorrt_folder.py:
+    step, tokens, rows, max_length), `protos` its graph of each rank in rank order ([proto] at tp 1), against the
+    tp 1 torch executor on `model`; module docstring."""
     from ...plugins.onnx_reference_ops import to_numpy, to_torch
 
     shape = StepShape(graph["step"], graph["tokens"], graph.get("sampling", False))
     g = torch.Generator().manual_seed(seed)
     executor = TorchExecutor(model, graph["rows"], graph["max_length"])
     past = _prompts(executor, shape, g)
-    rows, T = graph["rows"], shape.tokens
+    rows, T, tp = graph["rows"], shape.tokens, len(protos)
     values = {"ids": torch.randint(0, model.spec.vocab_size, (rows, T), generator=g),
               "num_drafts": torch.randint(0, T, (rows,), generator=g), "slots": torch.arange(rows),
               "past": torch.tensor(past), "lengths": torch.tensor([T] + [1 + r % T for r in range(1, rows)]),
@@ -116,81 +133,53 @@ def compare_step(model, graph: dict, proto, seed: int = 0) -> dict[str, float]:
         values["top_p"][1:] = 0.9
         values["uniforms"] = torch.rand(rows, 2 * K + 1, generator=g)
         values["draft_probs"] = torch.randn(rows, K, vocab, generator=g).softmax(-1)
-    values.update({name: getattr(entry, attr).clone() for name, entry, attr in pool_fields(executor.state)})
+    pools = pool_fields(executor.state)
+    values.update({name: getattr(entry, attr).clone() for name, entry, attr in pools})
     if shape.step == "speculative_step":  # row 0 drafts its greedy continuation (accepted), the others random tokens
         values["ids"][0, 1:] = torch.tensor(_greedy_tokens(executor, int(values["ids"][0, 0]), past[0], T - 1))
         values["num_drafts"][0] = T - 1
-        for name, entry, attr in pool_fields(executor.state):
+        for name, entry, attr in pools:
             getattr(entry, attr).copy_(values[name])
-    feeds = {i.name: to_numpy(values[i.name]) for i in proto.graph.input}
-    got = {o.name: to_torch(value) for o, value in zip(proto.graph.output, evaluator(proto).run(None, feeds))}
+
+    def share(tensors: dict, rank: int, suffix: str = "") -> dict:
+        """`tensors` with each pool `<name><suffix>` replaced by rank `rank`'s part of it."""
+        return tensors | {name + suffix: rank_pool(name.removesuffix(f".{attr}"), attr, tensors[name + suffix],
+                                                   model.spec, tp, rank)
+                          for name, _, attr in pools if name + suffix in tensors}
+
+    feeds = []
+    for rank, proto in enumerate(protos):
+        inputs = share(values, rank)
+        feeds.append({i.name: to_numpy(inputs[i.name]) for i in proto.graph.input})
+    outputs = run_ranks(protos, feeds)
 
     want = _run_executor(executor, shape, values)
-    if "logits" in want:  # a backbone or prefill step: its real tokens' hidden states, and their logits
-        lengths = values["lengths"].tolist() if shape.step == "prefill_step" else [T] * rows
-        got["out"] = torch.cat([got["out"][r, :lengths[r]] for r in range(rows)])
-        got["logits"] = model.lm_head(got["out"].to(model.dtype)).float()
-    pools = {f"{name}.out": getattr(entry, attr) for name, entry, attr in pool_fields(executor.state)}
-    want.update({name: pools[name] for name in got if name in pools})
+    updated = {f"{name}.out": getattr(entry, attr) for name, entry, attr in pools}
     quantized_activations = any(isinstance(m, QuantLinear) and m.layout.input_scale for m in model.modules())
     diffs = {}
-    for name, expected in want.items():
-        actual = got[name].reshape(expected.shape)
-        try:
-            if shape.step == "speculative_step" and name == "out":
-                torch.testing.assert_close(actual, expected, rtol=0, atol=0)
-            elif quantized_activations:
-                bound = QUANTIZED_ACTIVATIONS_BOUND * float(expected.float().abs().max())
-                torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=bound)
-            else:
-                torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCE)
-        except AssertionError as e:
-            raise ValueError(f"{graph['file']}: output {name} differs from the torch executor: {e}") from e
-        diffs[name] = float((actual.float() - expected.float()).abs().max()) if expected.numel() else 0.0
-    return diffs
-
-
-@torch.inference_mode()
-def compare_ranks(model, graph: dict, protos: list, seed: int = 0) -> dict[str, float]:
-    """{output name: max |graph - executor|, over the ranks and both calls} for the ranks' graphs `protos` (rank
-    order) of manifest entry `graph`, against the tp 1 executor on `model`; module docstring."""
-    import onnx
-
-    from ...plugins.onnx_reference_ops import to_numpy, to_torch
-
-    shape = StepShape(graph["step"], graph["tokens"])
-    if shape.step == "speculative_step":
-        raise ValueError(f"{graph['file']}: the speculative graphs of a --tp build are not compared yet (only decode "
-                         "and prefill graphs)")
-    g = torch.Generator().manual_seed(seed)
-    rows, T = graph["rows"], shape.tokens
-    executor = TorchExecutor(model, rows, graph["max_length"])
-    lengths = [T] + [1 + r % T for r in range(1, rows)] if shape.step == "prefill_step" else [T] * rows
-    past, diffs = torch.zeros(rows, dtype=torch.long), {}
-    step_inputs = {"ids", "slots", "past", "lengths", TABLE}
-    pools = [{i.name: np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim],  # (each rank's own shapes)
-                               onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type))
-              for i in proto.graph.input if i.name not in step_inputs} for proto in protos]
-    for _ in range(2):
-        values = {"ids": torch.randint(0, model.spec.vocab_size, (rows, T), generator=g), "slots": torch.arange(rows),
-                  "past": past, "lengths": torch.tensor(lengths), TABLE: executor.state.pages.table}
-        feeds = [{i.name: pools[r][i.name] if i.name in pools[r] else to_numpy(values[i.name])
-                  for i in proto.graph.input} for r, proto in enumerate(protos)]
-        outputs = run_ranks(protos, feeds)
-        want = _run_executor(executor, shape, values)
-        for rank, (proto, results) in enumerate(zip(protos, outputs)):
-            got = {o.name: value for o, value in zip(proto.graph.output, results)}
-            pools[rank].update({name: got[f"{name}.out"] for name in pools[rank] if f"{name}.out" in got})
-            hidden = to_torch(got["out"])
-            hidden = torch.cat([hidden[r, :lengths[r]] for r in range(rows)])
-            for name, actual in (("out", hidden), ("logits", model.lm_head(hidden.to(model.dtype)).float())):
-                try:
-                    torch.testing.assert_close(actual.float(), want[name].float(), **TOLERANCE)
-                except AssertionError as e:
-                    raise ValueError(f"{graph['file']} (rank {rank}): output {name} differs from the tp 1 torch "
-                                     f"executor: {e}") from e
-                diffs[name] = max(diffs.get(name, 0.0), float((actual.float() - want[name].float()).abs().max()))
-        past = past + torch.tensor(lengths)
+    for rank, (proto, results) in enumerate(zip(protos, outputs)):
+        got = {o.name: to_torch(value) for o, value in zip(proto.graph.output, results)}
+        if "logits" in want:  # a backbone or prefill step: its real tokens' hidden states, and their logits
+            lengths = values["lengths"].tolist() if shape.step == "prefill_step" else [T] * rows
+            got["out"] = torch.cat([got["out"][r, :lengths[r]] for r in range(rows)])
+            got["logits"] = model.lm_head(got["out"].to(model.dtype)).float()
+        for name, expected in share(want | {name: updated[name] for name in got if name in updated}, rank,
+                                    ".out").items():
+            actual = got[name].reshape(expected.shape)
+            try:
+                if shape.step == "speculative_step" and name == "out":
+                    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+                elif quantized_activations:
+                    bound = QUANTIZED_ACTIVATIONS_BOUND * float(expected.float().abs().max())
+                    torch.testing.assert_close(actual.float(), expected.float(), rtol=0, atol=bound)
+                else:
+                    torch.testing.assert_close(actual.float(), expected.float(), **TOLERANCE)
+            except AssertionError as e:
+                where = f" (rank {rank})" if tp > 1 else ""
+                raise ValueError(f"{graph['file']}{where}: output {name} differs from the{' tp 1' * (tp > 1)} torch "
+                                 f"executor: {e}") from e
+            diff = float((actual.float() - expected.float()).abs().max()) if expected.numel() else 0.0
+            diffs[name] = max(diffs.get(name, 0.0), diff)
     return diffs
 
 

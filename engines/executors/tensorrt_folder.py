@@ -13,7 +13,8 @@ reference evaluator against the torch executor (onnx_validate.py): `nemo3 valida
 
 A --tp N > 1 build has each rank's graphs (`rank{r}/`, `rank` in each entry, `tp` in the manifest), exported from the
 rank's weights with its collectives as AllReduce/AllGather nodes (onnx_collectives.py); the validator runs the ranks'
-graphs of a step together, one reference evaluator per rank meeting at each collective, against the tp 1 executor.
+graphs of a step (decode, prefill, greedy and sampling speculative) together, one reference evaluator per rank
+meeting at each collective, against the tp 1 executor.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def validate_tensorrt_folder(model, folder: Path, log=print) -> dict[str, dict[s
     AssertionError/ValueError naming the graph and output that differ."""
     import onnx
 
-    from .onnx_validate import check_graph, compare_ranks, compare_step
+    from .onnx_validate import check_graph, compare_step
 
     steps: dict[tuple, list[dict]] = {}
     for graph in read_manifest(folder)["graphs"]:
@@ -111,12 +112,7 @@ def validate_tensorrt_folder(model, folder: Path, log=print) -> dict[str, dict[s
             if problems:
                 raise ValueError(f"{Path(folder) / graph['file']}: {'; '.join(problems)}")
         graph = ranks[0]
-        if len(ranks) > 1 and graph["step"] == "speculative_step":
-            log(f"{graph['file']} (and the other {len(ranks) - 1} ranks): not compared (the speculative graphs of a "
-                "--tp build are not compared yet)")
-            continue
-        results[graph["file"]] = (compare_step(model, graph, protos[0]) if len(ranks) == 1 else
-                                  compare_ranks(model, graph, protos))
+        results[graph["file"]] = compare_step(model, graph, protos)
         log(f"{graph['file']}{f' (and the other {len(ranks) - 1} ranks)' if len(ranks) > 1 else ''}: "
             f"{len(results[graph['file']])} outputs equal the torch executor's "
             f"(max |diff| {max(results[graph['file']].values()):.2e})")

@@ -1,8 +1,8 @@
 """Ahead-of-time engines of a --tp 2 build (aot_build.py's per-rank packages, run by the AOT executor on every rank
 of the serving stack, gloo on the CPU) against tp 1 eager: the built-in model's bf16 build with the decode and the
-greedy MTP k=2 speculative packages (no prefill chunk: each shape costs a compile per rank; a tp 2 prefill-chunk
-package was checked by hand to give tp 1 eager's logits), compiled once for the module (two packages per rank, about
-a minute each on an idle 2-core machine), served by default as a tp 1 build's engines are."""
+greedy and sampling MTP k=2 speculative packages (no prefill chunk: each shape costs a compile per rank; a tp 2
+prefill-chunk package was checked by hand to give tp 1 eager's logits), compiled once for the module (three packages
+per rank, about a minute each on an idle 2-core machine), served by default as a tp 1 build's engines are."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ ROWS, LENGTH = 3, 128
 def build(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot_tp") / "tp2"
     options = BuildOptions(output=out, precision="bf16", tp=2, moe_parallel="tp", engines=True, engine_device="cpu",
-                           engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_sampling=False, engine_mtp=2,
+                           engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_sampling=True, engine_mtp=2,
                            engine_prefill_tokens=())
     record = run_stages(options, ["quantize", "shard", "engines"], log=lambda _: None)
-    assert record["stages"]["engines"]["engines"] == 4, record["stages"]["engines"]
+    assert record["stages"]["engines"]["engines"] == 6, record["stages"]["engines"]
     return out
 
 
@@ -48,7 +48,10 @@ def test_the_ranks_packages_and_their_process_group_are_in_the_manifest(build):
     manifest = Manifest.read(build / "engines")
     assert (manifest.tp, manifest.group) == (2, "0")
     assert sorted((e.rank, e.file) for e in manifest.engines) == [
-        (r, f"rank{r}/{step}.pt2") for r in (0, 1) for step in ("backbone_step_t1", "speculative_step_t3")]
+        (r, f"rank{r}/{step}.pt2") for r in (0, 1)
+        for step in ("backbone_step_t1", "speculative_step_t3", "speculative_step_t3_sampling")]
+    sampling = [(e.rank, e.sampling) for e in manifest.engines if e.file.endswith("_sampling.pt2")]
+    assert sampling == [(0, True), (1, True)]
 
 
 def test_tp2_engine_decode_gives_the_logits_of_tp1_eager(build, stack):
@@ -108,6 +111,27 @@ def test_tp2_engines_generate_the_greedy_text_of_tp1_eager_with_mtp_drafts(build
                                                              num_speculative_tokens=0))
     assert got == [c.token_ids for c in eager.generate(prompts, GenerationParams(max_tokens=12, ignore_eos=True))]
     assert "speculative_step" in calls  # rank 0's speculative package ran
+
+
+def test_tp2_engines_sample_the_tokens_of_tp1_eager_with_mtp_drafts(build, stack):
+    """Seeded sampled MTP k=2 through every rank's sampling speculative package (uniforms and sampling parameters
+    broadcast by the leader, each rank accepting and drafting from the all-gathered logits) draws tp 1 eager's
+    tokens: a rank that drew other tokens would keep another state, and the next all-gathered logits would differ."""
+    calls = []
+    runners = stack.executor.compiled.runners
+    stack.executor.compiled.runners = {key: Counted(runner, calls, key) for key, runner in runners.items()}
+    prompts = ["The history of", "Once upon a time, a"]
+    params = [GenerationParams(max_tokens=12, ignore_eos=True, temperature=0.9, top_k=40, top_p=0.95, seed=s,
+                               num_speculative_tokens=2) for s in (11, 12)]
+    try:
+        got = [c.token_ids for c in stack.generate(prompts, params)]
+    finally:
+        stack.executor.compiled.runners = runners
+    eager = open_scheduler(model_folder(build), StackOptions(max_sequences=ROWS, max_length=LENGTH,
+                                                             num_speculative_tokens=0))
+    assert got == [c.token_ids for c in eager.generate(prompts, params)]
+    sampling = [key for key in calls if key[0] == "speculative_step" and key[2][7]]  # (uniforms given)
+    assert len(sampling) >= 3, calls  # rank 0's sampling speculative package ran
 
 
 class Counted:

@@ -19,13 +19,15 @@ the group up while compiling, and nothing is communicated): the network's collec
 the process group's name (engines/network/parallel.py), that of the default group every rank of a serving stack
 joins (DEFAULT_GROUP, in the manifest), and the package runs them in that group. Each rank has its own packages:
 the ranks' graphs differ in constants (the vocabulary range, which rank adds the row-parallel biases). A rank
-compiles the shapes a tp 1 build does (decode, prefill chunks, greedy speculative step), but the sampling
-speculative step (build_engines).
+compiles the shapes a tp 1 build does (decode, prefill chunks, the greedy and the sampling speculative step). The
+sampling step draws nothing itself: its randomness is its `uniforms` input, which the leader broadcasts to every rank
+with the call (distributed.py), and the logits it samples from are all-gathered, so every rank accepts and drafts the
+same tokens and its state stays the leader's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,9 +67,6 @@ def build_engines(source: Path, out: Path, target: EngineTarget, ranks: Path | N
     if ranks is not None:
         config = read_rank_config(ranks)[1]
         parallels = [Parallel(config["world_size"], r, config["moe_parallel"]) for r in range(config["world_size"])]
-        # the shapes of CompiledSteps.shapes, checked at tp 2 (tests/test_aot_engines_tp.py); the sampling
-        # speculative step is not verified there: sampled MTP requests run it eagerly on every rank
-        target = replace(target, sampling=False)
     manifest = Manifest(device=torch.device(target.device).type, arch=host_arch(target.device),
                         torch=torch.__version__, dtype=None, max_sequences=target.max_sequences,
                         max_length=target.max_length, page_size=target.page_size,

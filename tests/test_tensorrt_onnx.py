@@ -1,8 +1,7 @@
 """The tensorrt target (engines/executors/onnx_export.py, tensorrt_folder.py, the pipeline's `tensorrt` stage): the
 step graphs as ONNX, run in onnx's reference evaluator (nemo3 nodes through the plugins' references, TensorRT's
 quantization nodes by their semantics) against the torch executor, for the built-in model's bf16, fp8 and nvfp4
-builds (the model runs in fp32 on CPU), and a --tp 2 build's per-rank decode and speculative graphs run together
-against tp 1."""
+builds (the model runs in fp32 on CPU); a --tp 2 build's rank graphs: tests/test_tensorrt_onnx_tp.py."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ import torch
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
 
-from nemo3.engines.executors.onnx_validate import check_graph, compare_step  # noqa: E402
+from nemo3.engines.executors.onnx_validate import check_graph  # noqa: E402
 from nemo3.engines.executors.step_export import pool_fields  # noqa: E402
 from nemo3.engines.executors.tensorrt_folder import (TensorRTTarget, read_manifest,  # noqa: E402
                                                      validate_tensorrt_folder, write_tensorrt_folder)
@@ -117,95 +116,6 @@ def test_validate_onnx_cli(bf16_build):
     result = CliRunner().invoke(command, [str(bf16_build)])
     assert result.exit_code == 0, result.output
     assert "4 graphs equal the torch executor" in result.output
-
-
-@pytest.fixture(scope="module")
-def tp2_build(tmp_path_factory):
-    """A --tp 2 --moe-parallel tp build's decode, greedy and sampling speculative (2 drafts) graphs, one per rank."""
-    out = tmp_path_factory.mktemp("trt") / "tp2"
-    options = BuildOptions(output=out, precision="bf16", target="tensorrt", tp=2, moe_parallel="tp",
-                           engine_max_sequences=ROWS, engine_max_length=LENGTH, engine_prefill_tokens=(), engine_mtp=2)
-    logs = []
-    record = run_stages(options, ["quantize", "shard", "tensorrt"], log=logs.append)
-    assert record["stages"]["tensorrt"]["graphs"] == 6, logs
-    return out
-
-
-def test_tp2_rank_graphs_run_together_give_the_tp1_executor(tp2_build):
-    """Each rank's graph holds its all-reduces as AllReduce nodes with the plugin attributes and passes the checker;
-    the two ranks' graphs of each step, run together in the reference evaluator from the tp 1 executor's prompted
-    state (each rank fed its part of every pool), give the tp 1 torch executor's hidden states and logits (decode),
-    accepted counts and tokens (greedy and sampling speculative steps, the same uniforms and draft distributions),
-    draft distributions, and each rank's part of every updated pool. Rank 0's graph in both places does not, nor
-    do the ranks' graphs with their AllReduce nodes skipped."""
-    folder = BuildFolder(tp2_build).tensorrt
-    manifest = read_manifest(folder)
-    assert manifest["tp"] == 2
-    files = ["backbone_r2_t1.onnx", "speculative_r2_t3.onnx", "speculative_sampling_r2_t3.onnx"]
-    assert [(g["rank"], g["file"]) for g in manifest["graphs"]] == [(r, f"rank{r}/{f}") for r in (0, 1) for f in files]
-    graphs = {(g["rank"], g["file"].split("/")[1]): g for g in manifest["graphs"]}
-    protos = {key: onnx.load(str(folder / g["file"])) for key, g in graphs.items()}
-    for proto in protos.values():
-        reduces = [node for node in proto.graph.node if node.op_type == "AllReduce"]
-        assert reduces and all(node.domain == DOMAIN for node in reduces)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in reduces[0].attribute}
-        assert attrs == {"plugin_namespace": b"nemo3", "plugin_version": b"1", "world_size": 2}
-        assert check_graph(proto) == []
-    model = load(model_folder(tp2_build))
-    results = validate_tensorrt_folder(model, folder, log=lambda line: None)
-    assert set(results) == {f"rank0/{f}" for f in files}
-    for f in files:
-        graph = graphs[0, f]
-        pools = {name for name in graph["outputs"] if name.endswith(".out")}
-        assert pools and set(results[f"rank0/{f}"]) == set(graph["outputs"]) | (
-            {"logits"} if graph["step"] != "speculative_step" else set())
-    assert "draft_probs.out" in results["rank0/speculative_sampling_r2_t3.onnx"]
-    for f in files:
-        with pytest.raises(ValueError, match=rf"rank0/{f} \(rank [01]\): output .* differs from the tp 1"):
-            compare_step(model, graphs[0, f], [protos[0, f], protos[0, f]])
-    skipped = []
-    for rank in (0, 1):
-        proto = onnx.ModelProto()
-        proto.CopyFrom(protos[rank, files[2]])
-        for node in proto.graph.node:
-            if node.op_type == "AllReduce":
-                node.op_type, node.domain = "Identity", ""
-                del node.attribute[:]
-        skipped.append(proto)
-    with pytest.raises(ValueError, match=rf"rank0/{files[2]} \(rank 0\): output .* differs from the tp 1"):
-        compare_step(model, graphs[0, files[2]], skipped)
-
-
-def test_the_ranks_evaluators_meet_at_each_collective():
-    """Two ranks' graphs (s = AllReduce(x), y = AllGather(x)) run together: each rank gets the sum and the ranks' x
-    in rank order."""
-    import numpy as np
-
-    from nemo3.engines.executors.onnx_collectives import collective_translations
-    from nemo3.engines.executors.onnx_validate import run_ranks
-    from nemo3.plugins.onnx_nodes import OPSET, plugin_attributes
-
-    collective_translations()  # (registers the nodes' schemas)
-    h = onnx.helper
-    nodes = [h.make_node("AllReduce", ["x"], ["s"], domain=DOMAIN, **plugin_attributes(world_size=2)),
-             h.make_node("AllGather", ["x"], ["y"], domain=DOMAIN, **plugin_attributes(world_size=2))]
-    graph = h.make_graph(nodes, "collectives", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
-                         [h.make_tensor_value_info("s", onnx.TensorProto.FLOAT, [2, 3]),
-                          h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 3])])
-    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 18), h.make_opsetid(DOMAIN, OPSET)])
-    assert check_graph(proto) == []
-    xs = [np.arange(6, dtype=np.float32).reshape(2, 3) * (rank + 1) for rank in range(2)]
-    outputs = run_ranks([proto, proto], [{"x": x} for x in xs])
-    for total, gathered in outputs:
-        np.testing.assert_array_equal(total, xs[0] + xs[1])
-        np.testing.assert_array_equal(gathered, np.concatenate(xs))
-
-
-def test_tensorrt_engines_of_a_tp_build_are_refused_in_one_line(tp2_build):
-    from nemo3.engines.executors.tensorrt_build import build_plans
-
-    with pytest.raises(RuntimeError, match=r"--tp 2 ranks, whose AllReduce/AllGather nodes need TensorRT plugins"):
-        build_plans(BuildFolder(tp2_build).tensorrt)
 
 
 def test_tensorrt_build_needs_tensorrt(bf16_build):

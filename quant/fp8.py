@@ -26,7 +26,7 @@ def scale_from_amax(amax: torch.Tensor | float) -> torch.Tensor:
     return torch.as_tensor(amax).float().reshape(()) / E4M3_MAX
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """x [...] (float) -> float8_e4m3fn [...], saturating; a zero scale gives zeros.
 
     `scale` is one scalar, or one per row (shape x.shape[:-1]: routed experts, each (token, expert) pair
@@ -38,7 +38,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(q: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """float8_e4m3fn [...] -> `dtype` [...]: the product in fp32, rounded once to `dtype` (scale as in `quantize`).
 
     (ModelOpt's `FP8QTensor.dequantize` multiplies in `dtype`, rounding the scale to bf16 first.)
@@ -46,11 +46,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.float() * _broadcast(torch.as_tensor(scale, device=q.device).float(), q)).to(dtype)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Quantize-dequantize an activation or K/V tensor with its static calibrated scale (one, or one per row);
-    x's shape and dtype. Compiled, the E4M3 rounding is `round_to_e4m3` (the same bits; it vectorizes)."""
+    x's shape and dtype. Compiled, the E4M3 rounding is `round_to_e4m3` (the same bits; it vectorizes), and a scale
+    given as a Python number (an fp32 value, QuantLinear.static_input_scale) is a constant of the graph's code
+    rather than a tensor the graph reads on every call."""
     if not torch.compiler.is_compiling():
         return dequantize(quantize(x, scale), scale, x.dtype)
+    if isinstance(scale, float):
+        if scale == 0:
+            return torch.zeros_like(x)
+        return (round_to_e4m3((x / scale).clamp(-E4M3_MAX, E4M3_MAX).float()) * scale).to(x.dtype)
     scale = _broadcast(torch.as_tensor(scale, device=x.device).float(), x)
     q = torch.where(scale == 0, torch.zeros_like(x), x / scale).clamp(-E4M3_MAX, E4M3_MAX)
     return (round_to_e4m3(q.float()) * scale).to(x.dtype)

@@ -174,23 +174,27 @@ def dequantize(packed: torch.Tensor, block_scale: torch.Tensor, global_scale: to
     return dequantize_nvfp4(packed, block_scale, global_scale, dtype)
 
 
-def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "activation") -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor | float, name: str = "activation") -> torch.Tensor:
     """NVFP4 quantize-dequantize of an activation `x` [..., K] with its calibrated `input_scale`.
 
     Same shape and dtype as `x`. Block scales are dynamic: `e4m3(min(block_amax / (6 g), 448)) * g`,
     replaced by 1.0 below 1e-5 (so a block that small flushes to zero); values are rounded like
     weights and the sign follows `x >= 0`. `global_scale` is one scalar, or one per row: shape
-    x.shape[:-1] (routed experts, each pair quantized with its expert's scale). Branch-free, with no
-    host reads: it runs inside compiled graphs.
+    x.shape[:-1] (routed experts, each pair quantized with its expert's scale), or a Python number (an fp32
+    value, QuantLinear.static_input_scale: a constant of a compiled graph's code, not a tensor it reads on every
+    call). Branch-free, with no host reads: it runs inside compiled graphs.
     """
     _check_blocks(x, name)
-    g = torch.as_tensor(global_scale, device=x.device).float()
-    if g.dim():  # one scale per row: broadcast over the row's blocks and their elements
-        if g.shape != x.shape[:-1]:
-            raise ValueError(f"{name}: per-row global scales of shape {tuple(g.shape)} for an activation of "
-                             f"shape {tuple(x.shape)}")
-        g = g[..., None, None]
-    g = torch.where(g > 0, g, torch.full_like(g, 1e-12))
+    if isinstance(global_scale, float):
+        g = global_scale if global_scale > 0 else _ZERO_GLOBAL_SCALE
+    else:
+        g = torch.as_tensor(global_scale, device=x.device).float()
+        if g.dim():  # one scale per row: broadcast over the row's blocks and their elements
+            if g.shape != x.shape[:-1]:
+                raise ValueError(f"{name}: per-row global scales of shape {tuple(g.shape)} for an activation of "
+                                 f"shape {tuple(x.shape)}")
+            g = g[..., None, None]
+        g = torch.where(g > 0, g, torch.full_like(g, _ZERO_GLOBAL_SCALE))
     blocks = x.float().reshape(*x.shape[:-1], -1, BLOCK)
     magnitude = blocks.abs()
     block_amax = magnitude.amax(dim=-1, keepdim=True)
@@ -200,6 +204,10 @@ def fake_quantize(x: torch.Tensor, global_scale: torch.Tensor, name: str = "acti
     rounded = _rounded_magnitude(magnitude / scale) * scale
     out = torch.where(blocks >= 0, rounded, -rounded)
     return out.reshape(x.shape).to(x.dtype)
+
+
+# a zero global scale (an all-zero calibration) is replaced by this fp32 value: every block then flushes to zero
+_ZERO_GLOBAL_SCALE = float(torch.tensor(1e-12, dtype=torch.float32))
 
 
 def _check_blocks(x: torch.Tensor, name: str) -> None:

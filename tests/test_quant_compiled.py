@@ -116,7 +116,7 @@ def test_stacked_quantized_experts_equal_the_expert_loop(quantized_builtin):
     quantized_inputs = [s for s in moe.stacked_inputs if s is not None]
     if not quantized_inputs:
         return
-    assert all(scale.dim() == 0 for _, scale in quantized_inputs)
+    assert all(isinstance(scale, float) for _, scale in quantized_inputs)  # held once, a constant of compiled code
     for e, expert in moe.experts.items():
         for layer in (expert.up_proj, expert.down_proj):
             if hasattr(layer, "input_scale"):

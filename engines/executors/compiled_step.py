@@ -207,7 +207,8 @@ def hold_constants_as_parameters(model) -> None:
                 module.stacked = tuple(map(parameter, module.stacked))
             if module.packed is not None:
                 module.packed = tuple(tuple(map(parameter, projection)) for projection in module.packed)
-            module.stacked_inputs = tuple(None if s is None else (s[0], parameter(s[1])) for s in module.stacked_inputs)
+            module.stacked_inputs = tuple(s if s is None or isinstance(s[1], float) else (s[0], parameter(s[1]))
+                                          for s in module.stacked_inputs)
 
 
 def cpp_compiler() -> str | None:

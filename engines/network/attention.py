@@ -6,7 +6,8 @@ past_lengths[b] .. past_lengths[b] + T - 1 of its slot's pages (engines/network/
 see everything before, through plugins/paged_attention.py (the Triton kernel on GPU: its cost follows the
 real lengths; the reference reads the pages of the batch's longest row, or a compiled step's static bound).
 An FP8 cache (a state built with the layer in `fp8_kv`) stores K / k_scale and V / v_scale of the
-quantized k_proj / v_proj, whose outputs are already rounded to what it holds.
+quantized k_proj / v_proj, whose outputs are already rounded to what it holds. Quantized q/k/v projections
+that quantize their common input alike (W8A8, W4A4: one format and scale) quantize it once for the three.
 
 Tensor parallel: a rank holds a contiguous block of query heads and the KV heads they read (one
 replicated KV head when the ranks outnumber the KV heads), so the same GQA mapping holds locally;
@@ -22,6 +23,7 @@ from ...export.spec import ModelSpec
 from ...plugins.paged_attention import FP8, paged_attention
 from ...plugins.pool_rows import write_rows
 from .parallel import SINGLE, Parallel
+from .quant_linear import fake_quantize_input, shared_input_quantizer
 from .state import KVCache
 
 
@@ -44,9 +46,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, slots: torch.Tensor | None = None,
                 past_lengths: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        quantizer = shared_input_quantizer(projections)
+        if quantizer is not None:
+            x = fake_quantize_input(*quantizer, x)
+        q, k, v = (projection(x, input_quantized=True) if quantizer else projection(x) for projection in projections)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k, v = k.view(B, T, self.kv_heads, self.head_dim), v.view(B, T, self.kv_heads, self.head_dim)
         scale = self.head_dim ** -0.5
         if cache is None:
             out = attend(q, k, v, torch.zeros(B, dtype=torch.long, device=x.device), scale)

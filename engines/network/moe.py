@@ -114,10 +114,11 @@ class MoE(nn.Module):
     # NVFP4 experts kept packed (the grouped GEMM kernel decodes them): per projection (codes [E, N, K/2],
     # block scales [E, N, K/16], global scales [E])
     packed: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...] | None = None
-    # per projection (up, down): (format, input scales [E], or one 0-dim scale that every expert shares: ModelOpt
-    # calibrates one input quantizer per projection of a layer's experts) when the experts quantize their inputs
-    # (W4A4, W8A8)
-    stacked_inputs: tuple[tuple[str, torch.Tensor] | None, tuple[str, torch.Tensor] | None] = (None, None)
+    # per projection (up, down): (format, input scales [E], or the one scale every expert shares as a Python number,
+    # a constant of a compiled step's code: ModelOpt calibrates one input quantizer per projection of a layer's
+    # experts) when the experts quantize their inputs (W4A4, W8A8)
+    stacked_inputs: tuple[tuple[str, torch.Tensor | float] | None, tuple[str, torch.Tensor | float] | None] = (None,
+                                                                                                          None)
 
     def stack_experts(self) -> None:
         """Hold the experts' weights as one [E, I, De] and one [E, De, I] tensor, each expert's weight becoming
@@ -158,13 +159,13 @@ class MoE(nn.Module):
         if quantized is None:
             return x
         weight_format, scales = quantized
-        return fake_quantize_input(weight_format, x, scales if scales.dim() == 0 else scales[experts])
+        return fake_quantize_input(weight_format, scales if isinstance(scales, float) else scales[experts], x)
 
     def _shared_input(self, projection: int) -> bool:
         """Whether every expert sees the up (0) or down (1) projection's input alike: unquantized, or quantized
         with one scale (then a token is quantized once, not once per expert)."""
         quantized = self.stacked_inputs[projection]
-        return quantized is None or quantized[1].dim() == 0
+        return quantized is None or isinstance(quantized[1], float)
 
     def _pair_inputs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, De] as the up projection of each (token, choice) pair of ids [T, k] sees it: [T*k, De]."""
@@ -229,10 +230,10 @@ def _stackable_kind(layer: nn.Module) -> tuple[str, str | None] | None:
     return None
 
 
-def _one_or_each(scales: list[torch.Tensor]) -> torch.Tensor:
-    """The experts' input scales: the one they share as a 0-dim tensor, else stacked [E]."""
+def _one_or_each(scales: list[torch.Tensor]) -> torch.Tensor | float:
+    """The experts' input scales: the one they share as a Python number, else stacked [E]."""
     if all(torch.equal(scale, scales[0]) for scale in scales):
-        return scales[0].detach().clone()
+        return float(scales[0])
     return torch.stack(scales)
 
 

@@ -12,14 +12,17 @@ Its state dict has the checkpoint's names (quant/layout.py), so a quantized chec
 
 forward, x [..., in] -> [..., out]:
 
-    x = nvfp4.fake_quantize(x, input_scale)  or  fp8.fake_quantize(x, input_scale)   (if input_scale)
+    x = nvfp4.fake_quantize(x, input_scale)  or  fp8.fake_quantize(x, input_scale)   (if input_scale, unless the
+                                                                                      caller quantized x already)
     y = x @ W^T + bias, W the dequantized weight                                      (cached by `prepare`)
     y = fp8.fake_quantize(y, k_scale or v_scale)                                      (K/V: what an FP8 cache holds)
 
 The packed weight and its scales stay in the module as buffers for the GPU GEMM kernels; the
 dequantized copy is a non-persistent buffer computed once at load (`prepare`), for CPU and
 reference execution. (Converting the model with `.to(dtype)` would convert the float8 weight and
-the fp32 scales too: choose the dtype at load time instead.)
+the fp32 scales too: choose the dtype at load time instead.) `prepare` also reads the input scale into a Python
+number, which a compiled step folds into its code: a tensor would be one more input for it to take on every call
+(an fp8 build's decode step took 36 of them), and a zero scale one more select per element.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ class QuantLinear(nn.Module):
             self.register_buffer(layout.output_scale, torch.empty((), dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(rows)) if bias else None
         self.register_buffer("dequantized", None, persistent=False)
+        self.static_input_scale: float | None = None  # input_scale's value, read by `prepare`
 
     def dequantize_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype`, decoded from its stored form."""
@@ -84,19 +88,37 @@ class QuantLinear(nn.Module):
 
     def prepare(self, dtype: torch.dtype) -> None:
         """Decode the weight once into the cached `dequantized` buffer (quantized formats the GEMM does not
-        read packed)."""
+        read packed), and read the input scale into `static_input_scale` (after the scales were loaded)."""
         if self.layout.weight_format != BF16 and not self.runs_packed:
             self.dequantized = self.dequantize_weight(dtype)
+        if self.layout.input_scale:
+            self.static_input_scale = float(self.input_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def input_quantizer(self) -> tuple[str, torch.Tensor | float] | None:
+        """(format, scale) with which this layer quantizes its input (W4A4, W8A8), else None. Traced for a compiled
+        step or an ahead-of-time engine, the scale is `static_input_scale` (once prepared); eagerly, and in an ONNX
+        export (whose quantization nodes take it as an initializer), the `input_scale` tensor."""
+        if not self.layout.input_scale:
+            return None
+        static = self.static_input_scale is not None and torch.compiler.is_compiling() and not functional_mode()
+        return self.layout.weight_format, self.static_input_scale if static else self.input_scale
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as this layer's GEMM sees it: fake-quantized with its input quantizer, if it has one."""
+        quantizer = self.input_quantizer()
+        return x if quantizer is None else fake_quantize_input(*quantizer, x)
+
+    def forward(self, x: torch.Tensor, input_quantized: bool = False) -> torch.Tensor:
+        """`input_quantized`: x is already what `quantize_input` makes of it (layers that share one input quantizer
+        quantize it once: attention.py)."""
         fmt = self.layout.weight_format
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if fmt == FP8 and self.layout.input_scale and self.dequantized is None and x.is_cuda:  # real W8A8
             y = fp8_linear(fp8.quantize(x, self.input_scale), self.input_scale, self.weight, self.weight_scale,
                            bias, x.dtype)
             return self._output(y)
-        if self.layout.input_scale:
-            x = fake_quantize_input(fmt, x, self.input_scale)
+        if not input_quantized:
+            x = self.quantize_input(x)
         if fmt == NVFP4 and self.dequantized is None and self.runs_packed:  # W4A16 kernel, weight kept packed
             return self._output(nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2, bias))
         if fmt == BF16:
@@ -133,15 +155,27 @@ class QuantVocabHead(QuantLinear):
         return self.parallel.all_gather(super().forward(x))
 
 
-def fake_quantize_input(weight_format: str, x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+def fake_quantize_input(weight_format: str, input_scale: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A W4A4 (nvfp4) or W8A8 (fp8) layer's input as its GEMM sees it: quantized and dequantized with
-    `input_scale` (one scalar, or one per row of x). Branch-free: runs inside compiled graphs. In an ONNX
-    export (plugins/dispatch.functional_ops) the quantization nodes' ops (quant/qdq_ops.py)."""
+    `input_scale` (one scalar, a Python number or a 0-dim tensor, or one per row of x). Branch-free: runs inside
+    compiled graphs. In an ONNX export (plugins/dispatch.functional_ops) the quantization nodes' ops
+    (quant/qdq_ops.py)."""
     if functional_mode():
         return (qdq_ops.nvfp4_qdq if weight_format == NVFP4 else qdq_ops.fp8_qdq)(x, input_scale)
     if weight_format == NVFP4:
         return nvfp4.fake_quantize(x, input_scale)
     return fp8.fake_quantize(x, input_scale)
+
+
+def shared_input_quantizer(layers: tuple[nn.Module, ...]) -> tuple[str, torch.Tensor | float] | None:
+    """The input quantizer of `layers` that all read one input (attention's q, k, v projections) when they quantize
+    it alike (one format and one scale: ModelOpt calibrates each on that same input, so their scales agree), else
+    None. Such an input is quantized once for all of them."""
+    if not all(isinstance(layer, QuantLinear) and layer.static_input_scale is not None for layer in layers):
+        return None
+    if len({(layer.layout.weight_format, layer.static_input_scale) for layer in layers}) != 1:
+        return None
+    return layers[0].input_quantizer()
 
 
 def install_quant_linears(model: nn.Module, ckpt: Checkpoint, expected: dict[str, tuple[int, ...]] | None = None

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+import weakref
 
 import pytest
 import torch
@@ -176,3 +179,25 @@ def fail_on_rank_1() -> None:
 def test_a_failing_rank_stops_the_run_with_its_error():
     with pytest.raises(RuntimeError, match=r"^rank 1 of 2 failed: ValueError: rank 1 cannot go on$"):
         launch(fail_on_rank_1, 2)
+
+
+def test_settle_returns_once_the_collectives_thread_has_let_go_of_the_lent_tensors():
+    """An eager collective's tensor may outlive the call in a gloo worker thread, which takes the GIL to let go of its
+    Python object: settle() waits for that, or a package started meanwhile holds the GIL the thread needs (a
+    deadlock). A thread of ours stands in for gloo's, letting go 50 ms after the call."""
+    parallel, held, lent = Parallel(), [], []
+
+    def collective(x: torch.Tensor) -> None:
+        held.append(x)
+        lent.append(weakref.ref(x))
+
+        def drop():
+            time.sleep(0.05)
+            held.clear()
+
+        threading.Thread(target=drop).start()
+
+    parallel._lend(collective, torch.ones(4))
+    assert lent[0]() is not None  # the thread still holds it
+    parallel.settle()
+    assert lent[0]() is None

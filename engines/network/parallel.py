@@ -25,11 +25,12 @@ followed by `wait_tensor`), named by the process group's name, which AOTInductor
 package that runs them in the group of that name (aot_build.py); run eagerly they are torch.distributed's
 calls, which release the GIL while they wait (a functional collective called from Python holds it, and
 gloo's worker thread, freeing a finished all-gather's tensors, waits for it: a deadlock). A package holds the
-GIL too, so the tensors of the eager collectives before it must be freed by gloo first (`settle`).
+GIL too, so gloo must have let go of the tensors of the eager collectives before it first (`settle`).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +50,7 @@ class Parallel:
     rank: int = 0
     moe: str = "ep"
     group: Any = field(default=None, compare=False)  # torch.distributed ProcessGroup; None: the default one
-    # the tensors lent to eager collectives, with their holder counts before (settle)
+    # the tensors lent to eager collectives (settle)
     lent: list = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self):
@@ -144,23 +145,24 @@ class Parallel:
         return x
 
     def _lend(self, collective, *tensors: torch.Tensor) -> None:
-        """collective(*aliases): a torch.distributed call on aliases of `tensors` (their storage) that nothing else
-        holds, so that each alias's holder count tells when gloo has dropped it (settle). Aliases gloo has dropped
-        are forgotten here."""
-        self.lent[:] = [(alias, count) for alias, count in self.lent if alias._use_count() > count]
-        aliases = [t.detach() for t in tensors]
-        counts = [alias._use_count() for alias in aliases]
-        collective(*aliases)
-        self.lent.extend(zip(aliases, counts))
+        """collective(*aliases): a torch.distributed call on aliases of `tensors` (their storage) that only their
+        `Lent` records hold, so that a count of an alias's Python holders tells when gloo has let go of it (settle).
+        Aliases gloo has let go of are forgotten here."""
+        self.lent[:] = [lent for lent in self.lent if lent.held()]
+        records = [Lent(t.detach()) for t in tensors]
+        for lent in records:
+            lent.mark()
+        collective(*(lent.alias for lent in records))
+        self.lent.extend(records)
 
     def settle(self) -> None:
-        """Wait until gloo's worker threads have dropped the tensors of the eager collectives run so far. Call it before
-        running a compiled package's collectives from Python: the package holds the GIL while it waits for them, and a
-        gloo thread dropping its last hold of a Python tensor (a finished collective's work) needs the GIL, with the
+        """Wait until gloo's worker threads have let go of the tensors of the eager collectives run so far. Call it
+        before running a compiled package's collectives from Python: the package holds the GIL while it waits for them,
+        and a gloo thread dropping its hold of a Python tensor (a finished collective's work) needs the GIL, with the
         group's work queue locked: a deadlock, which the other ranks see as a timeout at their next collective.
         (Sleeping releases the GIL to the gloo thread.)"""
-        for alias, count in self.lent:
-            while alias._use_count() > count:
+        for lent in self.lent:
+            while lent.held():
                 time.sleep(SETTLE_POLL_S)
         self.lent.clear()
 
@@ -174,6 +176,26 @@ class Parallel:
         if self.sharded and self.rank != 0 and getattr(linear, "bias", None) is not None:
             y = y - linear.bias
         return self.all_reduce(y) if reduce else y
+
+
+class Lent:
+    """A tensor lent to an eager collective, held here (and by nothing else of Python's) until gloo lets go of it.
+
+    While C++ holds a tensor that has a Python object, the tensor holds a reference to that object; the C++ holder
+    that lets go last drops it, taking the GIL (PyObject preservation, c10/util/intrusive_ptr.h). So the count of the
+    object's Python references, back to what it was before the collective, says that gloo's thread is done with it,
+    GIL included. (Its C++ holder count drops before that thread takes the GIL, and a package started in between
+    deadlocks; an object freed by that thread releases the GIL while it is freed: neither can tell.)"""
+
+    def __init__(self, alias: torch.Tensor):
+        self.alias, self.refs = alias, 0
+
+    def mark(self) -> None:
+        """Count the alias's references before lending it (the same expression as held's: the same temporaries)."""
+        self.refs = sys.getrefcount(self.alias)
+
+    def held(self) -> bool:
+        return sys.getrefcount(self.alias) > self.refs
 
 
 SINGLE = Parallel()
